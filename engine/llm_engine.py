@@ -1,0 +1,148 @@
+"""The single-process engine: continuous batching over one model and one KV cache.
+
+Lifecycle: ``add_request`` validates and queues a request; each ``step`` schedules
+(running requests first, then new ones under the token budget), runs the model once
+for the whole batch, samples, and returns one ``RequestOutput`` delta per request that
+produced a token; requests join and leave the batch between steps. ``abort_request``
+frees a request's blocks at once. This is the correctness reference for the
+disaggregated cluster and the colocated baseline for benchmarks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.loader import LoadedModel, build_runner, load_model
+from pdserve.engine.model_runner import ModelInput, ModelRunner
+from pdserve.engine.output_processor import OutputProcessor, RequestOutput
+from pdserve.engine.request import FinishReason, Request
+from pdserve.engine.sampler import SampledToken, Sampler
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request, as ``generate`` returns it."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: tuple[SampledToken, ...] = ()
+
+
+def validate_prompt(prompt_token_ids: Sequence[int], vocab_size: int, max_model_len: int,
+                    max_blocks: int, block_size: int) -> None:
+    """Raise ValueError with a user-facing message if the prompt cannot be served."""
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("prompt is empty")
+    if n >= max_model_len:
+        raise ValueError(f"prompt has {n} tokens; the model's context is {max_model_len}")
+    bad = [t for t in prompt_token_ids if not (0 <= t < vocab_size)]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    if -(-(n + 1) // block_size) > max_blocks:
+        raise ValueError(f"prompt of {n} tokens does not fit the KV cache ({max_blocks} blocks)")
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, runner: ModelRunner, scheduler: Scheduler,
+                 outputs: OutputProcessor, sampler: Sampler):
+        self.loaded = loaded
+        self.runner = runner
+        self.scheduler = scheduler
+        self.outputs = outputs
+        self.sampler = sampler
+        self.blocks = scheduler.blocks
+        self._requests: dict[str, Request] = {}
+        self._counter = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, loaded: LoadedModel | None = None) -> LLMEngine:
+        loaded = loaded or load_model(config)
+        runner = build_runner(loaded)
+        spec = runner.kv_cache.spec
+        blocks = BlockManager(spec.num_blocks, spec.block_size, config.enable_prefix_caching)
+        scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                              config.enable_chunked_prefill), blocks)
+        outputs = OutputProcessor(loaded.tokenizer, loaded.eos_token_ids, loaded.max_model_len)
+        return cls(loaded, runner, scheduler, outputs, Sampler())
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    # -- requests -----------------------------------------------------------------
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Request:
+        params = params or SamplingParams()
+        if request_id is None:
+            self._counter += 1
+            request_id = f"req-{self._counter}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass token ids")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+        validate_prompt(token_ids, self.loaded.model_config.vocab_size, self.loaded.max_model_len,
+                        self.blocks.num_blocks, self.blocks.block_size)
+        req = Request(request_id, tuple(token_ids), params)
+        self.outputs.register(req)
+        self.scheduler.add(req)
+        self._requests[request_id] = req
+        return req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return None
+        out = self.outputs.abort(req)
+        self.scheduler.finish(req)
+        return out
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # -- stepping -------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            return []
+        inputs = [ModelInput(c.token_ids, c.start, self.blocks.block_table(c.request.request_id),
+                             c.samples) for c in sched.chunks]
+        logits = self.runner.run(inputs)
+        self.scheduler.after_step(sched)
+        sampling = [c.request for c in sched.chunks if c.samples]
+        tokens = self.sampler(logits, [r.params for r in sampling], [r.generator for r in sampling])
+        results = []
+        for req, tok in zip(sampling, tokens, strict=True):
+            out = self.outputs.process(req, tok)
+            if out.finished:
+                self.scheduler.finish(req)
+                self._requests.pop(req.request_id, None)
+            results.append(out)
+        return results
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Run ``prompts`` to completion together; results in prompt order."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        reqs = [self.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        texts = {r.request_id: [] for r in reqs}
+        while any(not r.is_finished for r in reqs):
+            for out in self.step():
+                if out.request_id in texts:
+                    texts[out.request_id].append(out.new_text)
+        return [Completion(r.request_id, r.prompt_token_ids, tuple(r.output_token_ids),
+                           "".join(texts[r.request_id]), r.finish_reason,
+                           tuple(r.output_logprobs)) for r in reqs]

@@ -1,0 +1,104 @@
+"""Building a model and its KV cache from an ``EngineConfig``.
+
+Shared by the single-process engine and by the prefill and decode workers, so all of
+them load checkpoints, pick dtypes and size caches the same way. ``load_model`` reads
+config, weights and tokenizer once; ``build_runner`` sizes and allocates the paged KV
+cache (or wraps a buffer the caller provides, e.g. shared memory for KV transfer) and
+wires the attention backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pdserve.engine.attention.registry import create_backend
+from pdserve.engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from pdserve.engine.kv_cache import KVCache, KVCacheSpec
+from pdserve.engine.model_config import ModelConfig
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.models.llama import LlamaForCausalLM
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.engine.weights import load_weights
+
+
+@dataclass
+class LoadedModel:
+    config: EngineConfig
+    model_config: ModelConfig
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer | None
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len or self.model_config.max_position_embeddings
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None:
+            ids |= self.tokenizer.eos_token_ids
+        return frozenset(ids)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def has_tokenizer(model_dir: str) -> bool:
+    """A checkpoint without tokenizer files is served on token ids only."""
+    return any((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def load_model(config: EngineConfig, load_tokenizer: bool = True) -> LoadedModel:
+    model_config = ModelConfig.from_pretrained(config.model)
+    if config.max_model_len and config.max_model_len > model_config.max_position_embeddings:
+        raise ValueError(
+            f"max_model_len {config.max_model_len} exceeds the model's "
+            f"max_position_embeddings {model_config.max_position_embeddings}"
+        )
+    device = config.resolve_device()
+    dtype = config.resolve_dtype(model_config.torch_dtype, device)
+    torch.manual_seed(config.seed)
+    weights = load_weights(config.model, model_config, dtype, device)
+    tokenizer = None
+    if load_tokenizer and has_tokenizer(config.model):
+        tokenizer = Tokenizer.from_pretrained(config.model)
+    model = LlamaForCausalLM(model_config, weights, device)
+    return LoadedModel(config, model_config, model, tokenizer, device, dtype)
+
+
+def num_kv_blocks(loaded: LoadedModel) -> int:
+    cfg = loaded.config
+    if cfg.num_kv_blocks is not None:
+        return cfg.num_kv_blocks
+    per_block = cfg.block_size * loaded.model_config.kv_bytes_per_token(
+        torch.empty((), dtype=loaded.dtype).element_size())
+    budget = cfg.kv_cache_memory_bytes
+    if budget is None:
+        if loaded.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(loaded.device)
+            budget = int(free - total * (1 - cfg.gpu_memory_utilization))
+        else:
+            budget = DEFAULT_CPU_KV_BYTES
+    blocks = budget // per_block
+    if blocks < 1:
+        raise ValueError(f"KV cache budget of {budget} bytes holds no block of {per_block} bytes")
+    return int(blocks)
+
+
+def kv_cache_spec(loaded: LoadedModel, num_blocks: int | None = None) -> KVCacheSpec:
+    return KVCacheSpec.for_model(loaded.model_config, num_blocks or num_kv_blocks(loaded),
+                                 loaded.config.block_size, loaded.dtype)
+
+
+def build_runner(loaded: LoadedModel, spec: KVCacheSpec | None = None,
+                 kv_buffer: torch.Tensor | None = None) -> ModelRunner:
+    spec = spec or kv_cache_spec(loaded)
+    cache = KVCache(spec, loaded.device, buffer=kv_buffer)
+    attn = create_backend(loaded.config.attention_backend, loaded.model_config, loaded.device,
+                          loaded.dtype)
+    return ModelRunner(loaded.model, cache, attn, loaded.device)
