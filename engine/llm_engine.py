@@ -19,7 +19,7 @@ from pdserve.engine.loader import LoadedModel, build_runner, load_model
 from pdserve.engine.model_runner import ModelInput, ModelRunner
 from pdserve.engine.output_processor import OutputProcessor, RequestOutput
 from pdserve.engine.request import FinishReason, Request
-from pdserve.engine.sampler import SampledToken, Sampler
+from pdserve.engine.sampler import SampledToken, Sampler, make_generator
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 
@@ -95,7 +95,7 @@ class LLMEngine:
             token_ids = list(prompt)
         validate_prompt(token_ids, self.loaded.model_config.vocab_size, self.loaded.max_model_len,
                         self.blocks.num_blocks, self.blocks.block_size)
-        req = Request(request_id, tuple(token_ids), params)
+        req = Request(request_id, tuple(token_ids), params, generator=make_generator(params.seed))
         self.outputs.register(req)
         self.scheduler.add(req)
         self._requests[request_id] = req

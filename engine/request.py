@@ -10,11 +10,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from pdserve.engine.sampler import SampledToken, make_generator
 from pdserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # keep this module (and the scheduler) importable without torch
+    from pdserve.engine.sampler import SampledToken
 
 
 class RequestStatus(enum.Enum):
@@ -61,19 +62,18 @@ class Request:
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[SampledToken] = field(default_factory=list)
+    output_logprobs: list[SampledToken] = field(default_factory=list)  # when params.logprobs
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
-    generator: torch.Generator | None = None
+    # torch.Generator for seeded sampling; set by whoever samples (engine, worker).
+    generator: Any = None
     first_token_time: float | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError(f"request {self.request_id}: prompt must not be empty")
-        if self.generator is None and self.params.seed is not None:
-            self.generator = make_generator(self.params.seed)
 
     @property
     def num_tokens(self) -> int:
