@@ -76,8 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Other packages' subcommands (serve, generate, ...) register here; see cluster/commands.py.
-_EXTRA_COMMANDS: list = []
+def _register_cluster_commands(sub) -> None:
+    from pdserve.cluster.commands import register
+
+    register(sub)
+
+
+_EXTRA_COMMANDS = [_register_cluster_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

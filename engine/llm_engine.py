@@ -19,7 +19,7 @@ from pdserve.engine.loader import LoadedModel, build_runner, load_model
 from pdserve.engine.model_runner import ModelInput, ModelRunner
 from pdserve.engine.output_processor import OutputProcessor, RequestOutput
 from pdserve.engine.request import FinishReason, Request
-from pdserve.engine.sampler import SampledToken, Sampler, make_generator
+from pdserve.engine.sampler import SampledToken, Sampler, step_generator
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 
@@ -95,7 +95,7 @@ class LLMEngine:
             token_ids = list(prompt)
         validate_prompt(token_ids, self.loaded.model_config.vocab_size, self.loaded.max_model_len,
                         self.blocks.num_blocks, self.blocks.block_size)
-        req = Request(request_id, tuple(token_ids), params, generator=make_generator(params.seed))
+        req = Request(request_id, tuple(token_ids), params)
         self.outputs.register(req)
         self.scheduler.add(req)
         self._requests[request_id] = req
@@ -115,15 +115,16 @@ class LLMEngine:
     # -- stepping -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        results = [self._capacity_finished(r) for r in sched.finished]
         if not sched.chunks:
-            return []
+            return results
         inputs = [ModelInput(c.token_ids, c.start, self.blocks.block_table(c.request.request_id),
                              c.samples) for c in sched.chunks]
         logits = self.runner.run(inputs)
         self.scheduler.after_step(sched)
         sampling = [c.request for c in sched.chunks if c.samples]
-        tokens = self.sampler(logits, [r.params for r in sampling], [r.generator for r in sampling])
-        results = []
+        tokens = self.sampler(logits, [r.params for r in sampling],
+                              [step_generator(r.params.seed, len(r.output_token_ids)) for r in sampling])
         for req, tok in zip(sampling, tokens, strict=True):
             out = self.outputs.process(req, tok)
             if out.finished:
@@ -131,6 +132,13 @@ class LLMEngine:
                 self._requests.pop(req.request_id, None)
             results.append(out)
         return results
+
+    def _capacity_finished(self, req: Request) -> RequestOutput:
+        self._requests.pop(req.request_id, None)
+        text = self.outputs.finish_text(req)
+        return RequestOutput(req.request_id, (), text, True, req.finish_reason, (),
+                             req.num_prompt_tokens, len(req.output_token_ids),
+                             req.num_cached_tokens)
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:

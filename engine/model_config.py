@@ -120,6 +120,13 @@ class ModelConfig:
         if not arch:
             arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                     "qwen2": "Qwen2ForCausalLM"}.get(getattr(hf, "model_type", ""), "unknown")
+        # Check before touching Llama-only fields, so other families get this message
+        # rather than an AttributeError.
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {arch!r} (model_type "
+                f"{getattr(hf, 'model_type', '?')!r}); supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
         num_heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
         eos = getattr(hf, "eos_token_id", None)

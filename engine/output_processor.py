@@ -1,26 +1,28 @@
 """Turning sampled tokens into client-visible deltas, and deciding when a request stops.
 
-For each sampled token the processor appends it to the request, detokenizes
-incrementally, checks stop conditions (stop token ids, EOS unless ``ignore_eos``,
-stop strings, ``max_tokens``, the model's context length) and returns a
-``RequestOutput`` holding only what is new. With stop strings, the last
-``max_stop_len - 1`` characters are held back until they can no longer begin a stop
-string, so text streamed to a client never has to be taken back; the stop string
-itself is not returned.
+Two halves, usable apart:
 
-The same processor runs in the single-process engine, in the prefill worker (first
-token) and in the decode worker (the rest), so the disaggregated cluster stops
-exactly where the engine does.
+* ``token_stop_reason`` is the token-level check (stop token ids, EOS unless
+  ``ignore_eos``, ``max_tokens``, the model's context length). Workers run it on
+  every token so a request stops where it would in the single-process engine.
+* ``TextStream`` detokenizes incrementally and applies stop strings. With stop
+  strings, the last ``max_stop_len - 1`` characters are held back until they can no
+  longer begin one, so streamed text never has to be taken back; the stop string
+  itself is not returned. In the cluster the router runs it (it owns the tokenizer
+  and the client stream), as vLLM's front end does.
+
+``OutputProcessor`` combines both for the single-process engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from pdserve.engine.request import FinishReason, Request
 from pdserve.engine.sampler import SampledToken
-from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,62 @@ class RequestOutput:
     num_cached_tokens: int = 0
 
 
-@dataclass
-class _TextState:
-    detok: IncrementalDetokenizer
-    emitted: int = 0  # characters of detok.text already returned
+def token_stop_reason(token: int, num_output_tokens: int, total_tokens: int,
+                      params: SamplingParams, eos_token_ids: frozenset[int],
+                      max_model_len: int) -> FinishReason | None:
+    """Stop decision for the token just appended (counts include it)."""
+    if token in params.stop_token_ids or (not params.ignore_eos and token in eos_token_ids):
+        return FinishReason.STOP
+    if num_output_tokens >= params.max_tokens or total_tokens >= max_model_len:
+        return FinishReason.LENGTH
+    return None
+
+
+class TextStream:
+    """Incremental text of one request's generated tokens, with stop strings applied."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int],
+                 stop: Sequence[str] = ()):
+        self._tokenizer = tokenizer
+        self._detok = tokenizer.detokenizer(prompt_token_ids)
+        self._stop = tuple(stop)
+        self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self._emitted = 0
+        self.stopped = False
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        """Feed new tokens; returns the text now safe to emit. Sets ``stopped`` on a stop string."""
+        if self.stopped:
+            return ""
+        before = len(self._detok.text)
+        self._detok.add(token_ids)
+        text = self._detok.text
+        if self._stop:
+            # A stop string may straddle earlier text; search from where it could start.
+            search_from = max(0, before - self._hold)
+            hits = [i for i in (text.find(s, search_from) for s in self._stop) if i >= 0]
+            if hits:
+                self.stopped = True
+                out = text[self._emitted:max(min(hits), self._emitted)]
+                self._emitted = len(text)
+                return out
+        safe = max(self._emitted, len(text) - self._hold)
+        out = text[self._emitted:safe]
+        self._emitted = safe
+        return out
+
+    def flush(self) -> str:
+        """At the end of the request: whatever was held back, for stop-string matching or
+        because it did not decode yet (a trailing incomplete character), so the total
+        equals ``tokenizer.decode`` of every generated token."""
+        if self.stopped:
+            return ""
+        final = self._tokenizer.decode(self._detok.token_ids)
+        if not final.startswith(self._detok.text[:self._emitted]):
+            final = self._detok.text  # defensive: never emit text that contradicts the stream
+        out = final[self._emitted:]
+        self._emitted = len(final)
+        return out
 
 
 class OutputProcessor:
@@ -49,16 +103,13 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
-        self._text: dict[str, _TextState] = {}
+        self._text: dict[str, TextStream] = {}
 
     def register(self, request: Request) -> None:
-        """Start text state for a request; tokens already in ``output_token_ids`` count as seen."""
         if self.tokenizer is None:
             return
-        detok = self.tokenizer.detokenizer(request.prompt_token_ids)
-        if request.output_token_ids:
-            detok.add(request.output_token_ids)
-        self._text[request.request_id] = _TextState(detok, emitted=len(detok.text))
+        stream = TextStream(self.tokenizer, request.prompt_token_ids, request.params.stop)
+        self._text[request.request_id] = stream
 
     def release(self, request_id: str) -> None:
         self._text.pop(request_id, None)
@@ -69,19 +120,18 @@ class OutputProcessor:
         request.output_token_ids.append(token)
         if request.params.logprobs is not None:
             request.output_logprobs.append(sampled)
-        params = request.params
-        reason: FinishReason | None = None
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
-            reason = FinishReason.STOP
-        new_text, stop_hit = self._advance_text(request, token)
-        if stop_hit:
-            reason = FinishReason.STOP
-        if reason is None and (len(request.output_token_ids) >= params.max_tokens
-                               or request.num_tokens >= self.max_model_len):
-            reason = FinishReason.LENGTH
+        reason = token_stop_reason(token, len(request.output_token_ids), request.num_tokens,
+                                   request.params, self.eos_token_ids, self.max_model_len)
+        stream = self._text.get(request.request_id)
+        new_text = ""
+        if stream is not None:
+            new_text = stream.add([token])
+            if stream.stopped:
+                reason = FinishReason.STOP
         if reason is not None:
             request.finish(reason)
-            new_text += self._flush(request)
+            if stream is not None:
+                new_text += stream.flush()
             self.release(request.request_id)
         return RequestOutput(
             request_id=request.request_id,
@@ -89,11 +139,16 @@ class OutputProcessor:
             new_text=new_text,
             finished=reason is not None,
             finish_reason=reason,
-            logprobs=(sampled,) if params.logprobs is not None else (),
+            logprobs=(sampled,) if request.params.logprobs is not None else (),
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=len(request.output_token_ids),
             num_cached_tokens=request.num_cached_tokens,
         )
+
+    def finish_text(self, request: Request) -> str:
+        """Held-back text of a request that was finished elsewhere (e.g. by the scheduler)."""
+        stream = self._text.pop(request.request_id, None)
+        return stream.flush() if stream is not None else ""
 
     def abort(self, request: Request) -> RequestOutput:
         """Finish ``request`` as aborted (the caller frees its blocks)."""
@@ -103,36 +158,3 @@ class OutputProcessor:
         return RequestOutput(request.request_id, (), "", True, FinishReason.ABORT, (),
                              request.num_prompt_tokens, len(request.output_token_ids),
                              request.num_cached_tokens)
-
-    def _advance_text(self, request: Request, token: int) -> tuple[str, bool]:
-        state = self._text.get(request.request_id)
-        if state is None:
-            return "", False
-        before = len(state.detok.text)
-        state.detok.add([token])
-        text = state.detok.text
-        stops = request.params.stop
-        if stops:
-            longest = max(len(s) for s in stops)
-            # A stop string may straddle the previous delta; search from where it could start.
-            search_from = max(0, before - longest + 1)
-            hits = [i for i in (text.find(s, search_from) for s in stops) if i >= 0]
-            if hits:
-                cut = max(min(hits), state.emitted)
-                out = text[state.emitted:cut]
-                state.emitted = len(text)  # nothing more is ever returned
-                return out, True
-            safe = max(state.emitted, len(text) - (longest - 1))
-        else:
-            safe = len(text)
-        out = text[state.emitted:safe]
-        state.emitted = safe
-        return out, False
-
-    def _flush(self, request: Request) -> str:
-        state = self._text.get(request.request_id)
-        if state is None:
-            return ""
-        out = state.detok.text[state.emitted:]
-        state.emitted = len(state.detok.text)
-        return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -67,8 +67,6 @@ class Request:
     num_cached_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
-    # torch.Generator for seeded sampling; set by whoever samples (engine, worker).
-    generator: Any = None
     first_token_time: float | None = None
 
     def __post_init__(self) -> None:

@@ -40,6 +40,21 @@ class SampledToken:
     top_logprobs: tuple[tuple[int, float], ...]
 
 
+def step_generator(seed: int | None, step: int,
+                   device: torch.device | str = "cpu") -> torch.Generator | None:
+    """The generator for output token number ``step`` of a request seeded with ``seed``.
+
+    Deriving a fresh generator per token (instead of keeping one stream per request)
+    makes token k's draw a function of (seed, k) alone, so a request sampled partly on
+    a prefill worker and partly on a decode worker (or recomputed after preemption)
+    draws exactly what the single-process engine draws.
+    """
+    if seed is None:
+        return None
+    mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9) % (1 << 63)
+    return make_generator(mixed, device)
+
+
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
     """Return a ``torch.Generator`` on ``device`` seeded with ``seed``, or ``None``.
 

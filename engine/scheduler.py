@@ -57,6 +57,9 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: tuple[ScheduledChunk, ...]
     preempted: tuple[Request, ...] = ()
+    # Finished by the scheduler itself (LENGTH): they outgrew the whole KV cache and could
+    # never run again. The caller reports them; their blocks are already free.
+    finished: tuple[Request, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -93,6 +96,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
+        finished: list[Request] = []
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -100,21 +104,28 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            if not self._grow(req, req.num_computed_tokens + n, preempted):
-                break  # req itself was preempted (it was the newest)
+            if not self._grow(req, req.num_computed_tokens + n, preempted, finished):
+                break  # req itself was preempted (it was the newest) or cannot ever fit
             chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
             budget -= n
             i += 1
         if not preempted:
-            budget = self._admit(chunks, budget)
-        return SchedulerOutput(tuple(chunks), tuple(preempted))
+            budget = self._admit(chunks, budget, finished)
+        return SchedulerOutput(tuple(chunks), tuple(preempted), tuple(finished))
 
-    def _grow(self, req: Request, num_tokens: int, preempted: list[Request]) -> bool:
+    def _grow(self, req: Request, num_tokens: int, preempted: list[Request],
+              finished: list[Request]) -> bool:
         while True:
             try:
                 self.blocks.ensure_capacity(req.request_id, num_tokens)
                 return True
             except NoFreeBlocksError:
+                if self.running == [req]:
+                    # Alone and still out of blocks: the whole cache cannot hold it, and
+                    # preempting it would only loop. It ends here, as LENGTH.
+                    self.finish(req, FinishReason.LENGTH)
+                    finished.append(req)
+                    return False
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
@@ -128,10 +139,16 @@ class Scheduler:
         req.transition(RequestStatus.WAITING)
         self.waiting.appendleft(req)
 
-    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> int:
+    def _admit(self, chunks: list[ScheduledChunk], budget: int, finished: list[Request]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             tokens = req.all_token_ids
+            if self.blocks.blocks_for_tokens(len(tokens)) > self.blocks.num_blocks:
+                # A preempted request that grew past the whole cache can never come back.
+                self.waiting.popleft()
+                req.finish(FinishReason.LENGTH)
+                finished.append(req)
+                continue
             if not self.blocks.can_allocate(len(tokens)):
                 break
             if not self.config.enable_chunked_prefill and len(tokens) > budget:

@@ -1,1 +1,1 @@
-"""pdserve.kv_transfer"""
+"""pdserve.kv_transfer: moving KV blocks from prefill caches into decode caches."""

@@ -78,10 +78,6 @@ def test_llama_like_unsupported_architecture_is_named(make_config, tmp_path):
         load_model(EngineConfig(model=str(tmp_path), device="cpu"))
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "BUG: ModelConfig.from_hf_config reads Llama-only fields (intermediate_size, "
-    "rms_norm_eps) before the architecture check in __post_init__, so GPT-2 / GPT-NeoX "
-    "configs raise AttributeError instead of ValueError naming the architecture"))
 @pytest.mark.parametrize("make_config", [
     lambda: transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50),
     lambda: transformers.GPTNeoXConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
@@ -89,12 +85,16 @@ def test_llama_like_unsupported_architecture_is_named(make_config, tmp_path):
 ], ids=["gpt2", "gpt_neox"])
 def test_non_llama_architecture_is_named(make_config, tmp_path):
     cfg = make_config()
+    cfg.bos_token_id = cfg.eos_token_id = None  # GPT-2's 50256 is outside the tiny vocab
     cfg.architectures = [{"gpt2": "GPT2LMHeadModel",
                           "gpt_neox": "GPTNeoXForCausalLM"}[cfg.model_type]]
     cfg.save_pretrained(tmp_path)
+    # Not an AttributeError on a Llama-only field: the architecture is checked first.
     with pytest.raises(ValueError, match=cfg.architectures[0]) as info:
         ModelConfig.from_pretrained(tmp_path)
     _assert_names_supported(str(info.value))
+    with pytest.raises(ValueError, match=cfg.architectures[0]):
+        load_model(EngineConfig(model=str(tmp_path), device="cpu"))
 
 
 # -- missing / broken files ----------------------------------------------------------------

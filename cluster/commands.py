@@ -1,0 +1,101 @@
+"""``pdserve serve`` and ``pdserve generate``: run the cluster, talk to it."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from pdserve.cluster.cli import resolve_model
+    from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
+    from pdserve.engine.config import EngineConfig
+    from pdserve.kv_transfer.backend_config import KVTransferConfig
+    from pdserve.router.actor import RouterConfig
+    from pdserve.router.server import ServerConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    model = resolve_model(args.model)
+    engine = EngineConfig(model=model, device=args.device, dtype=args.dtype,
+                          max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    spec = ClusterSpec(
+        engine=engine,
+        prefill=PoolSpec(count=args.prefill, num_cpus=args.worker_cpus,
+                         num_gpus=1.0 if engine.resolve_device().type == "cuda" else 0.0),
+        decode=PoolSpec(count=args.decode, num_cpus=args.worker_cpus,
+                        num_gpus=1.0 if engine.resolve_device().type == "cuda" else 0.0),
+        kv=KVTransferConfig(backend=args.kv_backend, bind_host=args.kv_bind_host),
+        router=RouterConfig(model=model, server=ServerConfig(host=args.host, port=args.port),
+                            policy=args.policy, max_model_len=args.max_model_len),
+    )
+    print(f"pdserve: starting {args.prefill} prefill + {args.decode} decode workers on {model}",
+          file=sys.stderr)
+    cluster = launch(spec, address=args.address)
+    print(f"pdserve: gRPC endpoint listening on {cluster.address} "
+          f"(service pdserve.v1.Generation; try: pdserve generate --address {cluster.address} "
+          "\"Hello\")", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("pdserve: shutting down", file=sys.stderr)
+    cluster.shutdown()
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from pdserve.cluster.client import Client, build_request
+
+    req = build_request(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                        top_p=args.top_p, seed=args.seed, stop=args.stop or ())
+    with Client(args.address, timeout_s=args.timeout) as client:
+        try:
+            usage = None
+            for msg in client.stream(req):
+                sys.stdout.write(msg.text)
+                sys.stdout.flush()
+                if msg.HasField("usage"):
+                    usage = msg.usage
+        except grpc.RpcError as exc:
+            print(f"\npdserve: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    if usage is not None:
+        print(f"\n[{usage.completion_tokens} tokens, ttft {usage.ttft_ms:.1f} ms, "
+              f"total {usage.e2e_ms:.1f} ms]", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    from pdserve.cluster.cli import add_sampling_args
+
+    p = sub.add_parser("serve", help="start (or join) a Ray cluster and serve the gRPC endpoint")
+    p.add_argument("--model", default=None, help="local Hugging Face checkpoint (default: demo)")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster (ray://... or auto)")
+    p.add_argument("--host", default="127.0.0.1", help="gRPC bind address")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--kv-backend", default="shm", choices=["shm", "tcp", "cuda_ipc"])
+    p.add_argument("--kv-bind-host", default="127.0.0.1",
+                   help="TCP KV receivers listen here ('auto': the node's Ray address)")
+    p.add_argument("--policy", default="least_loaded", choices=["least_loaded", "round_robin"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--worker-cpus", type=float, default=1.0, help="Ray CPUs per worker actor")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("generate", help="stream a completion from a running pdserve endpoint")
+    p.add_argument("prompt")
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--timeout", type=float, default=None)
+    add_sampling_args(p)
+    p.set_defaults(func=_cmd_generate)

@@ -1,0 +1,141 @@
+"""Launching a disaggregated cluster on Ray: decode pool, prefill pool, router.
+
+Lifecycle: ``launch(spec)`` connects to (``address``) or starts a local Ray cluster,
+creates the decode workers first (each publishes where its KV cache can be written),
+then the prefill workers, waits until every worker has loaded its model, creates the
+router actor with handles to both pools and starts its gRPC server. The returned
+``Cluster`` knows the endpoint and every handle; ``shutdown()`` stops the router
+(in-flight streams get a grace period), then the workers, then Ray if it started it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdserve.engine.config import EngineConfig
+from pdserve.kv_transfer.backend_config import KVTransferConfig
+from pdserve.router.actor import RouterConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One pool's size and where its actors may go (Ray resources / node labels)."""
+
+    count: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: tuple[tuple[str, float], ...] = ()
+    label_selector: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError("a pool needs at least one worker")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError("num_cpus and num_gpus must be >= 0")
+
+    def actor_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            opts["resources"] = dict(self.resources)
+        if self.label_selector:
+            opts["label_selector"] = dict(self.label_selector)
+        return opts
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    engine: EngineConfig
+    prefill: PoolSpec = PoolSpec()
+    decode: PoolSpec = PoolSpec()
+    kv: KVTransferConfig = KVTransferConfig()
+    router: RouterConfig | None = None
+    torch_threads: int | None = None  # per worker; default: cores / workers, at least 1
+
+    def router_config(self) -> RouterConfig:
+        return self.router or RouterConfig(model=self.engine.model,
+                                           max_model_len=self.engine.max_model_len)
+
+    def threads_per_worker(self) -> int:
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, (os.cpu_count() or 1) // (self.prefill.count + self.decode.count))
+
+
+@dataclass
+class Cluster:
+    spec: ClusterSpec
+    address: str
+    router: Any
+    prefills: list[tuple[str, Any]]
+    decodes: list[tuple[str, Any]]
+    started_ray: bool = False
+    _closed: bool = field(default=False, repr=False)
+
+    def stats(self) -> dict[str, Any]:
+        import ray
+
+        return {
+            **{w: ray.get(h.stats.remote()) for w, h in self.prefills},
+            **{w: ray.get(h.stats.remote()) for w, h in self.decodes},
+        }
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        import ray
+
+        try:
+            ray.get(self.router.stop.remote(), timeout=30)
+        except Exception:  # the router may already be gone; workers still need stopping
+            log.warning("router did not stop cleanly", exc_info=True)
+        for _, h in (*self.prefills, *self.decodes):
+            try:
+                ray.get(h.shutdown.remote(), timeout=30)
+            except Exception:
+                log.warning("worker did not shut down cleanly", exc_info=True)
+            ray.kill(h)
+        ray.kill(self.router)
+        if self.started_ray:
+            ray.shutdown()
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Connect to ``address`` or start a local Ray; returns True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def launch(spec: ClusterSpec, address: str | None = None) -> Cluster:
+    import ray
+
+    from pdserve.decode_worker.actor import DecodeWorkerActor
+    from pdserve.prefill_worker.actor import PrefillWorkerActor
+    from pdserve.router.actor import RouterActor
+
+    n_workers = spec.prefill.count + spec.decode.count
+    needed = int(spec.prefill.num_cpus * spec.prefill.count + spec.decode.num_cpus * spec.decode.count) + 1
+    started = init_ray(address, num_cpus=max(needed, os.cpu_count() or 1))
+    threads = spec.threads_per_worker()
+    log.info("launching %d prefill + %d decode workers", spec.prefill.count, spec.decode.count)
+    decodes = [(f"decode-{i}", DecodeWorkerActor.options(**spec.decode.actor_options()).remote(
+        f"decode-{i}", spec.engine, spec.kv, threads)) for i in range(spec.decode.count)]
+    prefills = [(f"prefill-{i}", PrefillWorkerActor.options(**spec.prefill.actor_options()).remote(
+        f"prefill-{i}", spec.engine, spec.kv, threads)) for i in range(spec.prefill.count)]
+    ray.get([h.ready.remote() for _, h in (*decodes, *prefills)])
+    router = RouterActor.options(num_cpus=0).remote(spec.router_config(), prefills, decodes)
+    endpoint = ray.get(router.start.remote())
+    log.info("router listening on %s (%d workers)", endpoint, n_workers)
+    return Cluster(spec, endpoint, router, prefills, decodes, started_ray=started)

@@ -1,0 +1,73 @@
+"""Thin Ray actor around ``DecodeHost``: builds the worker in its own process, forwards calls."""
+
+from __future__ import annotations
+
+import ray
+
+from pdserve.decode_worker.host import DecodeHost
+from pdserve.decode_worker.messages import (
+    DecodeStats, Reservation, ReserveRequest, StartDecode, TokenBatch,
+)
+from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.engine.config import EngineConfig
+from pdserve.kv_transfer.backend_config import KVTransferConfig
+
+
+def build_decode_host(worker_id: str, engine: EngineConfig, kv: KVTransferConfig,
+                      torch_threads: int | None = None) -> DecodeHost:
+    """Used by the actor and by Ray-less hosts (GPU benchmarks, tests)."""
+    import torch
+
+    from pdserve.kv_transfer.registry import create_receiver
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    device = engine.resolve_device()
+
+    def receiver_factory(spec):
+        return create_receiver(kv.backend, spec, worker_id, device, bind_host=kv.bind_host,
+                               auth_token=kv.auth_token)
+
+    return DecodeHost(DecodeWorker.from_config(worker_id, engine, receiver_factory))
+
+
+@ray.remote(max_concurrency=1000)
+class DecodeWorkerActor:
+    def __init__(self, worker_id: str, engine: EngineConfig, kv: KVTransferConfig,
+                 torch_threads: int | None = None):
+        if kv.bind_host == "auto":
+            # Listen on this node's cluster address, so prefill workers on other nodes reach it.
+            import dataclasses
+
+            kv = dataclasses.replace(kv, bind_host=ray.util.get_node_ip_address())
+        self.host = build_decode_host(worker_id, engine, kv, torch_threads)
+
+    async def ready(self) -> str:
+        return self.host.worker.worker_id
+
+    async def reserve(self, msg: ReserveRequest) -> Reservation:
+        return await self.host.reserve(msg)
+
+    async def start(self, msg: StartDecode) -> None:
+        return await self.host.start(msg)
+
+    async def release(self, request_id: str) -> bool:
+        return await self.host.release(request_id)
+
+    async def stats(self) -> DecodeStats:
+        return await self.host.stats()
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    async def healthy(self) -> bool:
+        return self.host.healthy()
+
+    async def stream(self):
+        """Server-side streaming: one ``TokenBatch`` per decode step, for the actor's life."""
+        batch: TokenBatch
+        async for batch in self.host.stream():
+            yield batch
+
+    async def shutdown(self) -> None:
+        self.host.close()

@@ -1,0 +1,65 @@
+"""Asyncio face of a decode worker (shared by its Ray actor and in-process use).
+
+Commands (reserve/start/release/stats) run on the worker's ``StepLoop`` thread. Each
+step's ``TokenBatch`` is pushed to every subscriber's asyncio queue; ``stream`` is an
+async generator a router consumes for the worker's whole life: one message per decode
+step carrying all of that step's tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from pdserve.decode_worker.messages import (
+    DecodeStats, Reservation, ReserveRequest, StartDecode, TokenBatch,
+)
+from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.engine.step_loop import StepLoop
+
+
+class DecodeHost:
+    def __init__(self, worker: DecodeWorker):
+        self.worker = worker
+        self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
+        self._loop = StepLoop(worker, on_step=self._publish, name=f"decode-{worker.worker_id}")
+        self._loop.start()
+
+    def _publish(self, batch: TokenBatch | None) -> None:
+        if batch is None:
+            return
+        for loop, q in list(self._subscribers):
+            loop.call_soon_threadsafe(q.put_nowait, batch)
+
+    async def _call(self, fn):
+        return await asyncio.wrap_future(self._loop.call(fn))
+
+    async def reserve(self, msg: ReserveRequest) -> Reservation:
+        return await self._call(lambda: self.worker.reserve(msg))
+
+    async def start(self, msg: StartDecode) -> None:
+        return await self._call(lambda: self.worker.start(msg))
+
+    async def release(self, request_id: str) -> bool:
+        return await self._call(lambda: self.worker.release(request_id))
+
+    async def stats(self) -> DecodeStats:
+        return await self._call(self.worker.stats)
+
+    async def stream(self) -> AsyncIterator[TokenBatch]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[TokenBatch] = asyncio.Queue()
+        entry = (loop, q)
+        self._subscribers.append(entry)
+        try:
+            while True:
+                yield await q.get()
+        finally:
+            self._subscribers.remove(entry)
+
+    def healthy(self) -> bool:
+        return self._loop.alive and self._loop.error is None
+
+    def close(self) -> None:
+        self._loop.stop()
+        self.worker.receiver.close()

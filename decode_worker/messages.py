@@ -1,0 +1,69 @@
+"""Typed messages between the router and a decode worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.engine.sampler import SampledToken
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv_transfer.base import KVDestination
+
+
+@dataclass(frozen=True)
+class ReserveRequest:
+    """Reserve KV blocks for a prompt of ``num_prompt_tokens`` tokens (no KV moves yet)."""
+
+    request_id: str
+    num_prompt_tokens: int
+
+    def __post_init__(self) -> None:
+        if self.num_prompt_tokens < 1:
+            raise ValueError("num_prompt_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class Reservation:
+    destination: KVDestination
+
+
+@dataclass(frozen=True)
+class StartDecode:
+    """The prefill worker has written the KV and sampled ``first_token``: decode the rest."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    first_token: SampledToken
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """New tokens of one request from one decode step; ``finish_reason`` on the last."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[SampledToken, ...] = ()
+    finish_reason: str | None = None  # engine FinishReason value
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Everything one decode step produced: one message per step, not one per token."""
+
+    worker_id: str
+    step: int
+    deltas: tuple[TokenDelta, ...]
+
+
+@dataclass(frozen=True)
+class DecodeStats:
+    worker_id: str
+    num_reserved: int  # reservations waiting for their KV / start
+    num_running: int
+    num_waiting: int  # preempted, waiting to be recomputed
+    kv_usage: float
+    num_free_blocks: int
+    num_blocks: int
+    num_used_blocks: int
+    steps: int

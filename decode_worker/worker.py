@@ -1,0 +1,184 @@
+"""The decode worker: reserves KV blocks, receives KV, runs continuous-batching decode.
+
+Lifecycle of a request: ``reserve`` allocates blocks for the prompt and registers the
+transfer with the KV receiver, returning where the prefill worker must write (a lease:
+unclaimed reservations are freed after ``lease_s``); ``start`` hands over the first
+token once prefill is done; the request joins the running batch as soon as its
+transfer is DONE (a FAILED transfer ends it with an error and frees its blocks).
+Each ``step`` decodes one token for every running request and returns one
+``TokenBatch``. Requests finish on a token-level stop (EOS, stop ids, max_tokens,
+context length) or when ``release`` is called (client cancel, a stop string found by
+the router, failure elsewhere). If blocks run out, the scheduler preempts and the
+request is recomputed here from prompt + generated tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.loader import LoadedModel, build_runner, kv_cache_spec, load_model
+from pdserve.engine.model_runner import ModelInput, ModelRunner
+from pdserve.engine.output_processor import token_stop_reason
+from pdserve.engine.request import FinishReason, Request
+from pdserve.engine.sampler import Sampler, step_generator
+from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.kv_transfer.base import KVDestination, KVReceiver, TransferState
+from pdserve.decode_worker.messages import (
+    DecodeStats, Reservation, ReserveRequest, StartDecode, TokenBatch, TokenDelta,
+)
+
+DEFAULT_LEASE_S = 120.0
+
+
+class NoCapacityError(RuntimeError):
+    """The worker cannot hold this request's KV now (retry elsewhere or later)."""
+
+
+@dataclass
+class _Reserved:
+    destination: KVDestination
+    created: float
+    start: StartDecode | None = None
+
+
+class DecodeWorker:
+    def __init__(self, worker_id: str, loaded: LoadedModel, runner: ModelRunner,
+                 scheduler: Scheduler, receiver: KVReceiver, sampler: Sampler,
+                 lease_s: float = DEFAULT_LEASE_S):
+        self.worker_id = worker_id
+        self.loaded = loaded
+        self.runner = runner
+        self.scheduler = scheduler
+        self.blocks: BlockManager = scheduler.blocks
+        self.receiver = receiver
+        self.sampler = sampler
+        self.lease_s = lease_s
+        self._reserved: dict[str, _Reserved] = {}
+        self._running: dict[str, Request] = {}
+        self._pending_deltas: list[TokenDelta] = []
+        self._steps = 0
+
+    @classmethod
+    def from_config(cls, worker_id: str, config: EngineConfig, receiver_factory,
+                    loaded: LoadedModel | None = None, lease_s: float = DEFAULT_LEASE_S
+                    ) -> DecodeWorker:
+        """``receiver_factory(spec) -> (KVReceiver, KVCache)`` allocates the cache the way the
+        transfer backend needs it (e.g. inside a shared-memory segment)."""
+        loaded = loaded or load_model(config, load_tokenizer=False)
+        spec = kv_cache_spec(loaded)
+        receiver, cache = receiver_factory(spec)
+        runner = build_runner(loaded, spec, kv_buffer=cache.data)
+        # Reservations are written by prefill workers, so the decode side does not share
+        # blocks between requests (no prefix caching here).
+        blocks = BlockManager(spec.num_blocks, spec.block_size, enable_prefix_caching=False)
+        sched = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                          config.enable_chunked_prefill), blocks)
+        return cls(worker_id, loaded, runner, sched, receiver, Sampler(), lease_s)
+
+    # -- commands (called on the loop thread) -------------------------------------------
+    def reserve(self, msg: ReserveRequest) -> Reservation:
+        rid = msg.request_id
+        if rid in self._reserved or rid in self._running:
+            raise ValueError(f"request {rid} already holds blocks on {self.worker_id}")
+        if msg.num_prompt_tokens >= self.loaded.max_model_len:
+            raise ValueError(f"prompt of {msg.num_prompt_tokens} tokens exceeds the context")
+        if len(self._reserved) + len(self._running) >= self.scheduler.config.max_num_seqs:
+            raise NoCapacityError(f"{self.worker_id} is at max_num_seqs")
+        try:
+            # Token ids are not needed to reserve (no prefix sharing on decode): placeholders.
+            alloc = self.blocks.allocate(rid, [0] * msg.num_prompt_tokens)
+        except NoFreeBlocksError as exc:
+            raise NoCapacityError(f"{self.worker_id} has no free KV blocks") from exc
+        dest = KVDestination(transfer_id=rid, endpoint=self.receiver.endpoint,
+                             block_ids=tuple(alloc.block_ids), num_tokens=msg.num_prompt_tokens)
+        self.receiver.expect(rid, alloc.block_ids)
+        self._reserved[rid] = _Reserved(dest, time.monotonic())
+        return Reservation(dest)
+
+    def start(self, msg: StartDecode) -> None:
+        r = self._reserved.get(msg.request_id)
+        if r is None:
+            raise KeyError(f"request {msg.request_id} has no reservation on {self.worker_id}")
+        self.receiver.mark_delivered(msg.request_id)
+        r.start = msg
+
+    def release(self, request_id: str) -> bool:
+        """Cancel a request wherever it is; frees its blocks exactly once."""
+        if request_id in self._reserved:
+            del self._reserved[request_id]
+            self.receiver.forget(request_id)
+            self.blocks.free(request_id)
+            return True
+        req = self._running.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req, FinishReason.ABORT)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self._running) or any(r.start is not None for r in self._reserved.values())
+
+    def housekeeping(self) -> None:
+        """Free reservations nobody claimed within the lease (router or prefill died)."""
+        now = time.monotonic()
+        for rid in [rid for rid, r in self._reserved.items()
+                    if r.start is None and now - r.created > self.lease_s]:
+            self.release(rid)
+
+    def stats(self) -> DecodeStats:
+        s = self.blocks.stats()
+        return DecodeStats(self.worker_id, len(self._reserved), len(self.scheduler.running),
+                           len(self.scheduler.waiting), self.blocks.usage, s.num_free_blocks,
+                           s.num_blocks, s.num_used_blocks, self._steps)
+
+    # -- one step ---------------------------------------------------------------------
+    def _admit_landed(self) -> None:
+        for rid in [rid for rid, r in self._reserved.items() if r.start is not None]:
+            state = self.receiver.state(rid)
+            if state is TransferState.DONE:
+                r = self._reserved.pop(rid)
+                self.receiver.forget(rid)
+                self._adopt(r.start)
+            elif state is TransferState.FAILED:
+                self.release(rid)
+                self._pending_deltas.append(TokenDelta(rid, (), (), FinishReason.ABORT.value,
+                                                       error="KV transfer failed"))
+
+    def _adopt(self, msg: StartDecode) -> None:
+        req = Request(msg.request_id, msg.prompt_token_ids, msg.params)
+        req.output_token_ids.append(msg.first_token.token_id)
+        req.num_computed_tokens = len(msg.prompt_token_ids)
+        self.scheduler.add_running(req)
+        self._running[req.request_id] = req
+
+    def step(self) -> TokenBatch | None:
+        self._admit_landed()
+        deltas, self._pending_deltas = self._pending_deltas, []
+        sched = self.scheduler.schedule()
+        if sched.chunks:
+            inputs = [ModelInput(c.token_ids, c.start, self.blocks.block_table(c.request.request_id),
+                                 c.samples) for c in sched.chunks]
+            logits = self.runner.run(inputs)
+            self.scheduler.after_step(sched)
+            reqs = [c.request for c in sched.chunks if c.samples]
+            tokens = self.sampler(logits, [r.params for r in reqs],
+                                  [step_generator(r.params.seed, len(r.output_token_ids))
+                                   for r in reqs])
+            for req, tok in zip(reqs, tokens, strict=True):
+                req.output_token_ids.append(tok.token_id)
+                reason = token_stop_reason(tok.token_id, len(req.output_token_ids), req.num_tokens,
+                                           req.params, self.loaded.eos_token_ids,
+                                           self.loaded.max_model_len)
+                if reason is not None:
+                    self._running.pop(req.request_id, None)
+                    self.scheduler.finish(req, reason)
+                deltas.append(TokenDelta(req.request_id, (tok.token_id,),
+                                         (tok,) if req.params.logprobs is not None else (),
+                                         reason.value if reason else None))
+        if not deltas:
+            return None
+        self._steps += 1
+        return TokenBatch(self.worker_id, self._steps, tuple(deltas))

@@ -1,0 +1,259 @@
+"""The KV transfer plug-in interface: "decode reserves, prefill writes".
+
+Lifecycle of one transfer (id = request id):
+
+1. Decode side, once per worker: ``receiver, cache = Backend.create(spec, worker_id, ...)``
+   allocates the decode cache the way the backend needs it and publishes
+   ``receiver.endpoint``.
+2. Decode reserves blocks and calls ``receiver.expect(tid, block_ids)`` (PENDING), then
+   sends a ``KVDestination`` to the prefill worker (through the router).
+3. Prefill side: ``t = sender.begin(dest, src_spec)`` checks that the two caches agree;
+   after each layer of the prefill forward, ``sender.send_layer(t, layer, kv)`` with that
+   layer's K/V of the request's blocks, so the transfer overlaps the next layers' compute;
+   ``sender.finish(t)`` returns once every layer is delivered (or raises ``TransferError``);
+   ``sender.abort(t)`` gives up.
+4. Decode side learns of completion either from its backend (TCP frames: the receiver
+   moves to DONE by itself) or, for backends where the sender writes the memory directly
+   (in-process, shared memory, CUDA IPC), from the caller's ``receiver.mark_delivered``
+   after the prefill's ``finish`` returned. ``wait``/``state`` observe it; ``forget``
+   drops it once the blocks are adopted or freed.
+
+``KVSender`` implements the validation and state machine once; a backend supplies the
+``_open``/``_write_layer``/``_complete``/``_cancel`` hooks. A ``Transfer`` is a live
+handle driven by one caller thread; backends may only bump its ``bytes_sent``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from pdserve.engine.kv_cache import KVCache, KVCacheSpec
+from pdserve.kv_transfer.messages import (
+    CudaIpcHandleMsg,
+    KVCacheSpecMsg,
+    KVDestination,
+    KVEndpoint,
+)
+from pdserve.kv_transfer.tracker import TransferState, TransferTable
+
+__all__ = [
+    "CudaIpcHandleMsg", "KVCacheSpecMsg", "KVDestination", "KVEndpoint", "KVReceiver",
+    "KVSender", "Transfer", "TransferError", "TransferState", "send_kv_blocks",
+]
+
+
+class TransferError(RuntimeError):
+    """A transfer cannot start or did not complete; ``transfer_id`` says which."""
+
+    def __init__(self, transfer_id: str, message: str):
+        super().__init__(f"KV transfer {transfer_id!r}: {message}")
+        self.transfer_id = transfer_id
+
+
+@dataclass(eq=False)
+class Transfer:
+    """Sender-side handle of one transfer (mutable on purpose: it tracks progress)."""
+
+    dest: KVDestination
+    state: TransferState = TransferState.PENDING
+    layers_sent: int = 0
+    bytes_sent: int = 0
+    started_at: float = field(default_factory=time.perf_counter)
+    finished_at: float | None = None
+    error: str = ""
+    context: Any = field(default=None, repr=False)  # backend-private per-transfer data
+    _sent: set[int] = field(default_factory=set, repr=False)
+    _cancelled: bool = field(default=False, repr=False)
+
+    @property
+    def transfer_id(self) -> str:
+        return self.dest.transfer_id
+
+    @property
+    def num_layers(self) -> int:
+        return self.dest.endpoint.spec.num_layers
+
+
+class KVSender(ABC):
+    """Prefill side. One per worker; caches connections/attachments per endpoint."""
+
+    name: ClassVar[str] = ""
+
+    def begin(self, dest: KVDestination, src_spec: KVCacheSpec) -> Transfer:
+        tid, spec = dest.transfer_id, dest.endpoint.spec
+        if dest.endpoint.backend != self.name:
+            raise TransferError(tid, f"endpoint is for backend {dest.endpoint.backend!r}, "
+                                     f"this sender is {self.name!r}")
+        problem = spec.mismatch(src_spec)
+        if problem:
+            raise TransferError(tid, f"KV cache specs differ: {problem}")
+        need = math.ceil(dest.num_tokens / spec.block_size)
+        if len(dest.block_ids) != need:
+            raise TransferError(tid, f"{dest.num_tokens} tokens need {need} blocks of "
+                                     f"{spec.block_size}, destination has {len(dest.block_ids)}")
+        transfer = Transfer(dest)
+        try:
+            self._open(transfer)
+        except Exception as exc:
+            transfer.state, transfer.error = TransferState.FAILED, str(exc)
+            raise _as_transfer_error(tid, exc) from exc
+        return transfer
+
+    def send_layer(self, transfer: Transfer, layer: int, kv: torch.Tensor) -> None:
+        """Ship ``kv`` [2, n_blocks, P, H, D] (blocks in ``dest.block_ids`` order).
+
+        May return before the bytes are delivered, so ``kv`` must be a tensor the caller
+        will not modify afterwards (``index_select`` output is a fresh copy: fine).
+        """
+        tid, spec = transfer.transfer_id, transfer.dest.endpoint.spec
+        if transfer.state.terminal:
+            raise TransferError(tid, f"transfer is already {transfer.state.value}")
+        if not 0 <= layer < spec.num_layers:
+            raise TransferError(tid, f"layer {layer} out of range [0, {spec.num_layers})")
+        if layer in transfer._sent:
+            raise TransferError(tid, f"layer {layer} was already sent")
+        want = (2, len(transfer.dest.block_ids), spec.block_size, spec.num_kv_heads,
+                spec.head_dim)
+        if tuple(kv.shape) != want or kv.dtype != spec.torch_dtype:
+            raise TransferError(tid, f"layer payload is {tuple(kv.shape)} {kv.dtype}, "
+                                     f"expected {want} {spec.torch_dtype}")
+        try:
+            self._write_layer(transfer, layer, kv)
+        except Exception as exc:
+            self._fail(transfer, str(exc))
+            raise _as_transfer_error(tid, exc) from exc
+        transfer._sent.add(layer)
+        transfer.layers_sent += 1
+        transfer.state = TransferState.TRANSFERRING
+
+    def finish(self, transfer: Transfer, timeout: float = 30.0) -> None:
+        """Return once every layer is delivered (state DONE); else ``TransferError``."""
+        tid = transfer.transfer_id
+        if transfer.state is TransferState.DONE:
+            return
+        if transfer.state is TransferState.FAILED:
+            raise TransferError(tid, f"transfer failed: {transfer.error}")
+        if transfer.layers_sent != transfer.num_layers:
+            missing = sorted(set(range(transfer.num_layers)) - transfer._sent)
+            self._fail(transfer, f"finish() before layers {missing[:8]} were sent")
+            raise TransferError(tid, transfer.error)
+        try:
+            self._complete(transfer, timeout)
+        except Exception as exc:
+            self._fail(transfer, str(exc))
+            raise _as_transfer_error(tid, exc) from exc
+        transfer.state = TransferState.DONE
+        transfer.finished_at = time.perf_counter()
+
+    def abort(self, transfer: Transfer) -> None:
+        """Give up (idempotent); tells the receiver where the backend can."""
+        if transfer.state is not TransferState.DONE:
+            self._fail(transfer, transfer.error or "aborted by the sender")
+
+    @abstractmethod
+    def close(self) -> None:
+        """Drop cached connections/attachments. Never destroys the receiver's memory."""
+
+    # -- backend hooks -----------------------------------------------------------------
+    @abstractmethod
+    def _open(self, transfer: Transfer) -> None:
+        """Reach the endpoint (cached per endpoint); may set ``transfer.context``."""
+
+    @abstractmethod
+    def _write_layer(self, transfer: Transfer, layer: int, kv: torch.Tensor) -> None:
+        """Write or queue one validated layer."""
+
+    @abstractmethod
+    def _complete(self, transfer: Transfer, timeout: float) -> None:
+        """Block until everything queued for ``transfer`` is delivered."""
+
+    def _cancel(self, transfer: Transfer) -> None:
+        """Best effort: tell the receiver the transfer is abandoned (default: cannot)."""
+
+    def _fail(self, transfer: Transfer, error: str) -> None:
+        transfer.state, transfer.error = TransferState.FAILED, error
+        transfer.finished_at = time.perf_counter()
+        if not transfer._cancelled:
+            transfer._cancelled = True
+            try:
+                self._cancel(transfer)
+            except Exception:  # noqa: BLE001 - the transfer is failed either way
+                pass
+
+
+def _as_transfer_error(transfer_id: str, exc: Exception) -> TransferError:
+    if isinstance(exc, TransferError):
+        return exc
+    return TransferError(transfer_id, f"{type(exc).__name__}: {exc}")
+
+
+class KVReceiver(ABC):
+    """Decode side: owns (or attaches) the decode worker's cache and tracks transfers."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, endpoint: KVEndpoint, cache: KVCache):
+        self.endpoint = endpoint
+        self.cache = cache
+        self._table = TransferTable(cache.spec.num_layers, cache.spec.num_blocks)
+
+    @classmethod
+    @abstractmethod
+    def create(cls, cache_spec: KVCacheSpec, worker_id: str, device: torch.device | str = "cpu",
+               **options) -> tuple[KVReceiver, KVCache]:
+        """Allocate the decode cache the way this backend needs it; start serving."""
+
+    def expect(self, transfer_id: str, block_ids: Sequence[int]) -> None:
+        """Blocks were reserved for ``transfer_id``: PENDING until they are filled."""
+        self._table.expect(transfer_id, block_ids)
+
+    def state(self, transfer_id: str) -> TransferState:
+        """Current state; ``KeyError`` if the id is not expected (or was forgotten)."""
+        return self._table.state(transfer_id)
+
+    def wait(self, transfer_id: str, timeout: float) -> TransferState:
+        """Block until DONE/FAILED or ``timeout`` seconds; returns the state then."""
+        return self._table.wait(transfer_id, timeout)
+
+    def mark_delivered(self, transfer_id: str) -> None:
+        """The sender's ``finish`` returned: for direct-write backends that is delivery.
+
+        A no-op for unknown (forgotten) or already finished transfers.
+        """
+        self._table.transition(transfer_id, TransferState.DONE)
+
+    def forget(self, transfer_id: str) -> None:
+        """Stop tracking (adopted, finished or cancelled); later news of it is ignored."""
+        self._table.forget(transfer_id)
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop serving; unfinished transfers become FAILED."""
+
+
+def send_kv_blocks(sender: KVSender, dest: KVDestination, cache: KVCache,
+                   src_block_ids: Sequence[int], layers: Iterable[int] | None = None,
+                   timeout: float = 30.0) -> Transfer:
+    """Copy blocks ``src_block_ids`` of ``cache`` to ``dest``, all layers in one go.
+
+    The non-overlapped path (tests, benchmarks, resending a cached prefix). ``layers``
+    picks the order (default: all, ascending); ``finish`` runs once every layer is sent.
+    """
+    transfer = sender.begin(dest, cache.spec)
+    idx = torch.as_tensor(list(src_block_ids), dtype=torch.long, device=cache.data.device)
+    try:
+        for layer in range(cache.spec.num_layers) if layers is None else layers:
+            sender.send_layer(transfer, layer, cache.data[layer].index_select(1, idx))
+        if transfer.layers_sent == transfer.num_layers:
+            sender.finish(transfer, timeout)
+    except BaseException:
+        sender.abort(transfer)
+        raise
+    return transfer

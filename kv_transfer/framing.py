@@ -1,0 +1,135 @@
+"""The TCP backend's wire format: fixed binary frames, never pickle.
+
+Every frame is a fixed 22-byte header, the transfer id (utf-8), then a payload::
+
+    magic b"PDKV" | version u8 | type u8 | id_len u16 | layer u16 | num_blocks u32 |
+    payload_len u64                                   (network byte order)
+
+A connection starts with HELLO from the sender (id = the receiver's worker id, payload =
+auth token), answered by a HELLO from the receiver (empty) once accepted. Then, per
+transfer: one LAYER per layer (payload = the raw bytes of that layer's contiguous
+[2, num_blocks, block_size, heads, head_dim] K/V; dtype and shape come from the endpoint's
+spec, so nothing else needs describing) and finally DONE, or ABORT to give up. Frames
+of many transfers may interleave on one connection; each frame is whole.
+
+Decoding here only checks what is checkable without the receiver's state (magic, version,
+type, per-type length limits); the receiver validates the rest against its spec.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import struct
+from dataclasses import dataclass
+
+from pdserve.kv_transfer.messages import MAX_TRANSFER_ID_BYTES
+
+MAGIC = b"PDKV"
+VERSION = 1
+MAX_TOKEN_BYTES = 4096
+
+_HEADER = struct.Struct("!4sBBHHIQ")
+HEADER_SIZE = _HEADER.size
+
+
+class ProtocolError(ValueError):
+    """The peer broke the protocol; the connection must be dropped."""
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1
+    LAYER = 2
+    DONE = 3
+    ABORT = 4
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    msg_type: MsgType
+    id_len: int
+    layer: int = 0
+    num_blocks: int = 0
+    payload_len: int = 0
+
+    def __post_init__(self) -> None:
+        if self.id_len > MAX_TRANSFER_ID_BYTES:
+            raise ProtocolError(f"transfer id of {self.id_len} bytes is too long")
+        if self.msg_type is MsgType.HELLO:
+            if self.payload_len > MAX_TOKEN_BYTES:
+                raise ProtocolError(f"HELLO payload of {self.payload_len} bytes is too long")
+            return
+        if self.id_len == 0:
+            raise ProtocolError(f"{self.msg_type.name} without a transfer id")
+        if self.msg_type is MsgType.LAYER:
+            if self.num_blocks < 1 or self.payload_len < 1:
+                raise ProtocolError("LAYER frame without blocks")
+        elif self.payload_len or self.num_blocks:
+            raise ProtocolError(f"{self.msg_type.name} frame must not carry a payload")
+
+
+def encode_header(msg_type: MsgType, transfer_id: str, layer: int = 0, num_blocks: int = 0,
+                  payload_len: int = 0) -> bytes:
+    """Header plus transfer id: everything of a frame but its payload."""
+    tid = transfer_id.encode()
+    FrameHeader(msg_type, len(tid), layer, num_blocks, payload_len)  # validate what we send
+    return _HEADER.pack(MAGIC, VERSION, msg_type, len(tid), layer, num_blocks,
+                        payload_len) + tid
+
+
+def decode_header(raw: bytes) -> FrameHeader:
+    if len(raw) != HEADER_SIZE:
+        raise ProtocolError(f"short header ({len(raw)} bytes)")
+    magic, version, msg_type, id_len, layer, num_blocks, payload_len = _HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r}")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}")
+    try:
+        kind = MsgType(msg_type)
+    except ValueError as exc:
+        raise ProtocolError(f"unknown message type {msg_type}") from exc
+    return FrameHeader(kind, id_len, layer, num_blocks, payload_len)
+
+
+def decode_transfer_id(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("transfer id is not utf-8") from exc
+
+
+def recv_exact(sock: socket.socket, n: int, *, eof_ok: bool = False) -> bytes | None:
+    """Read exactly ``n`` bytes. EOF before the first byte returns None if ``eof_ok``;
+    EOF anywhere else is a truncated frame (``ConnectionError``)."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            if got == 0 and eof_ok:
+                return None
+            raise ConnectionError(f"connection closed after {got} of {n} bytes")
+        got += k
+    return bytes(buf)
+
+
+def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from the socket (large payloads land without intermediate copies)."""
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionError(f"connection closed after {got} of {n} payload bytes")
+        got += k
+
+
+def read_frame_start(sock: socket.socket) -> tuple[FrameHeader, str] | None:
+    """Header and transfer id of the next frame; None on a clean EOF between frames."""
+    raw = recv_exact(sock, HEADER_SIZE, eof_ok=True)
+    if raw is None:
+        return None
+    header = decode_header(raw)
+    tid = decode_transfer_id(recv_exact(sock, header.id_len)) if header.id_len else ""
+    return header, tid

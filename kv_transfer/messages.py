@@ -1,0 +1,191 @@
+"""Typed messages that cross process boundaries in the KV transfer layer.
+
+Lifecycle: a decode worker creates a receiver, which publishes a ``KVEndpoint`` (how a
+sender reaches its cache). When the decode worker reserves blocks for a request it builds
+a ``KVDestination`` (endpoint + reserved block ids) and hands it, through the router, to
+the prefill worker, whose sender writes there. Both are frozen and validated on
+construction, so a malformed message fails where it is built, not deep inside a backend.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+
+from pdserve.engine.kv_cache import KVCacheSpec
+
+# Bounded so a transfer id always fits the TCP frame header's u16 length field, with room.
+MAX_TRANSFER_ID_BYTES = 1024
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: a dtype travels as a plain string."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None) if name.isidentifier() else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown torch dtype name {name!r}")
+    return dtype
+
+
+@dataclass(frozen=True)
+class KVCacheSpecMsg:
+    """A ``KVCacheSpec`` in wire form (dtype as its name)."""
+
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.num_layers > 0xFFFF:
+            raise ValueError("num_layers must fit in 16 bits (the TCP frame's layer field)")
+        dtype_from_name(self.dtype)
+
+    @classmethod
+    def from_spec(cls, spec: KVCacheSpec) -> KVCacheSpecMsg:
+        return cls(spec.num_layers, spec.num_blocks, spec.block_size, spec.num_kv_heads,
+                   spec.head_dim, dtype_name(spec.dtype))
+
+    def to_spec(self) -> KVCacheSpec:
+        return KVCacheSpec(self.num_layers, self.num_blocks, self.block_size,
+                           self.num_kv_heads, self.head_dim, self.torch_dtype)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return dtype_from_name(self.dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads,
+                self.head_dim)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of K (or V) of one block in one layer: one contiguous row of the cache."""
+        return (self.block_size * self.num_kv_heads * self.head_dim
+                * self.torch_dtype.itemsize)
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_layers * 2 * self.num_blocks * self.block_bytes
+
+    def layer_payload_bytes(self, num_blocks: int) -> int:
+        """Bytes of one layer's K and V for ``num_blocks`` blocks ([2, n, P, H, D])."""
+        return 2 * num_blocks * self.block_bytes
+
+    def mismatch(self, spec: KVCacheSpec) -> str:
+        """Why a sender's cache cannot fill this one ("" if it can). Block counts may differ."""
+        problems = [
+            f"{name} {getattr(spec, name)} != {getattr(self, name)}"
+            for name in ("num_layers", "block_size", "num_kv_heads", "head_dim")
+            if getattr(spec, name) != getattr(self, name)
+        ]
+        if dtype_name(spec.dtype) != self.dtype:
+            problems.append(f"dtype {dtype_name(spec.dtype)} != {self.dtype}")
+        return "; ".join(problems)
+
+
+@dataclass(frozen=True)
+class CudaIpcHandleMsg:
+    """The fields of ``UntypedStorage._share_cuda_()`` in a typed, pickle-free form.
+
+    Byte strings travel as hex. ``device_uuid`` lets a sender whose process numbers the
+    GPUs differently (another ``CUDA_VISIBLE_DEVICES``) find the same physical device.
+    """
+
+    device_index: int
+    device_uuid: str
+    handle_hex: str
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle_hex: str
+    ref_counter_offset: int
+    event_handle_hex: str  # "" when the producer needs no event sync
+    event_sync_required: bool
+    tensor_offset_bytes: int = 0  # where the cache tensor starts inside the storage
+
+    def __post_init__(self) -> None:
+        for name in ("handle_hex", "ref_counter_handle_hex", "event_handle_hex"):
+            value = getattr(self, name)
+            try:
+                bytes.fromhex(value)
+            except ValueError as exc:
+                raise ValueError(f"{name} is not a hex string") from exc
+        if not self.handle_hex:
+            raise ValueError("handle_hex must not be empty")
+        for name in ("device_index", "storage_size_bytes", "storage_offset_bytes",
+                     "ref_counter_offset", "tensor_offset_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+
+
+@dataclass(frozen=True)
+class KVEndpoint:
+    """Published by a decode worker's receiver: how senders reach its cache.
+
+    ``address`` is backend-specific: the in-process registry key, the shared-memory
+    segment name, ``"host:port"`` for TCP, the CUDA IPC handle (hex). ``auth_token`` is
+    what a TCP sender presents unless it was configured with its own (kept out of repr).
+    """
+
+    backend: str
+    worker_id: str
+    address: str
+    spec: KVCacheSpecMsg
+    auth_token: str = field(default="", repr=False)
+    cuda_ipc: CudaIpcHandleMsg | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("backend", "worker_id", "address"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"KVEndpoint.{name} must be a non-empty string")
+        if not isinstance(self.spec, KVCacheSpecMsg):
+            raise ValueError("KVEndpoint.spec must be a KVCacheSpecMsg")
+        if len(self.worker_id.encode()) > MAX_TRANSFER_ID_BYTES:
+            raise ValueError("worker_id is too long")
+
+
+@dataclass(frozen=True)
+class KVDestination:
+    """One transfer: the decode worker's reserved blocks (in sequence order) for a request."""
+
+    transfer_id: str
+    endpoint: KVEndpoint
+    block_ids: tuple[int, ...]
+    num_tokens: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.transfer_id, str) or not self.transfer_id:
+            raise ValueError("transfer_id must be a non-empty string")
+        if len(self.transfer_id.encode()) > MAX_TRANSFER_ID_BYTES:
+            raise ValueError(f"transfer_id is longer than {MAX_TRANSFER_ID_BYTES} bytes")
+        try:
+            ids = tuple(operator.index(b) for b in self.block_ids)
+        except TypeError as exc:
+            raise ValueError("block_ids must be integers") from exc
+        object.__setattr__(self, "block_ids", ids)  # accept any sequence, store a tuple
+        validate_block_ids(ids, self.endpoint.spec.num_blocks)
+        if not isinstance(self.num_tokens, int) or self.num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {self.num_tokens!r}")
+
+
+def validate_block_ids(block_ids: tuple[int, ...], num_blocks: int) -> None:
+    """Non-empty, in range and unique: a duplicate would make the scatter order-dependent."""
+    if not block_ids:
+        raise ValueError("block_ids must not be empty")
+    bad = [b for b in block_ids if not 0 <= b < num_blocks]
+    if bad:
+        raise ValueError(f"block ids {bad[:5]} out of range [0, {num_blocks})")
+    if len(set(block_ids)) != len(block_ids):
+        raise ValueError("block_ids contains duplicates")

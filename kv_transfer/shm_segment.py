@@ -1,0 +1,120 @@
+"""Named shared-memory segments that hold a whole KV cache, and who may unlink them.
+
+Lifecycle: the decode worker ``create``s the segment (it owns it: ``unlink`` on close);
+prefill workers on the same host ``attach`` by name and only ever ``close`` their mapping.
+
+Python < 3.13 registers every ``SharedMemory`` it opens, attached ones included, with the
+``multiprocessing`` resource tracker, which unlinks all registered segments when the
+process's tracker exits: a prefill worker exiting would destroy the decode worker's
+cache. Unregistering after attach (the usual workaround) has a second problem: a process
+started with ``multiprocessing`` shares its parent's tracker, whose registry is a set, so
+the child's unregister also erases the creator's registration (and the creator's own
+unlink later makes the tracker print a KeyError). So attachers never register: on 3.13+
+through ``track=False``, before that by mapping the segment the same way ``SharedMemory``
+does (``shm_open`` + ``mmap``) minus the registration. The creator stays registered, so
+the tracker still reclaims the segment if the decode worker dies without closing it.
+
+Closing while tensors still view the mapping raises ``BufferError`` in the stdlib; here the
+mapping is then simply left to be unmapped when the last such tensor is freed.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+from multiprocessing import shared_memory
+
+import torch
+
+try:  # the module SharedMemory itself uses on POSIX
+    import _posixshmem
+except ImportError:  # Windows: no resource tracker involvement, SharedMemory is fine
+    _posixshmem = None
+
+_DEV_SHM = "/dev/shm"
+
+
+class _QuietSharedMemory(shared_memory.SharedMemory):
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (BufferError, OSError):  # views still alive: they keep the mapping
+            pass
+
+
+class ShmSegment:
+    """A mapped segment; ``tensor(...)`` views it as the cache tensor."""
+
+    def __init__(self, name: str, size: int, buffer, shm: shared_memory.SharedMemory | None,
+                 owner: bool):
+        self.name = name
+        self.size = size
+        self.owner = owner
+        self._buffer = buffer  # mmap or memoryview the tensors are built on
+        self._shm = shm
+        self._unlinked = False
+
+    @classmethod
+    def create(cls, name: str, size: int) -> ShmSegment:
+        _check_free_space(size)
+        shm = _QuietSharedMemory(name=name, create=True, size=size)
+        return cls(shm.name, size, shm.buf, shm, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> ShmSegment:
+        """Map an existing segment without registering it (see the module docstring)."""
+        if sys.version_info >= (3, 13):
+            shm = _QuietSharedMemory(name=name, track=False)
+            return cls(name, shm.size, shm.buf, shm, owner=False)
+        if _posixshmem is None:
+            shm = _QuietSharedMemory(name=name)
+            return cls(name, shm.size, shm.buf, shm, owner=False)
+        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+        try:
+            size = os.fstat(fd).st_size
+            mapping = mmap.mmap(fd, size)  # keeps its own duplicate of the descriptor
+        finally:
+            os.close(fd)
+        return cls(name, size, mapping, None, owner=False)
+
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * dtype.itemsize
+        if nbytes > self.size:
+            raise ValueError(f"segment {self.name} has {self.size} bytes, need {nbytes}")
+        raw = torch.frombuffer(self._buffer, dtype=torch.uint8, count=nbytes)
+        return raw.view(dtype).view(shape)
+
+    def close(self) -> None:
+        """Unmap (deferred while tensors still view it). Never destroys the segment."""
+        target = self._shm if self._shm is not None else self._buffer
+        self._buffer = None
+        try:
+            target.close()
+        except BufferError:
+            pass
+
+    def unlink(self) -> None:
+        """Destroy the segment (owner only, once); existing mappings stay valid."""
+        if not self.owner or self._unlinked:
+            return
+        self._unlinked = True
+        try:
+            self._shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _check_free_space(size: int) -> None:
+    # tmpfs accepts a segment bigger than its free space and then kills the first writer
+    # past the limit with SIGBUS; refuse up front with a readable error instead.
+    if not os.path.isdir(_DEV_SHM):
+        return
+    st = os.statvfs(_DEV_SHM)
+    free = st.f_bavail * st.f_frsize
+    if size > free:
+        raise OSError(f"{_DEV_SHM} has {free / 2**30:.1f} GiB free, the KV cache needs "
+                      f"{size / 2**30:.1f} GiB (raise the shm size, e.g. docker --shm-size)")

@@ -1,0 +1,54 @@
+"""Thin Ray actor around ``PrefillHost``: builds the worker in its own process, forwards calls."""
+
+from __future__ import annotations
+
+import ray
+
+from pdserve.engine.config import EngineConfig
+from pdserve.kv_transfer.backend_config import KVTransferConfig
+from pdserve.prefill_worker.host import PrefillHost
+from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult, PrefillStats
+from pdserve.prefill_worker.worker import PrefillWorker
+
+
+def build_prefill_host(worker_id: str, engine: EngineConfig, kv: KVTransferConfig,
+                       torch_threads: int | None = None) -> PrefillHost:
+    """Used by the actor and by Ray-less hosts (GPU benchmarks, tests)."""
+    import torch
+
+    from pdserve.kv_transfer.registry import create_sender
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    sender = create_sender(kv.backend, auth_token=kv.auth_token)
+    worker = PrefillWorker.from_config(worker_id, engine, sender)
+    worker.transfer_timeout_s = kv.timeout_s
+    return PrefillHost(worker)
+
+
+@ray.remote(max_concurrency=1000)
+class PrefillWorkerActor:
+    def __init__(self, worker_id: str, engine: EngineConfig, kv: KVTransferConfig,
+                 torch_threads: int | None = None):
+        self.host = build_prefill_host(worker_id, engine, kv, torch_threads)
+
+    async def ready(self) -> str:
+        return self.host.worker.worker_id
+
+    async def prefill(self, msg: PrefillRequest) -> PrefillResult:
+        return await self.host.prefill(msg)
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.host.abort(request_id)
+
+    async def stats(self) -> PrefillStats:
+        return await self.host.stats()
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    async def healthy(self) -> bool:
+        return self.host.healthy()
+
+    async def shutdown(self) -> None:
+        self.host.close()

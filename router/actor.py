@@ -1,0 +1,62 @@
+"""The router as a Ray actor: hosts the grpc.aio server in the actor's event loop.
+
+``build_router`` wires everything from plain values (worker handles or in-process
+hosts), so the same router runs as a Ray actor or inside a test / a Ray-less host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from pdserve.router.clients import DecodeClient, PrefillClient
+from pdserve.router.orchestrator import Orchestrator
+from pdserve.router.policy import create_policy
+from pdserve.router.server import RouterServer, ServerConfig
+from pdserve.router.validation import ValidationLimits
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model: str
+    server: ServerConfig = ServerConfig()
+    policy: str = "least_loaded"
+    max_model_len: int | None = None
+    max_tokens_limit: int = 4096
+
+
+def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
+                 decodes: Sequence[tuple[str, Any]]) -> RouterServer:
+    from pdserve.engine.loader import has_tokenizer
+    from pdserve.engine.model_config import ModelConfig
+    from pdserve.engine.tokenizer import Tokenizer
+
+    mc = ModelConfig.from_pretrained(config.model)
+    tokenizer = Tokenizer.from_pretrained(config.model) if has_tokenizer(config.model) else None
+    vocab = max(mc.vocab_size, tokenizer.vocab_size if tokenizer else 0)
+    limits = ValidationLimits(
+        vocab_size=min(vocab, mc.vocab_size),
+        max_model_len=config.max_model_len or mc.max_position_embeddings,
+        max_tokens_limit=config.max_tokens_limit)
+    orch = Orchestrator([PrefillClient(w, t) for w, t in prefills],
+                        [DecodeClient(w, t) for w, t in decodes], create_policy(config.policy))
+    return RouterServer(config.server, orch, tokenizer, limits)
+
+
+@ray.remote(max_concurrency=10000)
+class RouterActor:
+    def __init__(self, config: RouterConfig, prefills: list[tuple[str, Any]],
+                 decodes: list[tuple[str, Any]]):
+        self.server = build_router(config, prefills, decodes)
+
+    async def start(self) -> str:
+        return await self.server.start()
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+    async def in_flight(self) -> int:
+        return self.server.orchestrator.in_flight()

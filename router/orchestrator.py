@@ -1,0 +1,207 @@
+"""The request path across the pools: reserve on decode, prefill, hand over, stream.
+
+For each request ``generate`` (an async generator of ``TokenEvent``):
+1. ranks decode workers (policy) and reserves the prompt's KV blocks on the first that
+   has room (RESOURCE_EXHAUSTED if none has);
+2. sends the prompt with the reservation to the best prefill worker, which writes the
+   KV into those blocks and returns the first token: yielded at once (TTFT);
+3. tells the decode worker to start; its per-step ``TokenBatch`` messages (consumed by
+   one task per decode worker for the router's life) are dispatched to the request's
+   queue and yielded until a finish reason arrives.
+Whatever way the generator ends (finish, client cancel, a stop string found by the
+caller, an error), ``finally`` releases the request on both workers. The worker ids of
+every request in flight are tracked so that a worker's load is always known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from pdserve.decode_worker.messages import ReserveRequest, StartDecode, TokenBatch, TokenDelta
+from pdserve.decode_worker.worker import NoCapacityError
+from pdserve.engine.sampler import SampledToken
+from pdserve.prefill_worker.messages import PrefillRequest
+from pdserve.router.clients import DecodeClient, PrefillClient, WorkerGone
+from pdserve.router.policy import RoutingPolicy, RoutingRequest, WorkerLoad
+from pdserve.router.status import NoWorkerAvailable, Overloaded, TransferFailed
+from pdserve.router.validation import ValidatedRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_ids: tuple[int, ...]
+    logprobs: tuple[SampledToken, ...]
+    finish_reason: str | None  # engine FinishReason value on the last event
+    num_cached_tokens: int = 0
+
+
+class Orchestrator:
+    def __init__(self, prefills: Sequence[PrefillClient], decodes: Sequence[DecodeClient],
+                 policy: RoutingPolicy):
+        self.prefills = {c.worker_id: c for c in prefills}
+        self.decodes = {c.worker_id: c for c in decodes}
+        self.policy = policy
+        self.prefill_load = {w: WorkerLoad(w) for w in self.prefills}
+        self.decode_load = {w: WorkerLoad(w) for w in self.decodes}
+        self._queues: dict[str, asyncio.Queue[TokenDelta]] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._cleanup: set[asyncio.Task] = set()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Start one consumer per decode worker's token stream (call inside the event loop)."""
+        for client in self.decodes.values():
+            self._tasks.append(asyncio.create_task(self._consume(client)))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self._cleanup, return_exceptions=True)
+
+    async def _consume(self, client: DecodeClient) -> None:
+        while True:
+            try:
+                async for batch in client.stream():
+                    self._dispatch(batch)
+            except asyncio.CancelledError:
+                raise
+            except WorkerGone:
+                log.error("decode worker %s is gone", client.worker_id)
+                self.decode_load[client.worker_id].healthy = False
+                self._fail_worker_requests(client.worker_id)
+                return
+            except Exception:
+                log.exception("token stream from %s broke; resubscribing", client.worker_id)
+                await asyncio.sleep(0.5)
+
+    def _dispatch(self, batch: TokenBatch) -> None:
+        for delta in batch.deltas:
+            q = self._queues.get(delta.request_id)
+            if q is not None:
+                q.put_nowait(delta)
+
+    def _fail_worker_requests(self, worker_id: str) -> None:
+        for rid, q in self._queues.items():
+            if getattr(q, "decode_worker", None) == worker_id:
+                q.put_nowait(TokenDelta(rid, (), (), "abort", error="decode worker died"))
+
+    async def refresh_loads(self) -> None:
+        """Pull KV headroom from decode workers (and mark dead ones)."""
+        for wid, client in self.decodes.items():
+            try:
+                s = await client.stats()
+            except WorkerGone:
+                self.decode_load[wid].healthy = False
+                continue
+            load = self.decode_load[wid]
+            load.free_blocks, load.total_blocks = s.num_free_blocks, s.num_blocks
+
+    # -- the request path ---------------------------------------------------------------
+    async def generate(self, req: ValidatedRequest) -> AsyncIterator[TokenEvent]:
+        rid, prompt, params = req.request_id, req.prompt_token_ids, req.params
+        if rid in self._queues:
+            raise ValueError(f"request id {rid!r} is already in flight")
+        routing = RoutingRequest(rid, len(prompt), params.max_tokens)
+        needs_decode = params.max_tokens > 1
+        queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        self._queues[rid] = queue
+        decode_id = prefill_id = None
+        prefill_task: asyncio.Task | None = None
+        finished = False
+        try:
+            destination = None
+            if needs_decode:
+                decode_id, destination = await self._reserve(routing)
+                queue.decode_worker = decode_id  # type: ignore[attr-defined]
+            prefill_id = self._pick_prefill(routing)
+            pl = self.prefill_load[prefill_id]
+            pl.in_flight += 1
+            pl.queued_tokens += len(prompt)
+            try:
+                prefill_task = asyncio.ensure_future(self.prefills[prefill_id].prefill(
+                    PrefillRequest(rid, prompt, params, destination)))
+                result = await prefill_task
+            except WorkerGone as exc:
+                self.prefill_load[prefill_id].healthy = False
+                raise NoWorkerAvailable(f"prefill worker {prefill_id} failed: {exc}") from exc
+            finally:
+                pl.in_flight -= 1
+                pl.queued_tokens -= len(prompt)
+            if not result.ok:
+                raise TransferFailed(result.error or "prefill failed")
+            first = result.token
+            done = result.finish_reason is not None or not needs_decode
+            reason = result.finish_reason or ("length" if done else None)
+            yield TokenEvent((first.token_id,), (first,) if params.logprobs is not None else (),
+                             reason, result.num_cached_tokens)
+            if done:
+                finished = True
+                return
+            await self.decodes[decode_id].start(StartDecode(rid, prompt, params, first))
+            while True:
+                delta = await queue.get()
+                if delta.error:
+                    raise TransferFailed(delta.error)
+                if delta.finish_reason is not None:
+                    finished = True
+                yield TokenEvent(delta.token_ids, delta.logprobs, delta.finish_reason)
+                if finished:
+                    return
+        finally:
+            self._queues.pop(rid, None)
+            if decode_id is not None:
+                self.decode_load[decode_id].in_flight -= 1
+            if not finished:
+                # Runs in its own task: this generator may be closing because its task was
+                # cancelled, and the release must still happen.
+                t = asyncio.ensure_future(self._release(rid, decode_id, prefill_id, prefill_task))
+                self._cleanup.add(t)
+                t.add_done_callback(self._cleanup.discard)
+
+    async def _reserve(self, routing: RoutingRequest):
+        ranked = self.policy.rank_decode(routing, list(self.decode_load.values()))
+        if not ranked:
+            raise NoWorkerAvailable("no healthy decode worker")
+        for wid in ranked:
+            try:
+                res = await self.decodes[wid].reserve(
+                    ReserveRequest(routing.request_id, routing.num_prompt_tokens))
+            except NoCapacityError:
+                continue
+            except WorkerGone:
+                self.decode_load[wid].healthy = False
+                continue
+            self.decode_load[wid].in_flight += 1
+            return wid, res.destination
+        raise Overloaded("every decode worker's KV cache is full", retry_after_s=1.0)
+
+    def _pick_prefill(self, routing: RoutingRequest) -> str:
+        ranked = self.policy.rank_prefill(routing, list(self.prefill_load.values()))
+        if not ranked:
+            raise NoWorkerAvailable("no healthy prefill worker")
+        return ranked[0]
+
+    async def _release(self, rid: str, decode_id: str | None, prefill_id: str | None,
+                       prefill_task: asyncio.Task | None) -> None:
+        if prefill_task is not None and not prefill_task.done():
+            prefill_task.cancel()
+        if prefill_id is not None:
+            with contextlib.suppress(Exception):
+                await self.prefills[prefill_id].abort(rid)
+        if decode_id is not None:
+            with contextlib.suppress(Exception):
+                await self.decodes[decode_id].release(rid)
+
+    def in_flight(self) -> int:
+        return len(self._queues)
+
+    @staticmethod
+    def now() -> float:
+        return time.monotonic()

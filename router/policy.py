@@ -1,0 +1,91 @@
+"""Choosing a prefill and a decode worker for a request (a plug-in).
+
+A policy ranks candidates from the router's live view of each worker (``WorkerLoad``:
+what the router itself has in flight there, refreshed by the workers' stats). The
+orchestrator tries decode workers in rank order until one reserves the KV, and sends
+the prompt to the first-ranked prefill worker. ``LeastLoaded`` is the default;
+``RoundRobin`` is the simple fake used in tests and for comparison.
+"""
+
+from __future__ import annotations
+
+import itertools
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass
+class WorkerLoad:
+    """The router's view of one worker. Mutable: updated as requests come and go."""
+
+    worker_id: str
+    healthy: bool = True
+    in_flight: int = 0  # requests this router has assigned and not yet seen finish
+    queued_tokens: int = 0  # prefill: prompt tokens assigned and not yet prefilled
+    free_blocks: int = 0  # decode: from the last stats refresh
+    total_blocks: int = 1
+
+
+@dataclass(frozen=True)
+class RoutingRequest:
+    request_id: str
+    num_prompt_tokens: int
+    max_tokens: int
+
+
+class RoutingPolicy(ABC):
+    name: str = ""
+
+    @abstractmethod
+    def rank_prefill(self, req: RoutingRequest, loads: Sequence[WorkerLoad]) -> list[str]:
+        """Healthy prefill worker ids, best first."""
+
+    @abstractmethod
+    def rank_decode(self, req: RoutingRequest, loads: Sequence[WorkerLoad]) -> list[str]:
+        """Healthy decode worker ids, best first."""
+
+
+class LeastLoaded(RoutingPolicy):
+    """Prefill: fewest queued prompt tokens. Decode: fewest in-flight requests, then most
+    free KV blocks."""
+
+    name = "least_loaded"
+
+    def rank_prefill(self, req, loads):
+        ok = [w for w in loads if w.healthy]
+        return [w.worker_id for w in sorted(ok, key=lambda w: (w.queued_tokens, w.in_flight))]
+
+    def rank_decode(self, req, loads):
+        ok = [w for w in loads if w.healthy]
+        return [w.worker_id for w in sorted(ok, key=lambda w: (w.in_flight, -w.free_blocks))]
+
+
+class RoundRobin(RoutingPolicy):
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._p = itertools.count()
+        self._d = itertools.count()
+
+    @staticmethod
+    def _rotate(ids: list[str], k: int) -> list[str]:
+        if not ids:
+            return ids
+        k %= len(ids)
+        return ids[k:] + ids[:k]
+
+    def rank_prefill(self, req, loads):
+        return self._rotate([w.worker_id for w in loads if w.healthy], next(self._p))
+
+    def rank_decode(self, req, loads):
+        return self._rotate([w.worker_id for w in loads if w.healthy], next(self._d))
+
+
+POLICIES = {"least_loaded": LeastLoaded, "round_robin": RoundRobin}
+
+
+def create_policy(name: str) -> RoutingPolicy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown routing policy {name!r}; choose from {', '.join(POLICIES)}")
+    return POLICIES[name]()

@@ -1,0 +1,94 @@
+"""The ``pdserve.v1.Generation`` servicer: validate, orchestrate, detokenize, stream.
+
+Each ``Generate`` call validates at the edge (INVALID_ARGUMENT on bad input, nothing
+reaches a worker), then drives ``Orchestrator.generate`` and turns its token events
+into ``GenerateResponse`` messages: token ids, their text (incremental detokenization
+and stop strings happen here, next to the client), and on the last message the finish
+reason and usage. When the client cancels or the deadline passes, grpc.aio cancels
+this coroutine; closing the orchestrator's generator then releases the request's KV on
+both workers. A stop string found here ends the stream the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from pdserve.engine.output_processor import TextStream
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.protos import pdserve_pb2, pdserve_pb2_grpc
+from pdserve.router.orchestrator import Orchestrator, TokenEvent
+from pdserve.router.status import ServingError, abort_with, as_serving_error
+from pdserve.router.validation import RequestValidationError, ValidationLimits, validate_request
+
+log = logging.getLogger(__name__)
+
+_FINISH = {
+    "stop": pdserve_pb2.FINISH_REASON_STOP,
+    "length": pdserve_pb2.FINISH_REASON_LENGTH,
+    "abort": pdserve_pb2.FINISH_REASON_ABORT,
+}
+
+
+class GenerationService(pdserve_pb2_grpc.GenerationServicer):
+    def __init__(self, orchestrator: Orchestrator, tokenizer: Tokenizer | None,
+                 limits: ValidationLimits):
+        self.orchestrator = orchestrator
+        self.tokenizer = tokenizer
+        self.limits = limits
+
+    async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
+        t0 = time.monotonic()
+        try:
+            req = validate_request(request, self.tokenizer, self.limits)
+        except RequestValidationError as exc:
+            await abort_with(context, as_serving_error(exc))
+        text = (TextStream(self.tokenizer, req.prompt_token_ids, req.params.stop)
+                if self.tokenizer is not None else None)
+        events = self.orchestrator.generate(req)
+        completion = cached = 0
+        ttft_ms = 0.0
+        try:
+            async for ev in events:
+                if completion == 0:
+                    ttft_ms = (time.monotonic() - t0) * 1e3
+                    cached = ev.num_cached_tokens
+                completion += len(ev.token_ids)
+                msg, finished = self._message(req.request_id, ev, text)
+                if finished:
+                    msg.usage.CopyFrom(pdserve_pb2.Usage(
+                        prompt_tokens=len(req.prompt_token_ids), completion_tokens=completion,
+                        cached_tokens=cached, ttft_ms=ttft_ms,
+                        e2e_ms=(time.monotonic() - t0) * 1e3))
+                yield msg
+                if finished:
+                    return
+        except ServingError as exc:
+            await abort_with(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # a bug must still end the RPC with a status, not hang it
+            log.exception("request %s failed", req.request_id)
+            await abort_with(context, as_serving_error(exc))
+        finally:
+            await events.aclose()
+
+    def _message(self, rid: str, ev: TokenEvent, text: TextStream | None):
+        finish = ev.finish_reason
+        new_text = ""
+        if text is not None:
+            new_text = text.add(ev.token_ids)
+            if text.stopped:
+                finish = "stop"
+            if finish is not None:
+                new_text += text.flush()
+        msg = pdserve_pb2.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=new_text)
+        for lp in ev.logprobs:
+            msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob or 0.0,
+                             top=[pdserve_pb2.TopLogprob(token_id=t, logprob=v)
+                                  for t, v in lp.top_logprobs])
+        if finish is not None:
+            msg.finish_reason = _FINISH[finish]
+        return msg, finish is not None

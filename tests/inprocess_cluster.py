@@ -1,0 +1,58 @@
+"""A whole cluster in one process (no Ray): real workers, hosts, router and gRPC server.
+
+The router's event loop runs in a background thread; tests talk to it over gRPC from
+the main thread exactly as a client would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+from pdserve.decode_worker.actor import build_decode_host
+from pdserve.engine.config import EngineConfig
+from pdserve.kv_transfer.backend_config import KVTransferConfig
+from pdserve.prefill_worker.actor import build_prefill_host
+from pdserve.router.actor import RouterConfig, build_router
+from pdserve.router.server import ServerConfig
+
+
+@dataclass
+class InProcessCluster:
+    engine: EngineConfig
+    num_prefill: int = 1
+    num_decode: int = 1
+    kv: KVTransferConfig = KVTransferConfig(backend="inprocess")
+    policy: str = "least_loaded"
+
+    def __enter__(self) -> InProcessCluster:
+        self.prefills = [build_prefill_host(f"prefill-{i}", self.engine, self.kv, 1)
+                         for i in range(self.num_prefill)]
+        self.decodes = [build_decode_host(f"decode-{i}", self.engine, self.kv, 1)
+                        for i in range(self.num_decode)]
+        self.server = build_router(
+            RouterConfig(model=self.engine.model, server=ServerConfig(port=0), policy=self.policy),
+            [(h.worker.worker_id, h) for h in self.prefills],
+            [(h.worker.worker_id, h) for h in self.decodes])
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.address = self.run(self.server.start())
+        return self
+
+    def run(self, coro, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def decode_stats(self):
+        return [self.run(h.stats()) for h in self.decodes]
+
+    def prefill_stats(self):
+        return [self.run(h.stats()) for h in self.prefills]
+
+    def __exit__(self, *exc) -> None:
+        self.run(self.server.stop())
+        for h in (*self.prefills, *self.decodes):
+            h.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)

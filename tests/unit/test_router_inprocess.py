@@ -1,0 +1,138 @@
+"""The full request path in one process (real workers, router and gRPC; no Ray).
+
+Same worker and router code as the Ray cluster: greedy output through the cluster equals
+the single-process engine; bad input gets INVALID_ARGUMENT; cancellation and transfer
+failures free every block on both workers.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import grpc
+import pytest
+
+from pdserve.cluster.client import Client, build_request
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv_transfer.base import TransferError
+from tests.inprocess_cluster import InProcessCluster
+
+
+def engine_config(model) -> EngineConfig:
+    return EngineConfig(model=str(model), device="cpu", num_kv_blocks=512, block_size=16,
+                        max_num_seqs=32, max_num_batched_tokens=1024)
+
+
+def wait_until(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+def no_blocks_held(cluster: InProcessCluster) -> bool:
+    return (all(s.num_used_blocks == 0 and s.num_reserved == 0 for s in cluster.decode_stats())
+            and all(s.num_running == 0 and s.num_waiting == 0 for s in cluster.prefill_stats()))
+
+
+@pytest.fixture(scope="module")
+def cluster(demo_model_dir):
+    with InProcessCluster(engine_config(demo_model_dir), num_prefill=2, num_decode=2) as c:
+        yield c
+
+
+def test_concurrent_greedy_matches_single_process_engine(cluster, demo_model_dir):
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 900) for _ in range(rng.randrange(1, 120))] for _ in range(12)]
+    max_tokens = [rng.randrange(1, 24) for _ in prompts]
+    engine = LLMEngine.from_config(engine_config(demo_model_dir))
+    want = [c.token_ids for c in engine.generate(
+        prompts, [SamplingParams(max_tokens=m) for m in max_tokens])]
+    got: list = [None] * len(prompts)
+
+    def one(i):
+        with Client(cluster.address, timeout_s=60) as c:
+            got[i] = tuple(c.generate(build_request(prompts[i], max_tokens=max_tokens[i])).token_ids)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert got == list(want)
+    assert wait_until(lambda: no_blocks_held(cluster))
+
+
+def test_text_prompt_stream_and_usage(cluster, demo_model_dir):
+    engine = LLMEngine.from_config(engine_config(demo_model_dir))
+    want = engine.generate(["The kitchen smelled of"], SamplingParams(max_tokens=12))[0]
+    with Client(cluster.address, timeout_s=60) as c:
+        msgs = list(c.stream(build_request("The kitchen smelled of", max_tokens=12)))
+    tokens = [t for m in msgs for t in m.token_ids]
+    assert tuple(tokens) == want.token_ids
+    assert "".join(m.text for m in msgs) == want.text
+    assert msgs[-1].finish_reason != 0 and all(m.finish_reason == 0 for m in msgs[:-1])
+    assert msgs[-1].usage.completion_tokens == 12
+    assert msgs[-1].usage.prompt_tokens == len(want.prompt_token_ids)
+    assert msgs[-1].usage.ttft_ms > 0
+
+
+@pytest.mark.parametrize("req, fragment", [
+    (build_request(""), "empty"),
+    (build_request([5] * 5000), "context"),
+    (build_request([5, 6], max_tokens=0), "max_tokens"),
+    (build_request([5, 6], max_tokens=100000), "max_tokens"),
+    (build_request([5, 6], temperature=-1.0), "temperature"),
+    (build_request([5, 6], top_p=0.0), "top_p"),
+    (build_request([5, 6], top_p=1.5), "top_p"),
+    (build_request([5, 10**6]), "vocabulary"),
+])
+def test_bad_input_is_invalid_argument_and_server_keeps_serving(cluster, req, fragment):
+    with Client(cluster.address, timeout_s=30) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.generate(req)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert fragment in err.value.details()
+        assert len(c.generate(build_request([7, 8, 9], max_tokens=3)).token_ids) == 3
+
+
+def test_client_cancel_mid_stream_frees_blocks_on_both_workers(cluster):
+    with Client(cluster.address) as c:
+        call = c.stream(build_request([11] * 40, max_tokens=2000, temperature=0.0))
+        seen = 0
+        for msg in call:
+            seen += len(msg.token_ids)
+            if seen >= 3:
+                call.cancel()
+                break
+    assert wait_until(lambda: no_blocks_held(cluster)), (cluster.decode_stats(),
+                                                         cluster.prefill_stats())
+
+
+def test_failed_transfer_is_reported_and_frees_blocks(demo_model_dir):
+    with InProcessCluster(engine_config(demo_model_dir)) as c:
+        sender = c.prefills[0].worker.sender
+        real = sender.send_layer
+        calls = {"n": 0}
+
+        def flaky(transfer, layer, kv):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise TransferError(transfer.dest.transfer_id, "injected link failure")
+            return real(transfer, layer, kv)
+
+        sender.send_layer = flaky
+        with Client(c.address, timeout_s=30) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.generate(build_request([9] * 30, max_tokens=8))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "transfer" in err.value.details().lower()
+            assert wait_until(lambda: no_blocks_held(c))
+            sender.send_layer = real
+            assert len(client.generate(build_request([9] * 30, max_tokens=8)).token_ids) == 8
