@@ -6,7 +6,11 @@ import ray
 
 from pdserve.decode_worker.host import DecodeHost
 from pdserve.decode_worker.messages import (
-    DecodeStats, Reservation, ReserveRequest, StartDecode, TokenBatch,
+    DecodeStats,
+    Reservation,
+    ReserveRequest,
+    StartDecode,
+    TokenBatch,
 )
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import EngineConfig

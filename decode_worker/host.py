@@ -12,7 +12,11 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from pdserve.decode_worker.messages import (
-    DecodeStats, Reservation, ReserveRequest, StartDecode, TokenBatch,
+    DecodeStats,
+    Reservation,
+    ReserveRequest,
+    StartDecode,
+    TokenBatch,
 )
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.step_loop import StepLoop

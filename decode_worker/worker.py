@@ -17,6 +17,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from pdserve.decode_worker.messages import (
+    DecodeStats,
+    Reservation,
+    ReserveRequest,
+    StartDecode,
+    TokenBatch,
+    TokenDelta,
+)
 from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.loader import LoadedModel, build_runner, kv_cache_spec, load_model
@@ -26,9 +34,6 @@ from pdserve.engine.request import FinishReason, Request
 from pdserve.engine.sampler import Sampler, step_generator
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.kv_transfer.base import KVDestination, KVReceiver, TransferState
-from pdserve.decode_worker.messages import (
-    DecodeStats, Reservation, ReserveRequest, StartDecode, TokenBatch, TokenDelta,
-)
 
 DEFAULT_LEASE_S = 120.0
 

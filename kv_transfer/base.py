@@ -25,6 +25,7 @@ handle driven by one caller thread; backends may only bump its ``bytes_sent``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from abc import ABC, abstractmethod
@@ -111,19 +112,24 @@ class KVSender(ABC):
 
         May return before the bytes are delivered, so ``kv`` must be a tensor the caller
         will not modify afterwards (``index_select`` output is a fresh copy: fine).
+        Any ``TransferError`` leaves the transfer FAILED (the receiver is told if it can be).
         """
         tid, spec = transfer.transfer_id, transfer.dest.endpoint.spec
         if transfer.state.terminal:
             raise TransferError(tid, f"transfer is already {transfer.state.value}")
-        if not 0 <= layer < spec.num_layers:
-            raise TransferError(tid, f"layer {layer} out of range [0, {spec.num_layers})")
-        if layer in transfer._sent:
-            raise TransferError(tid, f"layer {layer} was already sent")
         want = (2, len(transfer.dest.block_ids), spec.block_size, spec.num_kv_heads,
                 spec.head_dim)
-        if tuple(kv.shape) != want or kv.dtype != spec.torch_dtype:
-            raise TransferError(tid, f"layer payload is {tuple(kv.shape)} {kv.dtype}, "
-                                     f"expected {want} {spec.torch_dtype}")
+        problem = ""
+        if not 0 <= layer < spec.num_layers:
+            problem = f"layer {layer} out of range [0, {spec.num_layers})"
+        elif layer in transfer._sent:
+            problem = f"layer {layer} was already sent"
+        elif tuple(kv.shape) != want or kv.dtype != spec.torch_dtype:
+            problem = (f"layer payload is {tuple(kv.shape)} {kv.dtype}, "
+                       f"expected {want} {spec.torch_dtype}")
+        if problem:
+            self._fail(transfer, problem)
+            raise TransferError(tid, problem)
         try:
             self._write_layer(transfer, layer, kv)
         except Exception as exc:
@@ -176,16 +182,16 @@ class KVSender(ABC):
 
     def _cancel(self, transfer: Transfer) -> None:
         """Best effort: tell the receiver the transfer is abandoned (default: cannot)."""
+        return None
 
     def _fail(self, transfer: Transfer, error: str) -> None:
         transfer.state, transfer.error = TransferState.FAILED, error
         transfer.finished_at = time.perf_counter()
         if not transfer._cancelled:
             transfer._cancelled = True
-            try:
+            # Best effort only: the transfer is failed whatever the backend says.
+            with contextlib.suppress(Exception):
                 self._cancel(transfer)
-            except Exception:  # noqa: BLE001 - the transfer is failed either way
-                pass
 
 
 def _as_transfer_error(transfer_id: str, exc: Exception) -> TransferError:

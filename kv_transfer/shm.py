@@ -87,8 +87,11 @@ class _Attachment:
 class ShmSender(KVSender):
     name = "shm"
 
-    def __init__(self, *, auth_token: str | None = None):
+    def __init__(self, *, auth_token: str | None = None, populate: bool = True):
+        """``populate``: map each decode cache with its page tables built up front (a
+        one-off cost per endpoint) instead of faulting pages in during transfers."""
         del auth_token  # same-host segments are guarded by file permissions
+        self._populate = populate
         self._attachments: dict[str, _Attachment] = {}  # by receiver worker_id
         self._lock = threading.Lock()
 
@@ -122,7 +125,7 @@ class ShmSender(KVSender):
                 del self._attachments[endpoint.worker_id]
                 _detach(att)
             try:
-                segment = ShmSegment.attach(endpoint.address)
+                segment = ShmSegment.attach(endpoint.address, populate=self._populate)
             except FileNotFoundError as exc:
                 raise TransferError(transfer.transfer_id,
                                     f"shared-memory segment {endpoint.address!r} is gone") from exc

@@ -11,7 +11,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pdserve.decode_worker.messages import (
-    DecodeStats, Reservation, ReserveRequest, StartDecode, TokenBatch,
+    DecodeStats,
+    Reservation,
+    ReserveRequest,
+    StartDecode,
+    TokenBatch,
 )
 from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult, PrefillStats
 

@@ -39,7 +39,11 @@ class TokenEvent:
     token_ids: tuple[int, ...]
     logprobs: tuple[SampledToken, ...]
     finish_reason: str | None  # engine FinishReason value on the last event
+    # Set on the first event only: what the prefill worker measured.
     num_cached_tokens: int = 0
+    prefill_queue_s: float = 0.0
+    prefill_s: float = 0.0
+    transfer_wait_s: float = 0.0
 
 
 class Orchestrator:
@@ -140,7 +144,8 @@ class Orchestrator:
             done = result.finish_reason is not None or not needs_decode
             reason = result.finish_reason or ("length" if done else None)
             yield TokenEvent((first.token_id,), (first,) if params.logprobs is not None else (),
-                             reason, result.num_cached_tokens)
+                             reason, result.num_cached_tokens, result.queue_s, result.prefill_s,
+                             result.transfer_wait_s)
             if done:
                 finished = True
                 return

@@ -48,20 +48,24 @@ class GenerationService(pdserve_pb2_grpc.GenerationServicer):
         text = (TextStream(self.tokenizer, req.prompt_token_ids, req.params.stop)
                 if self.tokenizer is not None else None)
         events = self.orchestrator.generate(req)
-        completion = cached = 0
+        completion = 0
         ttft_ms = 0.0
+        first: TokenEvent | None = None
         try:
             async for ev in events:
                 if completion == 0:
                     ttft_ms = (time.monotonic() - t0) * 1e3
-                    cached = ev.num_cached_tokens
+                    first = ev
                 completion += len(ev.token_ids)
                 msg, finished = self._message(req.request_id, ev, text)
                 if finished:
                     msg.usage.CopyFrom(pdserve_pb2.Usage(
                         prompt_tokens=len(req.prompt_token_ids), completion_tokens=completion,
-                        cached_tokens=cached, ttft_ms=ttft_ms,
-                        e2e_ms=(time.monotonic() - t0) * 1e3))
+                        cached_tokens=first.num_cached_tokens, ttft_ms=ttft_ms,
+                        e2e_ms=(time.monotonic() - t0) * 1e3,
+                        prefill_queue_ms=first.prefill_queue_s * 1e3,
+                        prefill_ms=first.prefill_s * 1e3,
+                        kv_transfer_wait_ms=first.transfer_wait_s * 1e3))
                 yield msg
                 if finished:
                     return

@@ -65,7 +65,10 @@ def blocks_held(cluster) -> int:
     return total
 
 
-def start(model, backend, prefill=PoolSpec(2, num_cpus=1), decode=PoolSpec(2, num_cpus=1)):
+TWO = PoolSpec(2, num_cpus=1)
+
+
+def start(model, backend, prefill=TWO, decode=TWO):
     spec = ClusterSpec(engine=engine_config(model), prefill=prefill, decode=decode,
                        kv=KVTransferConfig(backend=backend),
                        router=RouterConfig(model=str(model), server=ServerConfig(port=0)),

@@ -15,11 +15,11 @@ import grpc
 import pytest
 
 from pdserve.cluster.client import Client, build_request
+from pdserve.cluster.local import LocalCluster
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.base import TransferError
-from tests.inprocess_cluster import InProcessCluster
 
 
 def engine_config(model) -> EngineConfig:
@@ -36,14 +36,14 @@ def wait_until(pred, timeout=10.0):
     return pred()
 
 
-def no_blocks_held(cluster: InProcessCluster) -> bool:
+def no_blocks_held(cluster: LocalCluster) -> bool:
     return (all(s.num_used_blocks == 0 and s.num_reserved == 0 for s in cluster.decode_stats())
             and all(s.num_running == 0 and s.num_waiting == 0 for s in cluster.prefill_stats()))
 
 
 @pytest.fixture(scope="module")
 def cluster(demo_model_dir):
-    with InProcessCluster(engine_config(demo_model_dir), num_prefill=2, num_decode=2) as c:
+    with LocalCluster(engine_config(demo_model_dir), num_prefill=2, num_decode=2) as c:
         yield c
 
 
@@ -116,7 +116,7 @@ def test_client_cancel_mid_stream_frees_blocks_on_both_workers(cluster):
 
 
 def test_failed_transfer_is_reported_and_frees_blocks(demo_model_dir):
-    with InProcessCluster(engine_config(demo_model_dir)) as c:
+    with LocalCluster(engine_config(demo_model_dir)) as c:
         sender = c.prefills[0].worker.sender
         real = sender.send_layer
         calls = {"n": 0}

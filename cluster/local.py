@@ -1,7 +1,8 @@
-"""A whole cluster in one process (no Ray): real workers, hosts, router and gRPC server.
+"""A whole cluster in one process, without Ray: real workers, hosts, router, gRPC server.
 
-The router's event loop runs in a background thread; tests talk to it over gRPC from
-the main thread exactly as a client would.
+The same worker and router code as the Ray cluster, driven in-process: for tests, and
+for hosts where Ray is not installed (the GPU benchmark machines). The router's event
+loop runs in a background thread; callers talk to it over gRPC as any client would.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from pdserve.router.server import ServerConfig
 
 
 @dataclass
-class InProcessCluster:
+class LocalCluster:
     engine: EngineConfig
     num_prefill: int = 1
     num_decode: int = 1
     kv: KVTransferConfig = KVTransferConfig(backend="inprocess")
     policy: str = "least_loaded"
 
-    def __enter__(self) -> InProcessCluster:
+    def __enter__(self) -> LocalCluster:
         self.prefills = [build_prefill_host(f"prefill-{i}", self.engine, self.kv, 1)
                          for i in range(self.num_prefill)]
         self.decodes = [build_decode_host(f"decode-{i}", self.engine, self.kv, 1)

@@ -1,0 +1,156 @@
+"""CUDA IPC backend: prefill and decode on GPUs of one node, device-to-device copies.
+
+Lifecycle: ``CudaIpcReceiver.create`` allocates the decode cache on its GPU and exports
+the IPC handle of the cache's storage (``UntypedStorage._share_cuda_()``) as a typed
+``CudaIpcHandleMsg`` in the endpoint (hex, no pickle). A ``CudaIpcSender`` opens the
+handle once per endpoint (``UntypedStorage._new_shared_cuda``), views it as the cache
+tensor, and writes each layer with ``index_copy_`` on a side stream that first waits for
+the compute stream (so the copy of layer i overlaps the compute of layer i+1). ``finish``
+waits for an event recorded after the transfer's last copy; the decode worker then
+records delivery with ``mark_delivered``. The receiver's cache must outlive every sender
+that opened it (close senders first): the memory belongs to the decode process.
+
+Both processes must see the device: the handle names the GPU by UUID, so different
+``CUDA_VISIBLE_DEVICES`` orderings are fine, hiding the GPU entirely is not.
+Everything CUDA is touched lazily, so importing this module on a CPU host is harmless.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from pdserve.engine.kv_cache import KVCache, KVCacheSpec
+from pdserve.kv_transfer.base import KVReceiver, KVSender, Transfer, TransferError
+from pdserve.kv_transfer.block_copy import BlockWriter
+from pdserve.kv_transfer.messages import CudaIpcHandleMsg, KVCacheSpecMsg, KVEndpoint
+
+
+def _device_uuid(index: int) -> str:
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return str(uuid) if uuid is not None else ""
+
+
+def _local_device_index(msg: CudaIpcHandleMsg) -> int:
+    if msg.device_uuid:
+        for i in range(torch.cuda.device_count()):
+            if _device_uuid(i) == msg.device_uuid:
+                return i
+        raise RuntimeError(f"GPU {msg.device_uuid} is not visible to this process")
+    return msg.device_index
+
+
+class CudaIpcReceiver(KVReceiver):
+    name = "cuda_ipc"
+
+    @classmethod
+    def create(cls, cache_spec: KVCacheSpec, worker_id: str,
+               device: torch.device | str = "cuda", *, bind_host: str = "",
+               auth_token: str = "") -> tuple[CudaIpcReceiver, KVCache]:
+        """``bind_host``/``auth_token`` are accepted for a uniform call site and unused."""
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            raise ValueError(f"the cuda_ipc backend needs a CUDA device, got {device}")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        cache = KVCache(cache_spec, dev)
+        (index, handle, size, offset, rc_handle, rc_offset, event_handle,
+         event_sync) = cache.data.untyped_storage()._share_cuda_()
+        msg = CudaIpcHandleMsg(
+            device_index=int(index), device_uuid=_device_uuid(dev.index),
+            handle_hex=bytes(handle).hex(), storage_size_bytes=int(size),
+            storage_offset_bytes=int(offset), ref_counter_handle_hex=bytes(rc_handle).hex(),
+            ref_counter_offset=int(rc_offset),
+            event_handle_hex=bytes(event_handle).hex() if event_handle else "",
+            event_sync_required=bool(event_sync),
+            tensor_offset_bytes=cache.data.storage_offset() * cache.data.element_size())
+        endpoint = KVEndpoint(cls.name, worker_id, msg.handle_hex,
+                              KVCacheSpecMsg.from_spec(cache_spec), cuda_ipc=msg)
+        return cls(endpoint, cache), cache
+
+    def close(self) -> None:
+        self._table.fail_all("receiver closed")
+
+
+def open_cache(endpoint: KVEndpoint) -> torch.Tensor:
+    """The receiver's cache tensor, mapped into this process."""
+    msg, spec = endpoint.cuda_ipc, endpoint.spec
+    if msg is None:
+        raise ValueError("endpoint carries no CUDA IPC handle")
+    torch.cuda.init()
+    index = _local_device_index(msg)
+    storage = torch.UntypedStorage._new_shared_cuda(
+        index, bytes.fromhex(msg.handle_hex), msg.storage_size_bytes,
+        msg.storage_offset_bytes, bytes.fromhex(msg.ref_counter_handle_hex),
+        msg.ref_counter_offset,
+        bytes.fromhex(msg.event_handle_hex) if msg.event_handle_hex else None,
+        msg.event_sync_required)
+    dtype = spec.torch_dtype
+    if msg.tensor_offset_bytes % dtype.itemsize:
+        raise ValueError("cache tensor offset is not a multiple of its element size")
+    if msg.tensor_offset_bytes + spec.nbytes > msg.storage_size_bytes:
+        raise ValueError("the shared storage is smaller than the endpoint's spec")
+    strides, step = [], 1
+    for size in reversed(spec.shape):
+        strides.insert(0, step)
+        step *= size
+    out = torch.empty(0, dtype=dtype, device=torch.device("cuda", index))
+    return out.set_(storage, msg.tensor_offset_bytes // dtype.itemsize, spec.shape, strides)
+
+
+class CudaIpcSender(KVSender):
+    name = "cuda_ipc"
+
+    def __init__(self, *, auth_token: str | None = None, poll_interval: float = 1e-4):
+        del auth_token  # same-node IPC: access is whoever can see the GPU
+        self._poll = poll_interval
+        self._writers: dict[tuple[str, str], BlockWriter] = {}
+        self._streams: dict[int, torch.cuda.Stream] = {}
+        self._lock = threading.Lock()
+
+    def _open(self, transfer: Transfer) -> None:
+        endpoint = transfer.dest.endpoint
+        key = (endpoint.worker_id, endpoint.address)
+        with self._lock:
+            writer = self._writers.get(key)
+            if writer is None:
+                for old in [k for k in self._writers if k[0] == endpoint.worker_id]:
+                    del self._writers[old]  # that worker restarted: drop the stale mapping
+                writer = self._writers[key] = BlockWriter(open_cache(endpoint))
+        transfer.context = [writer, writer.index(transfer.dest.block_ids), None]
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._streams.get(device.index)
+        if stream is None:
+            stream = self._streams[device.index] = torch.cuda.Stream(device)
+        return stream
+
+    def _write_layer(self, transfer: Transfer, layer: int, kv: torch.Tensor) -> None:
+        writer, index, _ = transfer.context
+        device = writer.data.device
+        stream = self._stream(device)
+        if kv.device.type == "cuda":
+            stream.wait_stream(torch.cuda.current_stream(kv.device))
+        with torch.cuda.stream(stream):
+            writer.write(layer, index, kv)
+            if kv.device.type == "cuda":
+                kv.record_stream(stream)  # the caller may free kv before the copy runs
+            event = torch.cuda.Event()
+            event.record(stream)
+        transfer.context[2] = event
+        transfer.bytes_sent += writer.payload_bytes(len(index))
+
+    def _complete(self, transfer: Transfer, timeout: float) -> None:
+        event = transfer.context[2]
+        deadline = time.monotonic() + timeout
+        while not event.query():  # poll rather than synchronize(): honours the timeout
+            if time.monotonic() > deadline:
+                raise TransferError(transfer.transfer_id, f"copies not done in {timeout} s")
+            time.sleep(self._poll)
+
+    def close(self) -> None:
+        with self._lock:
+            self._writers.clear()
+        self._streams.clear()
