@@ -170,6 +170,8 @@ class KVDestination:
             raise ValueError("transfer_id must be a non-empty string")
         if len(self.transfer_id.encode()) > MAX_TRANSFER_ID_BYTES:
             raise ValueError(f"transfer_id is longer than {MAX_TRANSFER_ID_BYTES} bytes")
+        if not isinstance(self.endpoint, KVEndpoint):
+            raise ValueError("KVDestination.endpoint must be a KVEndpoint")
         try:
             ids = tuple(operator.index(b) for b in self.block_ids)
         except TypeError as exc:

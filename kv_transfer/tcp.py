@@ -28,6 +28,7 @@ import logging
 import selectors
 import socket
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -69,6 +70,18 @@ def _advertised_host(bind_host: str) -> str:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
+
+
+class _Staging:
+    """A connection's receive buffer: grows to the largest layer seen, then is reused."""
+
+    def __init__(self):
+        self._buf = np.empty(0, dtype=np.uint8)
+
+    def take(self, nbytes: int) -> np.ndarray:
+        if self._buf.size < nbytes:
+            self._buf = np.empty(nbytes, dtype=np.uint8)
+        return self._buf[:nbytes]
 
 
 class TcpReceiver(KVReceiver):
@@ -117,7 +130,7 @@ class TcpReceiver(KVReceiver):
         receiver._accept_thread.start()
         return receiver, cache
 
-    def expect(self, transfer_id: str, block_ids) -> None:
+    def expect(self, transfer_id: str, block_ids: Sequence[int]) -> None:
         with self._write_lock:
             super().expect(transfer_id, block_ids)
             self._indices[transfer_id] = self._writer.index(self._table.get(transfer_id).block_ids)
@@ -173,10 +186,10 @@ class TcpReceiver(KVReceiver):
             t = threading.Thread(target=self._serve, args=(cid, conn, peer), daemon=True,
                                  name=f"pdserve-kv-recv-{self.endpoint.worker_id}-{cid}")
             self._conns[cid], self._threads[cid] = conn, t
-        t.start()
+            t.start()  # under the lock: close() must never see an unstarted thread
 
     def _serve(self, cid: int, conn: socket.socket, peer) -> None:
-        staging = np.empty(0, dtype=np.uint8)
+        staging = _Staging()
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(self._handshake_timeout)
@@ -189,9 +202,7 @@ class TcpReceiver(KVReceiver):
                     return
                 header, tid = start
                 if header.msg_type is MsgType.LAYER:
-                    if staging.size < header.payload_len:
-                        staging = np.empty(header.payload_len, dtype=np.uint8)
-                    self._on_layer(conn, cid, header, tid, staging[:header.payload_len])
+                    self._on_layer(conn, cid, header, tid, staging)
                 elif header.msg_type is MsgType.DONE:
                     self._table.complete(tid)
                 elif header.msg_type is MsgType.ABORT:
@@ -231,14 +242,16 @@ class TcpReceiver(KVReceiver):
         return True
 
     def _on_layer(self, conn: socket.socket, cid: int, header: FrameHeader, tid: str,
-                  payload: np.ndarray) -> None:
+                  staging: _Staging) -> None:
         spec = self.endpoint.spec
         # Claim before validating, so a malformed frame also fails the transfer it names.
         known = self._table.claim(tid, cid)
+        # Validated before anything is allocated: the length is attacker-controlled.
         if (header.num_blocks > spec.num_blocks
                 or header.payload_len != spec.layer_payload_bytes(header.num_blocks)):
             raise ProtocolError(f"LAYER of {header.num_blocks} blocks with "
                                 f"{header.payload_len} payload bytes")
+        payload = staging.take(header.payload_len)
         recv_exact_into(conn, memoryview(payload))
         if not known:
             return  # unknown, forgotten or finished: the payload is dropped

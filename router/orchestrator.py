@@ -174,17 +174,21 @@ class Orchestrator:
         ranked = self.policy.rank_decode(routing, list(self.decode_load.values()))
         if not ranked:
             raise NoWorkerAvailable("no healthy decode worker")
+        full = 0
         for wid in ranked:
             try:
                 res = await self.decodes[wid].reserve(
                     ReserveRequest(routing.request_id, routing.num_prompt_tokens))
             except NoCapacityError:
+                full += 1
                 continue
             except WorkerGone:
                 self.decode_load[wid].healthy = False
                 continue
             self.decode_load[wid].in_flight += 1
             return wid, res.destination
+        if not full:  # nobody answered: that is an outage, not overload
+            raise NoWorkerAvailable("no decode worker is reachable")
         raise Overloaded("every decode worker's KV cache is full", retry_after_s=1.0)
 
     def _pick_prefill(self, routing: RoutingRequest) -> str:

@@ -126,3 +126,21 @@ def test_cancel_mid_stream_leaves_no_blocks(ray_cluster, demo_model_dir):
         assert blocks_held(cluster) == 0, cluster.stats()
     finally:
         cluster.shutdown()
+
+
+def test_dead_worker_pool_answers_unavailable(ray_cluster, demo_model_dir):
+    import grpc
+    import ray
+
+    cluster = start(demo_model_dir, "shm", prefill=PoolSpec(1, num_cpus=1),
+                    decode=PoolSpec(1, num_cpus=1))
+    try:
+        with Client(cluster.address, timeout_s=60) as c:
+            assert len(c.generate(build_request([5] * 8, max_tokens=3)).token_ids) == 3
+            ray.kill(cluster.decodes[0][1], no_restart=True)
+            with pytest.raises(grpc.RpcError) as err:
+                c.generate(build_request([5] * 8, max_tokens=3))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "decode" in err.value.details()
+    finally:
+        cluster.shutdown()

@@ -18,7 +18,16 @@ import torch
 
 from pdserve.engine.kv_cache import KVCache, KVCacheSpec
 from pdserve.kv_transfer.base import KVDestination, TransferError, TransferState, send_kv_blocks
-from pdserve.kv_transfer.framing import HEADER_SIZE, MsgType, encode_header, read_frame_start
+from pdserve.kv_transfer.framing import (
+    HEADER_SIZE,
+    FrameHeader,
+    MsgType,
+    ProtocolError,
+    decode_header,
+    decode_transfer_id,
+    encode_header,
+    read_frame_start,
+)
 from pdserve.kv_transfer.registry import create_receiver, create_sender
 from pdserve.kv_transfer.tcp import parse_address
 
@@ -116,6 +125,16 @@ def test_garbage_is_disconnected_and_receiver_keeps_serving(rx):
     assert accepted(bad2)
     bad2.sendall(b"XXXX" + bytes(HEADER_SIZE))  # bad magic after a good handshake
     assert closed_by_peer(bad2)
+    huge = raw_connect(receiver)
+    assert accepted(huge)
+    huge.sendall(encode_header(MsgType.LAYER, "x", 0, 1, 2**62))  # must not allocate that
+    assert closed_by_peer(huge)
+    wrong_version = raw_connect(receiver)
+    assert accepted(wrong_version)
+    frame = bytearray(encode_header(MsgType.DONE, "x"))
+    frame[4] = 99
+    wrong_version.sendall(bytes(frame))
+    assert closed_by_peer(wrong_version)
     sender = create_sender("tcp")
     transfer(receiver, sender, "ok", [3, 9], [0, 1])
     assert receiver.wait("ok", 5) is TransferState.DONE
@@ -372,3 +391,20 @@ def test_connection_lost_mid_transfer_fails_the_sender(no_thread_leaks):
         sender.finish(tr, timeout=5)
     assert tr.state is TransferState.FAILED
     sender.close()
+
+
+def test_frame_header_roundtrip_and_limits():
+    raw = encode_header(MsgType.LAYER, "req-é", layer=3, num_blocks=5, payload_len=640)
+    header = decode_header(raw[:HEADER_SIZE])
+    assert header == FrameHeader(MsgType.LAYER, len("req-é".encode()), 3, 5, 640)
+    assert decode_transfer_id(raw[HEADER_SIZE:]) == "req-é"
+    with pytest.raises(ProtocolError, match="type"):
+        decode_header(raw[:5] + b"\x09" + raw[6:HEADER_SIZE])
+    with pytest.raises(ProtocolError, match="payload"):
+        FrameHeader(MsgType.DONE, 1, payload_len=1)
+    with pytest.raises(ProtocolError, match="HELLO"):
+        FrameHeader(MsgType.HELLO, 0, payload_len=10**6)
+    with pytest.raises(ProtocolError, match="without a transfer id"):
+        FrameHeader(MsgType.ABORT, 0)
+    with pytest.raises(ProtocolError, match="utf-8"):
+        decode_transfer_id(b"\xff\xfe")

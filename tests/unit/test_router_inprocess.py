@@ -136,3 +136,44 @@ def test_failed_transfer_is_reported_and_frees_blocks(demo_model_dir):
             assert wait_until(lambda: no_blocks_held(c))
             sender.send_layer = real
             assert len(client.generate(build_request([9] * 30, max_tokens=8)).token_ids) == 8
+
+
+def test_health_service_and_reflection(cluster):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(cluster.address) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "pdserve.v1.Generation"):
+            resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        reqs = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        names = {s.name for r in refl.ServerReflectionInfo(reqs, timeout=10)
+                 for s in r.list_services_response.service}
+        assert "pdserve.v1.Generation" in names and "grpc.health.v1.Health" in names
+
+
+def test_deadline_exceeded_is_honoured_and_frees_blocks(cluster):
+    with Client(cluster.address, timeout_s=0.3) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.generate(build_request([13] * 40, max_tokens=3000))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until(lambda: no_blocks_held(cluster))
+
+
+def test_full_decode_cache_answers_resource_exhausted(demo_model_dir):
+    cfg = EngineConfig(model=str(demo_model_dir), device="cpu", num_kv_blocks=8, block_size=16,
+                       max_num_seqs=4, max_num_batched_tokens=1024)
+    with LocalCluster(cfg) as c, Client(c.address, timeout_s=60) as client:
+        hog = client.stream(build_request([21] * 100, max_tokens=20))  # 7 of the 8 blocks
+        next(hog)  # it is running and holds its blocks
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate(build_request([22] * 60, max_tokens=4))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        md = dict(err.value.trailing_metadata() or ())
+        assert int(md["retry-after-ms"]) > 0
+        list(hog)
+        assert wait_until(lambda: no_blocks_held(c))
+        # Once the load is gone the same request is served.
+        assert len(client.generate(build_request([22] * 60, max_tokens=4)).token_ids) == 4
