@@ -13,7 +13,10 @@ unlink later makes the tracker print a KeyError). So attachers never register: t
 the segment the way ``SharedMemory`` does (``shm_open`` + ``mmap``) minus the
 registration (3.13's ``track=False`` would do the same, but mapping it ourselves also
 lets us ask for ``MAP_POPULATE``). The creator stays registered, so the tracker still
-reclaims the segment if the decode worker dies without closing it.
+reclaims the segment if the decode worker dies without closing it, and it also unlinks
+at interpreter exit (atexit: a worker that exits without ``close``, as a Ray actor may,
+must not leave a cache-sized file in /dev/shm; the tracker alone misses this when it is
+killed along with the worker).
 
 Closing while tensors still view the mapping raises ``BufferError`` in the stdlib; here the
 mapping is then simply left to be unmapped when the last such tensor is freed.
@@ -21,6 +24,7 @@ mapping is then simply left to be unmapped when the last such tensor is freed.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import mmap
 import os
@@ -54,12 +58,15 @@ class ShmSegment:
         self._buffer = buffer  # mmap or memoryview the tensors are built on
         self._shm = shm
         self._unlinked = False
+        self._creator_pid = os.getpid()
 
     @classmethod
     def create(cls, name: str, size: int) -> ShmSegment:
         _check_free_space(size)
         shm = _QuietSharedMemory(name=name, create=True, size=size)
-        return cls(shm.name, size, shm.buf, shm, owner=True)
+        segment = cls(shm.name, size, shm.buf, shm, owner=True)
+        atexit.register(segment._unlink_at_exit)
+        return segment
 
     @classmethod
     def attach(cls, name: str, populate: bool = False) -> ShmSegment:
@@ -107,8 +114,13 @@ class ShmSegment:
         if not self.owner or self._unlinked:
             return
         self._unlinked = True
+        atexit.unregister(self._unlink_at_exit)
         with contextlib.suppress(FileNotFoundError):
             self._shm.unlink()
+
+    def _unlink_at_exit(self) -> None:
+        if os.getpid() == self._creator_pid:  # not in a forked child that inherited atexit
+            self.unlink()
 
 
 def _check_free_space(size: int) -> None:
