@@ -17,23 +17,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.kv_transfer.backend_config import KVTransferConfig
     from pdserve.router.actor import RouterConfig
     from pdserve.router.server import ServerConfig
+    from pdserve.router.slo import SloConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     model = resolve_model(args.model)
     engine = EngineConfig(model=model, device=args.device, dtype=args.dtype,
                           max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    gpus = 1.0 if engine.resolve_device().type == "cuda" else 0.0
+    slo = SloConfig(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot, attainment=args.attainment)
     spec = ClusterSpec(
         engine=engine,
+        colocated=PoolSpec(count=args.prefill + args.decode, num_cpus=args.worker_cpus,
+                           num_gpus=gpus) if args.colocated else None,
         prefill=PoolSpec(count=args.prefill, num_cpus=args.worker_cpus,
                          num_gpus=1.0 if engine.resolve_device().type == "cuda" else 0.0),
         decode=PoolSpec(count=args.decode, num_cpus=args.worker_cpus,
                         num_gpus=1.0 if engine.resolve_device().type == "cuda" else 0.0),
         kv=KVTransferConfig(backend=args.kv_backend, bind_host=args.kv_bind_host),
         router=RouterConfig(model=model, server=ServerConfig(host=args.host, port=args.port),
-                            policy=args.policy, max_model_len=args.max_model_len),
+                            policy=args.policy, max_model_len=args.max_model_len, slo=slo,
+                            admission=args.admission, profile=args.profile),
     )
-    print(f"pdserve: starting {args.prefill} prefill + {args.decode} decode workers on {model}",
-          file=sys.stderr)
+    what = (f"{args.prefill + args.decode} colocated workers" if args.colocated
+            else f"{args.prefill} prefill + {args.decode} decode workers")
+    print(f"pdserve: starting {what} on {model}", file=sys.stderr)
     cluster = launch(spec, address=args.address)
     print(f"pdserve: gRPC endpoint listening on {cluster.address} "
           f"(service pdserve.v1.Generation; try: pdserve generate --address {cluster.address} "
@@ -84,7 +91,16 @@ def register(sub) -> None:
     p.add_argument("--kv-backend", default="shm", choices=["shm", "tcp", "cuda_ipc"])
     p.add_argument("--kv-bind-host", default="127.0.0.1",
                    help="TCP KV receivers listen here ('auto': the node's Ray address)")
-    p.add_argument("--policy", default="least_loaded", choices=["least_loaded", "round_robin"])
+    p.add_argument("--policy", default="least_loaded",
+                   choices=["least_loaded", "slo_aware", "round_robin"])
+    p.add_argument("--profile", default=None, help="latency profile JSON (for --policy slo_aware)")
+    p.add_argument("--slo-ttft", type=float, default=1.0, help="TTFT target, seconds")
+    p.add_argument("--slo-tpot", type=float, default=0.1, help="TPOT target, seconds")
+    p.add_argument("--attainment", type=float, default=0.9, help="share that must meet both")
+    p.add_argument("--admission", default="reject", choices=["reject", "best_effort"],
+                   help="when the TTFT target cannot be met: answer RESOURCE_EXHAUSTED or serve")
+    p.add_argument("--colocated", action="store_true",
+                   help="baseline: prefill+decode workers each doing both phases")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-num-seqs", type=int, default=64)

@@ -55,6 +55,14 @@ class ClusterSpec:
     kv: KVTransferConfig = KVTransferConfig()
     router: RouterConfig | None = None
     torch_threads: int | None = None  # per worker; default: cores / workers, at least 1
+    # Colocated baseline: this pool's workers each do both phases; prefill/decode unused.
+    colocated: PoolSpec | None = None
+
+    @property
+    def num_workers(self) -> int:
+        if self.colocated is not None:
+            return self.colocated.count
+        return self.prefill.count + self.decode.count
 
     def router_config(self) -> RouterConfig:
         return self.router or RouterConfig(model=self.engine.model,
@@ -63,7 +71,7 @@ class ClusterSpec:
     def threads_per_worker(self) -> int:
         if self.torch_threads:
             return self.torch_threads
-        return max(1, (os.cpu_count() or 1) // (self.prefill.count + self.decode.count))
+        return max(1, (os.cpu_count() or 1) // self.num_workers)
 
 
 @dataclass
@@ -125,15 +133,25 @@ def launch(spec: ClusterSpec, address: str | None = None) -> Cluster:
     from pdserve.prefill_worker.actor import PrefillWorkerActor
     from pdserve.router.actor import RouterActor
 
-    n_workers = spec.prefill.count + spec.decode.count
-    needed = int(spec.prefill.num_cpus * spec.prefill.count + spec.decode.num_cpus * spec.decode.count) + 1
+    n_workers = spec.num_workers
+    pools = [spec.colocated] if spec.colocated else [spec.prefill, spec.decode]
+    needed = int(sum(p.num_cpus * p.count for p in pools)) + 1
     started = init_ray(address, num_cpus=max(needed, os.cpu_count() or 1))
     threads = spec.threads_per_worker()
-    log.info("launching %d prefill + %d decode workers", spec.prefill.count, spec.decode.count)
-    decodes = [(f"decode-{i}", DecodeWorkerActor.options(**spec.decode.actor_options()).remote(
-        f"decode-{i}", spec.engine, spec.kv, threads)) for i in range(spec.decode.count)]
-    prefills = [(f"prefill-{i}", PrefillWorkerActor.options(**spec.prefill.actor_options()).remote(
-        f"prefill-{i}", spec.engine, spec.kv, threads)) for i in range(spec.prefill.count)]
+    if spec.colocated is not None:
+        log.info("launching %d colocated workers", spec.colocated.count)
+        prefills = []
+        decodes = [(f"colocated-{i}", DecodeWorkerActor.options(
+            **spec.colocated.actor_options()).remote(f"colocated-{i}", spec.engine, None, threads))
+            for i in range(spec.colocated.count)]
+    else:
+        log.info("launching %d prefill + %d decode workers", spec.prefill.count,
+                 spec.decode.count)
+        decodes = [(f"decode-{i}", DecodeWorkerActor.options(**spec.decode.actor_options()).remote(
+            f"decode-{i}", spec.engine, spec.kv, threads)) for i in range(spec.decode.count)]
+        prefills = [(f"prefill-{i}", PrefillWorkerActor.options(
+            **spec.prefill.actor_options()).remote(f"prefill-{i}", spec.engine, spec.kv, threads))
+            for i in range(spec.prefill.count)]
     ray.get([h.ready.remote() for _, h in (*decodes, *prefills)])
     router = RouterActor.options(num_cpus=0).remote(spec.router_config(), prefills, decodes)
     endpoint = ray.get(router.start.remote())

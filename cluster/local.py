@@ -11,7 +11,7 @@ import asyncio
 import threading
 from dataclasses import dataclass
 
-from pdserve.decode_worker.actor import build_decode_host
+from pdserve.decode_worker.actor import build_colocated_host, build_decode_host
 from pdserve.engine.config import EngineConfig
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.prefill_worker.actor import build_prefill_host
@@ -26,14 +26,23 @@ class LocalCluster:
     num_decode: int = 1
     kv: KVTransferConfig = KVTransferConfig(backend="inprocess")
     policy: str = "least_loaded"
+    router: RouterConfig | None = None  # overrides ``policy`` when given
+    colocated: int = 0  # > 0: that many colocated workers instead of the two pools
 
     def __enter__(self) -> LocalCluster:
-        self.prefills = [build_prefill_host(f"prefill-{i}", self.engine, self.kv, 1)
-                         for i in range(self.num_prefill)]
-        self.decodes = [build_decode_host(f"decode-{i}", self.engine, self.kv, 1)
-                        for i in range(self.num_decode)]
+        if self.colocated:
+            self.prefills = []
+            self.decodes = [build_colocated_host(f"colocated-{i}", self.engine, 1)
+                            for i in range(self.colocated)]
+        else:
+            self.prefills = [build_prefill_host(f"prefill-{i}", self.engine, self.kv, 1)
+                             for i in range(self.num_prefill)]
+            self.decodes = [build_decode_host(f"decode-{i}", self.engine, self.kv, 1)
+                            for i in range(self.num_decode)]
+        router = self.router or RouterConfig(model=self.engine.model, server=ServerConfig(port=0),
+                                             policy=self.policy)
         self.server = build_router(
-            RouterConfig(model=self.engine.model, server=ServerConfig(port=0), policy=self.policy),
+            router,
             [(h.worker.worker_id, h) for h in self.prefills],
             [(h.worker.worker_id, h) for h in self.decodes])
         self.loop = asyncio.new_event_loop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ray
 
+from pdserve.decode_worker.colocated import ColocatedRequest
 from pdserve.decode_worker.host import DecodeHost
 from pdserve.decode_worker.messages import (
     DecodeStats,
@@ -35,10 +36,25 @@ def build_decode_host(worker_id: str, engine: EngineConfig, kv: KVTransferConfig
     return DecodeHost(DecodeWorker.from_config(worker_id, engine, receiver_factory))
 
 
+def build_colocated_host(worker_id: str, engine: EngineConfig,
+                         torch_threads: int | None = None) -> DecodeHost:
+    import torch
+
+    from pdserve.decode_worker.colocated import ColocatedWorker
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    return DecodeHost(ColocatedWorker.from_config(worker_id, engine))
+
+
 @ray.remote(max_concurrency=1000)
 class DecodeWorkerActor:
-    def __init__(self, worker_id: str, engine: EngineConfig, kv: KVTransferConfig,
+    def __init__(self, worker_id: str, engine: EngineConfig, kv: KVTransferConfig | None,
                  torch_threads: int | None = None):
+        """``kv`` None makes a colocated worker (both phases, no KV transfer)."""
+        if kv is None:
+            self.host = build_colocated_host(worker_id, engine, torch_threads)
+            return
         if kv.bind_host == "auto":
             # Listen on this node's cluster address, so prefill workers on other nodes reach it.
             import dataclasses
@@ -54,6 +70,9 @@ class DecodeWorkerActor:
 
     async def start(self, msg: StartDecode) -> None:
         return await self.host.start(msg)
+
+    async def submit(self, msg: ColocatedRequest) -> int:
+        return await self.host.submit(msg)
 
     async def release(self, request_id: str) -> bool:
         return await self.host.release(request_id)

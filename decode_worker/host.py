@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from pdserve.decode_worker.colocated import ColocatedRequest, ColocatedWorker
 from pdserve.decode_worker.messages import (
     DecodeStats,
     Reservation,
@@ -23,7 +24,9 @@ from pdserve.engine.step_loop import StepLoop
 
 
 class DecodeHost:
-    def __init__(self, worker: DecodeWorker):
+    """Hosts a ``DecodeWorker`` or a ``ColocatedWorker`` (same streaming interface)."""
+
+    def __init__(self, worker: DecodeWorker | ColocatedWorker):
         self.worker = worker
         self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
         self._loop = StepLoop(worker, on_step=self._publish, name=f"decode-{worker.worker_id}")
@@ -40,6 +43,10 @@ class DecodeHost:
 
     async def reserve(self, msg: ReserveRequest) -> Reservation:
         return await self._call(lambda: self.worker.reserve(msg))
+
+    async def submit(self, msg: ColocatedRequest) -> int:
+        """Colocated workers only: a whole request, first token through ``stream``."""
+        return await self._call(lambda: self.worker.submit(msg))
 
     async def start(self, msg: StartDecode) -> None:
         return await self._call(lambda: self.worker.start(msg))
@@ -66,4 +73,6 @@ class DecodeHost:
 
     def close(self) -> None:
         self._loop.stop()
-        self.worker.receiver.close()
+        receiver = getattr(self.worker, "receiver", None)
+        if receiver is not None:
+            receiver.close()

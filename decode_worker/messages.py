@@ -67,3 +67,4 @@ class DecodeStats:
     num_blocks: int
     num_used_blocks: int
     steps: int
+    block_size: int = 16

@@ -137,7 +137,7 @@ class DecodeWorker:
         s = self.blocks.stats()
         return DecodeStats(self.worker_id, len(self._reserved), len(self.scheduler.running),
                            len(self.scheduler.waiting), self.blocks.usage, s.num_free_blocks,
-                           s.num_blocks, s.num_used_blocks, self._steps)
+                           s.num_blocks, s.num_used_blocks, self._steps, self.blocks.block_size)
 
     # -- one step ---------------------------------------------------------------------
     def _admit_landed(self) -> None:

@@ -16,16 +16,31 @@ from pdserve.router.clients import DecodeClient, PrefillClient
 from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.policy import create_policy
 from pdserve.router.server import RouterServer, ServerConfig
+from pdserve.router.slo import SloConfig
 from pdserve.router.validation import ValidationLimits
 
 
 @dataclass(frozen=True)
 class RouterConfig:
+    """``policy`` slo_aware needs ``profile`` (a ``pdserve profile`` JSON path);
+    ``admission`` "reject" answers RESOURCE_EXHAUSTED at once when a request's TTFT
+    target cannot be met, "best_effort" serves it anyway."""
+
     model: str
     server: ServerConfig = ServerConfig()
     policy: str = "least_loaded"
     max_model_len: int | None = None
     max_tokens_limit: int = 4096
+    slo: SloConfig = SloConfig()
+    admission: str = "reject"
+    profile: str | None = None
+    prefill_token_budget: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.admission not in ("reject", "best_effort"):
+            raise ValueError(f"admission must be reject or best_effort, got {self.admission!r}")
+        if self.policy == "slo_aware" and not self.profile:
+            raise ValueError("policy slo_aware needs a latency profile (--profile)")
 
 
 def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
@@ -41,8 +56,15 @@ def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
         vocab_size=min(vocab, mc.vocab_size),
         max_model_len=config.max_model_len or mc.max_position_embeddings,
         max_tokens_limit=config.max_tokens_limit)
+    profile = None
+    if config.profile:
+        from pdserve.cluster.profile import LatencyProfile
+
+        profile = LatencyProfile.load(config.profile)
+    policy = create_policy(config.policy, profile, config.prefill_token_budget)
     orch = Orchestrator([PrefillClient(w, t) for w, t in prefills],
-                        [DecodeClient(w, t) for w, t in decodes], create_policy(config.policy))
+                        [DecodeClient(w, t) for w, t in decodes], policy, config.slo,
+                        config.admission)
     return RouterServer(config.server, orch, tokenizer, limits)
 
 

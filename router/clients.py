@@ -68,6 +68,10 @@ class DecodeClient:
     async def start(self, msg: StartDecode) -> None:
         return await _call(self.target, "start", msg)
 
+    async def submit(self, msg) -> int:
+        """Colocated workers: a whole request (``ColocatedRequest``)."""
+        return await _call(self.target, "submit", msg)
+
     async def release(self, request_id: str) -> bool:
         return await _call(self.target, "release", request_id)
 

@@ -28,8 +28,11 @@ from pdserve.engine.sampler import SampledToken
 from pdserve.prefill_worker.messages import PrefillRequest
 from pdserve.router.clients import DecodeClient, PrefillClient, WorkerGone
 from pdserve.router.policy import RoutingPolicy, RoutingRequest, WorkerLoad
-from pdserve.router.status import NoWorkerAvailable, Overloaded, TransferFailed
+from pdserve.router.slo import SloConfig
+from pdserve.router.status import InvalidArgument, NoWorkerAvailable, Overloaded, TransferFailed
 from pdserve.router.validation import ValidatedRequest
+
+ADMISSION_MODES = ("reject", "best_effort")
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +51,19 @@ class TokenEvent:
 
 class Orchestrator:
     def __init__(self, prefills: Sequence[PrefillClient], decodes: Sequence[DecodeClient],
-                 policy: RoutingPolicy):
+                 policy: RoutingPolicy, slo: SloConfig | None = None,
+                 admission: str = "reject", stats_interval_s: float = 0.5):
+        """With no prefill clients, the decode clients are colocated workers (both phases)."""
+        if admission not in ADMISSION_MODES:
+            raise ValueError(f"admission must be one of {ADMISSION_MODES}, got {admission!r}")
         self.prefills = {c.worker_id: c for c in prefills}
         self.decodes = {c.worker_id: c for c in decodes}
         self.policy = policy
+        self.slo = slo or SloConfig()
+        self.admission = admission
+        self.stats_interval_s = stats_interval_s
+        self.rejected = 0
+        self.colocated = not self.prefills
         self.prefill_load = {w: WorkerLoad(w) for w in self.prefills}
         self.decode_load = {w: WorkerLoad(w) for w in self.decodes}
         self._queues: dict[str, asyncio.Queue[TokenDelta]] = {}
@@ -63,6 +75,17 @@ class Orchestrator:
         """Start one consumer per decode worker's token stream (call inside the event loop)."""
         for client in self.decodes.values():
             self._tasks.append(asyncio.create_task(self._consume(client)))
+        self._tasks.append(asyncio.create_task(self._refresh_forever()))
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            try:
+                await self.refresh_loads()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("refreshing worker loads failed")
+            await asyncio.sleep(self.stats_interval_s)
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -86,7 +109,11 @@ class Orchestrator:
                 await asyncio.sleep(0.5)
 
     def _dispatch(self, batch: TokenBatch) -> None:
+        contexts = self.decode_load[batch.worker_id].decode_contexts \
+            if batch.worker_id in self.decode_load else {}
         for delta in batch.deltas:
+            if delta.request_id in contexts:
+                contexts[delta.request_id] += len(delta.token_ids)
             q = self._queues.get(delta.request_id)
             if q is not None:
                 q.put_nowait(delta)
@@ -106,17 +133,24 @@ class Orchestrator:
                 continue
             load = self.decode_load[wid]
             load.free_blocks, load.total_blocks = s.num_free_blocks, s.num_blocks
+            load.block_size = getattr(s, "block_size", load.block_size)
 
     # -- the request path ---------------------------------------------------------------
     async def generate(self, req: ValidatedRequest) -> AsyncIterator[TokenEvent]:
         rid, prompt, params = req.request_id, req.prompt_token_ids, req.params
         if rid in self._queues:
-            raise ValueError(f"request id {rid!r} is already in flight")
-        routing = RoutingRequest(rid, len(prompt), params.max_tokens)
+            raise InvalidArgument(f"request id {rid!r} is already in flight")
+        slo = self.slo.with_overrides(req.slo.ttft_s, req.slo.tpot_s)
+        routing = RoutingRequest(rid, len(prompt), params.max_tokens, slo.ttft_s, slo.tpot_s)
+        if self.colocated:
+            async for ev in self._generate_colocated(req, routing):
+                yield ev
+            return
+        prefill_id = self._pick_prefill(routing)  # admission happens here, before any reservation
         needs_decode = params.max_tokens > 1
         queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._queues[rid] = queue
-        decode_id = prefill_id = None
+        decode_id = None
         prefill_task: asyncio.Task | None = None
         finished = False
         try:
@@ -124,10 +158,10 @@ class Orchestrator:
             if needs_decode:
                 decode_id, destination = await self._reserve(routing)
                 queue.decode_worker = decode_id  # type: ignore[attr-defined]
-            prefill_id = self._pick_prefill(routing)
             pl = self.prefill_load[prefill_id]
             pl.in_flight += 1
             pl.queued_tokens += len(prompt)
+            pl.prefill_queue[rid] = len(prompt)
             try:
                 prefill_task = asyncio.ensure_future(self.prefills[prefill_id].prefill(
                     PrefillRequest(rid, prompt, params, destination)))
@@ -138,6 +172,7 @@ class Orchestrator:
             finally:
                 pl.in_flight -= 1
                 pl.queued_tokens -= len(prompt)
+                pl.prefill_queue.pop(rid, None)
             if not result.ok:
                 raise TransferFailed(result.error or "prefill failed")
             first = result.token
@@ -163,10 +198,50 @@ class Orchestrator:
             self._queues.pop(rid, None)
             if decode_id is not None:
                 self.decode_load[decode_id].in_flight -= 1
+                self.decode_load[decode_id].decode_contexts.pop(rid, None)
             if not finished:
                 # Runs in its own task: this generator may be closing because its task was
                 # cancelled, and the release must still happen.
                 t = asyncio.ensure_future(self._release(rid, decode_id, prefill_id, prefill_task))
+                self._cleanup.add(t)
+                t.add_done_callback(self._cleanup.discard)
+
+    async def _generate_colocated(self, req: ValidatedRequest,
+                                  routing: RoutingRequest) -> AsyncIterator[TokenEvent]:
+        """Baseline path: one worker prefills and decodes; every token comes by its stream."""
+        from pdserve.decode_worker.colocated import ColocatedRequest
+
+        rid = req.request_id
+        ranked = self.policy.rank_decode(routing, list(self.decode_load.values()))
+        if not ranked:
+            raise NoWorkerAvailable("no healthy worker")
+        wid = ranked[0]
+        queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        queue.decode_worker = wid  # type: ignore[attr-defined]
+        self._queues[rid] = queue
+        load = self.decode_load[wid]
+        load.in_flight += 1
+        load.decode_contexts[rid] = routing.num_prompt_tokens
+        finished = False
+        try:
+            try:
+                await self.decodes[wid].submit(ColocatedRequest(rid, req.prompt_token_ids,
+                                                                req.params))
+            except WorkerGone as exc:
+                load.healthy = False
+                raise NoWorkerAvailable(f"worker {wid} failed: {exc}") from exc
+            while not finished:
+                delta = await queue.get()
+                if delta.error:
+                    raise NoWorkerAvailable(delta.error)
+                finished = delta.finish_reason is not None
+                yield TokenEvent(delta.token_ids, delta.logprobs, delta.finish_reason)
+        finally:
+            self._queues.pop(rid, None)
+            load.in_flight -= 1
+            load.decode_contexts.pop(rid, None)
+            if not finished:
+                t = asyncio.ensure_future(self._release(rid, wid, None, None))
                 self._cleanup.add(t)
                 t.add_done_callback(self._cleanup.discard)
 
@@ -186,6 +261,7 @@ class Orchestrator:
                 self.decode_load[wid].healthy = False
                 continue
             self.decode_load[wid].in_flight += 1
+            self.decode_load[wid].decode_contexts[routing.request_id] = routing.num_prompt_tokens
             return wid, res.destination
         if not full:  # nobody answered: that is an outage, not overload
             raise NoWorkerAvailable("no decode worker is reachable")
@@ -195,7 +271,16 @@ class Orchestrator:
         ranked = self.policy.rank_prefill(routing, list(self.prefill_load.values()))
         if not ranked:
             raise NoWorkerAvailable("no healthy prefill worker")
-        return ranked[0]
+        best = ranked[0]
+        predicted = self.policy.predict_ttft_s(routing, self.prefill_load[best])
+        if (self.admission == "reject" and predicted is not None
+                and routing.ttft_slo_s is not None and predicted > routing.ttft_slo_s):
+            # It would miss its TTFT target even on the best worker: say so now rather than
+            # queue it (and slow everyone behind it) for a response that is already late.
+            self.rejected += 1
+            raise Overloaded(f"predicted TTFT {predicted:.3f}s exceeds the target "
+                             f"{routing.ttft_slo_s:.3f}s", retry_after_s=predicted - routing.ttft_slo_s)
+        return best
 
     async def _release(self, rid: str, decode_id: str | None, prefill_id: str | None,
                        prefill_task: asyncio.Task | None) -> None:

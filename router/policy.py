@@ -3,8 +3,10 @@
 A policy ranks candidates from the router's live view of each worker (``WorkerLoad``:
 what the router itself has in flight there, refreshed by the workers' stats). The
 orchestrator tries decode workers in rank order until one reserves the KV, and sends
-the prompt to the first-ranked prefill worker. ``LeastLoaded`` is the default;
-``RoundRobin`` is the simple fake used in tests and for comparison.
+the prompt to the first-ranked prefill worker. A policy may also predict a request's
+TTFT on a worker (``predict_ttft_s``): the orchestrator uses that for admission
+control. ``LeastLoaded`` is the default; ``SloAware`` (``policy_slo.py``) uses a
+latency profile; ``RoundRobin`` is the simple fake used in tests and for comparison.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -25,6 +27,11 @@ class WorkerLoad:
     queued_tokens: int = 0  # prefill: prompt tokens assigned and not yet prefilled
     free_blocks: int = 0  # decode: from the last stats refresh
     total_blocks: int = 1
+    block_size: int = 16
+    # prefill: prompt lengths assigned and not yet returned, in arrival order
+    prefill_queue: dict[str, int] = field(default_factory=dict)
+    # decode: current context length of each request running there
+    decode_contexts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,8 @@ class RoutingRequest:
     request_id: str
     num_prompt_tokens: int
     max_tokens: int
+    ttft_slo_s: float | None = None
+    tpot_slo_s: float | None = None
 
 
 class RoutingPolicy(ABC):
@@ -44,6 +53,10 @@ class RoutingPolicy(ABC):
     @abstractmethod
     def rank_decode(self, req: RoutingRequest, loads: Sequence[WorkerLoad]) -> list[str]:
         """Healthy decode worker ids, best first."""
+
+    def predict_ttft_s(self, req: RoutingRequest, load: WorkerLoad) -> float | None:
+        """Predicted TTFT if ``req`` went to this prefill worker now (None: cannot predict)."""
+        return None
 
 
 class LeastLoaded(RoutingPolicy):
@@ -82,10 +95,15 @@ class RoundRobin(RoutingPolicy):
         return self._rotate([w.worker_id for w in loads if w.healthy], next(self._d))
 
 
-POLICIES = {"least_loaded": LeastLoaded, "round_robin": RoundRobin}
+def create_policy(name: str, profile=None, prefill_token_budget: int = 2048) -> RoutingPolicy:
+    if name == "slo_aware":
+        from pdserve.router.policy_slo import SloAware
 
-
-def create_policy(name: str) -> RoutingPolicy:
-    if name not in POLICIES:
-        raise ValueError(f"unknown routing policy {name!r}; choose from {', '.join(POLICIES)}")
-    return POLICIES[name]()
+        if profile is None:
+            raise ValueError("the slo_aware policy needs a latency profile (pdserve profile)")
+        return SloAware(profile, prefill_token_budget)
+    policies = {"least_loaded": LeastLoaded, "round_robin": RoundRobin}
+    if name not in policies:
+        raise ValueError(f"unknown routing policy {name!r}; choose from "
+                         f"{', '.join([*policies, 'slo_aware'])}")
+    return policies[name]()

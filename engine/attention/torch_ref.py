@@ -1,8 +1,8 @@
 """Reference paged attention in plain torch; runs on CPU (and any device).
 
-``plan`` turns block tables into per-token gather indices and boolean masks once per
-step. Decode rows (one new token each) are attended in one batched matmul over the
-padded history; prefill rows (several new tokens) go one sequence at a time through
+``plan`` turns block tables into gather indices and boolean masks once per step.
+Decode rows (one new token each) gather their whole blocks and are attended together
+in one batched ``scaled_dot_product_attention`` with a length mask; prefill rows (several new tokens) go one sequence at a time through
 ``scaled_dot_product_attention`` with an explicit bottom-right causal mask, because
 SDPA's own ``is_causal`` is top-left aligned and would be wrong for chunked prefill
 or prefix-cache hits.
@@ -47,11 +47,11 @@ class TorchAttention(AttentionBackend):
                 [list(meta.block_tables[i]) + [0] * (width - len(meta.block_tables[i])) for i in dec],
                 dtype=torch.long, device=dev,
             )
-            s_max = int(lens.max())
-            offsets = torch.arange(p, device=dev)
-            self.dec_slots = (table[:, :, None] * p + offsets).reshape(len(dec), -1)[:, :s_max]
+            # Whole blocks are gathered (one contiguous copy per block rather than a gather
+            # per token); the padding past each sequence's length is masked out.
+            self.dec_table = table
             self.dec_tokens = torch.tensor([starts[i] for i in dec], device=dev)
-            self._dec_pos = torch.arange(s_max, device=dev)
+            self._dec_pos = torch.arange(width * p, device=dev)
             self._dec_lens = lens
         self.pre_rows = []
         for i, q in enumerate(meta.query_lens):
@@ -93,13 +93,13 @@ class TorchAttention(AttentionBackend):
         out = torch.empty_like(q)
         if self.dec_tokens is not None:
             b = self.dec_tokens.shape[0]
-            keys = flat_k[self.dec_slots].permute(0, 2, 3, 1)  # [B, Hkv, D, S]
-            vals = flat_v[self.dec_slots].transpose(1, 2)  # [B, Hkv, S, D]
-            qd = q[self.dec_tokens].view(b, hkv, -1, d)  # [B, Hkv, G, D]
-            scores = torch.matmul(qd, keys) * self.scale
-            scores.masked_fill_(~self._dec_mask(window)[:, None, None, :], float("-inf"))
-            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-            out[self.dec_tokens] = torch.matmul(probs, vals).reshape(b, -1, d)
+            keys = k_cache[self.dec_table].view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
+            vals = v_cache[self.dec_table].view(b, -1, hkv, d).transpose(1, 2)
+            qd = q[self.dec_tokens].unsqueeze(2)  # [B, Hq, 1, D]
+            o = F.scaled_dot_product_attention(
+                qd, keys, vals, attn_mask=self._dec_mask(window)[:, None, None, :],
+                scale=self.scale, enable_gqa=True)
+            out[self.dec_tokens] = o.squeeze(2)
         for row in self.pre_rows:
             qr = q[row.start:row.end].transpose(0, 1).unsqueeze(0)
             kr = flat_k[row.slots].transpose(0, 1).unsqueeze(0)

@@ -144,3 +144,17 @@ def test_dead_worker_pool_answers_unavailable(ray_cluster, demo_model_dir):
             assert "decode" in err.value.details()
     finally:
         cluster.shutdown()
+
+
+def test_colocated_cluster_on_ray_matches_engine(ray_cluster, demo_model_dir, reference):
+    prompts, max_tokens, want = reference
+    spec = ClusterSpec(engine=engine_config(demo_model_dir), colocated=PoolSpec(2, num_cpus=1),
+                       router=RouterConfig(model=str(demo_model_dir), server=ServerConfig(port=0)),
+                       torch_threads=1)
+    cluster = launch(spec)
+    try:
+        assert not cluster.prefills and len(cluster.decodes) == 2
+        got = run_concurrently(cluster.address, prompts[:12], max_tokens[:12])
+        assert got == list(want[:12])
+    finally:
+        cluster.shutdown()

@@ -177,3 +177,29 @@ def test_full_decode_cache_answers_resource_exhausted(demo_model_dir):
         assert wait_until(lambda: no_blocks_held(c))
         # Once the load is gone the same request is served.
         assert len(client.generate(build_request([22] * 60, max_tokens=4)).token_ids) == 4
+
+
+def test_colocated_mode_matches_engine_and_frees_blocks(demo_model_dir):
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 900) for _ in range(rng.randrange(1, 90))] for _ in range(8)]
+    max_tokens = [rng.randrange(1, 16) for _ in prompts]
+    engine = LLMEngine.from_config(engine_config(demo_model_dir))
+    want = [c.token_ids for c in engine.generate(
+        prompts, [SamplingParams(max_tokens=m) for m in max_tokens])]
+    with LocalCluster(engine_config(demo_model_dir), colocated=2) as c:
+        def one(i):
+            with Client(c.address, timeout_s=60) as client:
+                return tuple(client.generate(
+                    build_request(prompts[i], max_tokens=max_tokens[i])).token_ids)
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(one, range(len(prompts))))
+        assert got == list(want)
+        with Client(c.address) as client:  # cancel mid-stream frees the colocated blocks too
+            call = client.stream(build_request([11] * 30, max_tokens=2000))
+            next(call)
+            call.cancel()
+        assert wait_until(lambda: all(s.num_used_blocks == 0 and s.num_running == 0
+                                      for s in c.decode_stats()))

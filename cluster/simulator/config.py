@@ -1,0 +1,116 @@
+"""What the simulator is asked to run: scheduler knobs and the plan's instance layout.
+
+``SimConfig`` holds the scheduling parameters shared by both modes; ``DisaggPlanSpec`` and
+``ColocatedPlanSpec`` describe a deployment as instance specs ``(tp, pp, count)``. All are
+frozen and validated on construction, so a simulation never starts from a nonsensical
+layout. ``Phase`` selects a phase-isolated run for the planner: ``"prefill"`` simulates
+only the prefill pool (TTFT), ``"decode"`` feeds requests straight into the decode pool
+as if prefill were instant (TPOT).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+Phase = Literal["both", "prefill", "decode"]
+PHASES: tuple[str, ...] = ("both", "prefill", "decode")
+DISPATCH_POLICIES: tuple[str, ...] = ("least_loaded", "round_robin")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Scheduler parameters.
+
+    ``prefill_token_budget`` caps the prompt tokens of one prefill batch (and, colocated,
+    the tokens of one mixed step, decodes counting one each); a single prompt longer than
+    the budget runs alone unless ``chunked_prefill`` splits it into budget-sized chunks.
+    ``max_decode_batch`` caps the requests of one decode lane (see ``disagg.py``).
+    ``request_overhead_s`` is added to every TTFT (router, tokenizer, network);
+    ``step_overhead_s`` to every model step (scheduling, sampling, launch).
+    """
+
+    prefill_token_budget: int = 4096
+    chunked_prefill: bool = False
+    max_decode_batch: int = 256
+    request_overhead_s: float = 0.0
+    step_overhead_s: float = 0.0
+    dispatch: str = "least_loaded"
+
+    def __post_init__(self) -> None:
+        if self.prefill_token_budget < 1:
+            raise ValueError("prefill_token_budget must be >= 1")
+        if self.max_decode_batch < 1:
+            raise ValueError("max_decode_batch must be >= 1")
+        for name in ("request_overhead_s", "step_overhead_s"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
+        if self.dispatch not in DISPATCH_POLICIES:
+            raise ValueError(f"unknown dispatch {self.dispatch!r}; choose from "
+                             f"{', '.join(DISPATCH_POLICIES)}")
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """``count`` identical instances, each ``tp`` x ``pp`` GPUs."""
+
+    tp: int = 1
+    pp: int = 1
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1 or self.count < 1:
+            raise ValueError(f"tp, pp and count must be >= 1, got {self}")
+
+    @property
+    def gpus_per_instance(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def num_gpus(self) -> int:
+        return self.tp * self.pp * self.count
+
+    def with_count(self, count: int) -> InstanceSpec:
+        return InstanceSpec(self.tp, self.pp, count)
+
+    def label(self) -> str:
+        return f"{self.count}x(tp{self.tp},pp{self.pp})"
+
+
+@dataclass(frozen=True)
+class DisaggPlanSpec:
+    """Separate prefill and decode pools; KV moves at ``transfer_bandwidth`` bytes/s."""
+
+    prefill: InstanceSpec
+    decode: InstanceSpec
+    transfer_bandwidth: float = 25e9
+
+    def __post_init__(self) -> None:
+        if not (self.transfer_bandwidth > 0):
+            raise ValueError("transfer_bandwidth must be > 0 bytes/s")
+
+    @property
+    def num_gpus(self) -> int:
+        return self.prefill.num_gpus + self.decode.num_gpus
+
+    def label(self) -> str:
+        return f"disagg P={self.prefill.label()} D={self.decode.label()}"
+
+
+@dataclass(frozen=True)
+class ColocatedPlanSpec:
+    """vLLM-like instances that run both phases (the baseline)."""
+
+    instance: InstanceSpec
+
+    @property
+    def num_gpus(self) -> int:
+        return self.instance.num_gpus
+
+    def label(self) -> str:
+        return f"colocated {self.instance.label()}"
+
+
+PlanSpec = DisaggPlanSpec | ColocatedPlanSpec

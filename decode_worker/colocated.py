@@ -1,0 +1,67 @@
+"""A colocated worker: one engine does both phases, vLLM-style (the baseline).
+
+It exposes the decode worker's streaming interface (``step`` returns one
+``TokenBatch`` per step, ``release`` cancels), plus ``submit`` for whole requests: the
+first token also arrives through the stream. Prefill and decode of different requests
+share each step's batch (the engine's continuous batching with chunked prefill), which
+is exactly the interference disaggregation removes; running both architectures on the
+same hardware through the same router and benchmark is what makes them comparable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.decode_worker.messages import DecodeStats, TokenBatch, TokenDelta
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.loader import load_model
+from pdserve.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ColocatedRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+class ColocatedWorker:
+    def __init__(self, worker_id: str, engine: LLMEngine):
+        self.worker_id = worker_id
+        self.engine = engine
+        self._steps = 0
+
+    @classmethod
+    def from_config(cls, worker_id: str, config: EngineConfig) -> ColocatedWorker:
+        # Text and stop strings are the router's job; the engine works on token ids.
+        loaded = load_model(config, load_tokenizer=False)
+        return cls(worker_id, LLMEngine.from_config(config, loaded))
+
+    def submit(self, msg: ColocatedRequest) -> int:
+        """Queue a whole request; returns prompt tokens found in the prefix cache (0 now)."""
+        self.engine.add_request(list(msg.prompt_token_ids), msg.params, msg.request_id)
+        return 0
+
+    def release(self, request_id: str) -> bool:
+        return self.engine.abort_request(request_id) is not None
+
+    def has_work(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def stats(self) -> DecodeStats:
+        blocks = self.engine.blocks
+        s = blocks.stats()
+        sched = self.engine.scheduler
+        return DecodeStats(self.worker_id, 0, len(sched.running), len(sched.waiting), blocks.usage,
+                           s.num_free_blocks, s.num_blocks, s.num_used_blocks, self._steps,
+                           blocks.block_size)
+
+    def step(self) -> TokenBatch | None:
+        outs = self.engine.step()
+        if not outs:
+            return None
+        self._steps += 1
+        return TokenBatch(self.worker_id, self._steps, tuple(
+            TokenDelta(o.request_id, o.new_token_ids, o.logprobs,
+                       o.finish_reason.value if o.finish_reason else None) for o in outs))

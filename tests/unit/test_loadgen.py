@@ -1,0 +1,99 @@
+"""The load generator against a real in-process cluster, and the sweep/report/plot files.
+
+A short synthetic trace on the CPU demo model: every request is served with exactly its
+traced output length (ignore_eos), timestamps are consistent, an over-long prompt is
+counted as failed with INVALID_ARGUMENT, and a sweep writes its JSON, Markdown and PNGs.
+No timing thresholds: only orderings and counts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pdserve.benchmarks.loadgen import LoadGenConfig, build_bench_request, run_trace
+from pdserve.benchmarks.report import summarize
+from pdserve.benchmarks.sweep import SweepConfig, compare, load_sweep, run_sweep
+from pdserve.benchmarks.trace import Trace, TraceRequest, synthetic
+from pdserve.cluster.local import LocalCluster
+from pdserve.engine.config import EngineConfig
+from pdserve.router.slo import SloConfig
+
+TOO_LONG = 5000  # the demo model's context is 4096 tokens
+
+
+@pytest.fixture(scope="module")
+def cluster(demo_model_dir):
+    cfg = EngineConfig(model=str(demo_model_dir), device="cpu", num_kv_blocks=256)
+    with LocalCluster(cfg) as c:
+        yield c
+
+
+def short_trace() -> Trace:
+    t = synthetic(20, 20.0, (8, 40), (2, 8), seed=3)
+    late = TraceRequest(t.requests[-1].arrival_s + 0.01, TOO_LONG, 4)
+    return Trace(t.name, (*t.requests, late))
+
+
+def test_bench_request_follows_the_trace():
+    cfg = LoadGenConfig(vocab_size=50, seed=1, slo_ttft_s=0.25, slo_tpot_s=0.05)
+    req = build_bench_request(4, TraceRequest(0.0, 30, 7), cfg, "run-4")
+    assert len(req.token_ids.ids) == 30 and all(3 <= t < 50 for t in req.token_ids.ids)
+    assert (req.sampling.max_tokens, req.sampling.temperature, req.stop.ignore_eos) == (7, 0, True)
+    assert (req.slo.ttft_ms, req.slo.tpot_ms, req.request_id) == (250.0, 50.0, "run-4")
+    # Seeded per index: the same request again, a different one for another index.
+    assert build_bench_request(4, TraceRequest(0.0, 30, 7), cfg, "x").token_ids == req.token_ids
+    assert build_bench_request(5, TraceRequest(0.0, 30, 7), cfg, "x").token_ids != req.token_ids
+    text = build_bench_request(0, TraceRequest(0.0, 5, 1), LoadGenConfig(prompt_mode="text"), "t")
+    assert text.WhichOneof("prompt") == "text" and len(text.text.split()) == 5
+    assert not build_bench_request(0, TraceRequest(0.0, 5, 1), LoadGenConfig(), "t").HasField("slo")
+    with pytest.raises(ValueError):
+        LoadGenConfig(vocab_size=3)
+
+
+def test_replay_records_every_request(cluster):
+    trace = short_trace()
+    run = run_trace(cluster.address, trace, quiet=True)
+    assert len(run.records) == len(trace) and run.wall_s > 0
+    assert [r.index for r in run.records] == list(range(len(trace)))
+    served, bad = run.records[:-1], run.records[-1]
+    for r, tr in zip(served, trace.requests):
+        assert r.outcome == "ok", (r.status, r.error)
+        assert r.num_tokens == tr.output_len == r.usage.completion_tokens
+        assert r.usage.prompt_tokens == tr.prompt_len
+        assert r.finish_reason == "length"
+        assert r.arrival_s == tr.arrival_s and r.send_s >= r.arrival_s
+        assert r.send_s < r.first_token_s <= r.last_token_s <= r.end_s
+        assert r.ttft_s > 0 and r.tpot_s > 0
+        assert list(r.message_times_s) == sorted(r.message_times_s)
+    assert bad.outcome == "failed" and bad.status == "INVALID_ARGUMENT"
+    assert bad.num_tokens == 0 and "context" in bad.error
+
+    report = summarize(run, SloConfig(ttft_s=60.0, tpot_s=60.0))
+    assert (report.num_ok, report.num_failed, report.num_rejected) == (20, 1, 0)
+    assert report.attainment == pytest.approx(20 / 21)
+    assert report.attainment_admitted == pytest.approx(20 / 21)
+    assert report.status_counts == {"OK": 20, "INVALID_ARGUMENT": 1}
+
+
+def test_sweep_writes_report_and_plots(cluster, tmp_path):
+    trace = synthetic(12, 10.0, (8, 24), (2, 6), seed=5)
+    cfg = SweepConfig(label="demo", rates=(10.0, 20.0), slo=SloConfig(60.0, 60.0, 0.9),
+                      length_scale=1.0, num_requests=10, loadgen=LoadGenConfig(quiet=True))
+    result = run_sweep(cluster.address, trace, cfg, tmp_path)
+    assert [p.rate for p in result.points] == [10.0, 20.0]
+    assert all(p.report.num_sent == p.report.num_ok == 10 for p in result.points)
+    assert result.goodput == 20.0  # generous SLO: every rate meets the target
+    for name in ("demo.json", "demo.md", "demo_ttft_cdf.png", "demo_tpot_cdf.png",
+                 "demo_attainment.png", "demo_runs/rate_10.json", "demo_runs/rate_20.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert load_sweep(tmp_path / "demo.json") == result
+    assert "Goodput" in (tmp_path / "demo.md").read_text()
+    assert len(json.loads((tmp_path / "demo_runs" / "rate_10.json").read_text())["records"]) == 10
+
+    other = load_sweep(tmp_path / "demo.json")
+    paths = compare({"demo": result, "again": other}, tmp_path / "cmp")
+    for p in paths.values():
+        assert p.stat().st_size > 0
+    assert "| again | 20 |" in paths["md"].read_text()
