@@ -106,12 +106,12 @@ class RequestRecord:
 
     @property
     def first_token_s(self) -> float | None:
-        return next((t for t, n in zip(self.message_times_s, self.message_tokens) if n), None)
+        return next((t for t, n in zip(self.message_times_s, self.message_tokens, strict=True) if n), None)
 
     @property
     def last_token_s(self) -> float | None:
         return next((t for t, n in zip(reversed(self.message_times_s),
-                                       reversed(self.message_tokens)) if n), None)
+                                       reversed(self.message_tokens), strict=True) if n), None)
 
     @property
     def outcome(self) -> Outcome:

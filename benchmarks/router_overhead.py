@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         from pdserve.router.server import ServerConfig
 
         cluster = launch(ClusterSpec(engine=engine, prefill=PoolSpec(1), decode=PoolSpec(1), kv=kv,
-                                     router=RouterConfig(model=model, server=ServerConfig(port=0))))
+                                     router=RouterConfig(model=model, server=ServerConfig(port=0, metrics_port=0))))
         address, stop = cluster.address, cluster.shutdown
         mode = "ray"
     try:

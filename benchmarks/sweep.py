@@ -138,7 +138,7 @@ def run_sweep(address: str, trace: Trace, cfg: SweepConfig,
         if cfg.save_runs:
             run_dir = Path(out_dir) / f"{cfg.label}_runs"
             run_dir.mkdir(parents=True, exist_ok=True)
-            for p, run in zip(points, runs):
+            for p, run in zip(points, runs, strict=True):
                 (run_dir / f"rate_{p.rate:g}.json").write_text(json.dumps(run.to_dict()))
     return result
 

@@ -82,7 +82,13 @@ def _register_cluster_commands(sub) -> None:
     register(sub)
 
 
-_EXTRA_COMMANDS = [_register_cluster_commands]
+def _register_bench_commands(sub) -> None:
+    from pdserve.cluster.bench_commands import register
+
+    register(sub)
+
+
+_EXTRA_COMMANDS = [_register_cluster_commands, _register_bench_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,7 +34,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         decode=PoolSpec(count=args.decode, num_cpus=args.worker_cpus,
                         num_gpus=1.0 if engine.resolve_device().type == "cuda" else 0.0),
         kv=KVTransferConfig(backend=args.kv_backend, bind_host=args.kv_bind_host),
-        router=RouterConfig(model=model, server=ServerConfig(host=args.host, port=args.port),
+        router=RouterConfig(model=model, server=ServerConfig(
+                                host=args.host, port=args.port, metrics_host=args.metrics_host,
+                                metrics_port=None if args.metrics_port < 0 else args.metrics_port),
                             policy=args.policy, max_model_len=args.max_model_len, slo=slo,
                             admission=args.admission, profile=args.profile),
     )
@@ -45,6 +47,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"pdserve: gRPC endpoint listening on {cluster.address} "
           f"(service pdserve.v1.Generation; try: pdserve generate --address {cluster.address} "
           "\"Hello\")", flush=True)
+    if cluster.metrics_address:
+        print(f"pdserve: Prometheus metrics (router + all workers) on "
+              f"http://{cluster.metrics_address}/metrics", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -88,6 +93,9 @@ def register(sub) -> None:
     p.add_argument("--address", default=None, help="join an existing Ray cluster (ray://... or auto)")
     p.add_argument("--host", default="127.0.0.1", help="gRPC bind address")
     p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-host", default="127.0.0.1", help="metrics HTTP bind address")
+    p.add_argument("--metrics-port", type=int, default=9400,
+                   help="aggregated Prometheus endpoint port (-1 disables)")
     p.add_argument("--kv-backend", default="shm", choices=["shm", "tcp", "cuda_ipc"])
     p.add_argument("--kv-bind-host", default="127.0.0.1",
                    help="TCP KV receivers listen here ('auto': the node's Ray address)")

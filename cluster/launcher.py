@@ -82,6 +82,7 @@ class Cluster:
     prefills: list[tuple[str, Any]]
     decodes: list[tuple[str, Any]]
     started_ray: bool = False
+    metrics_address: str | None = None
     _closed: bool = field(default=False, repr=False)
 
     def stats(self) -> dict[str, Any]:
@@ -155,5 +156,7 @@ def launch(spec: ClusterSpec, address: str | None = None) -> Cluster:
     ray.get([h.ready.remote() for _, h in (*decodes, *prefills)])
     router = RouterActor.options(num_cpus=0).remote(spec.router_config(), prefills, decodes)
     endpoint = ray.get(router.start.remote())
-    log.info("router listening on %s (%d workers)", endpoint, n_workers)
-    return Cluster(spec, endpoint, router, prefills, decodes, started_ray=started)
+    metrics = ray.get(router.metrics_address.remote())
+    log.info("router listening on %s (%d workers); metrics on %s", endpoint, n_workers, metrics)
+    return Cluster(spec, endpoint, router, prefills, decodes, started_ray=started,
+                   metrics_address=metrics)

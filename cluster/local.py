@@ -39,7 +39,7 @@ class LocalCluster:
                              for i in range(self.num_prefill)]
             self.decodes = [build_decode_host(f"decode-{i}", self.engine, self.kv, 1)
                             for i in range(self.num_decode)]
-        router = self.router or RouterConfig(model=self.engine.model, server=ServerConfig(port=0),
+        router = self.router or RouterConfig(model=self.engine.model, server=ServerConfig(port=0, metrics_port=0),
                                              policy=self.policy)
         self.server = build_router(
             router,

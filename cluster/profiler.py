@@ -566,6 +566,9 @@ class _SenderProcess:
             raise RuntimeError(f"KV sender process: {answer[1]}")
         return answer
 
+    def answered(self) -> bool:
+        return self.conn.poll(0)
+
     def close(self) -> None:
         try:
             self.conn.send(None)
@@ -575,6 +578,17 @@ class _SenderProcess:
         if self.proc.is_alive():
             self.proc.terminate()
             self.proc.join(5)
+
+
+def _wait_delivered(receiver, tid: str, child: _SenderProcess, timeout: float = 300.0):
+    """Block until the receiver sees ``tid`` finish; stop early if the sender gave up."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        state = receiver.wait(tid, 0.5)
+        if state.terminal or time.perf_counter() > deadline:
+            return state
+        if child.answered() or not child.proc.is_alive():
+            return receiver.wait(tid, 0.5)
 
 
 def measure_transfer_bandwidth(spec: KVCacheSpec, backends: Sequence[str], *,
@@ -637,7 +651,7 @@ def measure_transfer_bandwidth(spec: KVCacheSpec, backends: Sequence[str], *,
                     else:
                         children[b].send(receiver.endpoint, tid, dst, n)
                         if b == "tcp":
-                            state = receiver.wait(tid, 300)
+                            state = _wait_delivered(receiver, tid, children[b])
                             done = time.perf_counter()
                             t0, _ = children[b].result()
                             if state is not TransferState.DONE:

@@ -15,6 +15,7 @@ from pdserve.decode_worker.messages import (
 )
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.metrics import WorkerMetrics, model_label, node_label
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 
 
@@ -33,7 +34,10 @@ def build_decode_host(worker_id: str, engine: EngineConfig, kv: KVTransferConfig
         return create_receiver(kv.backend, spec, worker_id, device, bind_host=kv.bind_host,
                                auth_token=kv.auth_token)
 
-    return DecodeHost(DecodeWorker.from_config(worker_id, engine, receiver_factory))
+    worker = DecodeWorker.from_config(worker_id, engine, receiver_factory)
+    worker.metrics = WorkerMetrics(model_label(engine.model), "decode", worker_id, node_label())
+    worker.metrics.set_state(0, 0, 0.0, worker.blocks.num_blocks, worker.blocks.block_size)
+    return DecodeHost(worker)
 
 
 def build_colocated_host(worker_id: str, engine: EngineConfig,
@@ -44,7 +48,11 @@ def build_colocated_host(worker_id: str, engine: EngineConfig,
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    return DecodeHost(ColocatedWorker.from_config(worker_id, engine))
+    worker = ColocatedWorker.from_config(worker_id, engine)
+    worker.metrics = WorkerMetrics(model_label(engine.model), "colocated", worker_id, node_label())
+    blocks = worker.engine.blocks
+    worker.metrics.set_state(0, 0, 0.0, blocks.num_blocks, blocks.block_size)
+    return DecodeHost(worker)
 
 
 @ray.remote(max_concurrency=1000)
@@ -82,6 +90,9 @@ class DecodeWorkerActor:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    async def metrics_text(self) -> str:
+        return self.host.metrics_text()
 
     async def healthy(self) -> bool:
         return self.host.healthy()

@@ -10,12 +10,14 @@ same hardware through the same router and benchmark is what makes them comparabl
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from pdserve.decode_worker.messages import DecodeStats, TokenBatch, TokenDelta
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.loader import load_model
+from pdserve.engine.metrics import WorkerMetrics
 from pdserve.engine.sampling_params import SamplingParams
 
 
@@ -31,6 +33,7 @@ class ColocatedWorker:
         self.worker_id = worker_id
         self.engine = engine
         self._steps = 0
+        self.metrics: WorkerMetrics | None = None  # attached by the host builder
 
     @classmethod
     def from_config(cls, worker_id: str, config: EngineConfig) -> ColocatedWorker:
@@ -58,7 +61,18 @@ class ColocatedWorker:
                            blocks.block_size)
 
     def step(self) -> TokenBatch | None:
+        t0 = time.perf_counter()
         outs = self.engine.step()
+        if self.metrics is not None:
+            sched, blocks = self.engine.scheduler, self.engine.blocks
+            last = self.engine.last_step
+            if last is not None:
+                self.metrics.observe_step(len(last.chunks), last.num_tokens,
+                                          time.perf_counter() - t0, len(last.preempted))
+            s = blocks.stats()
+            self.metrics.set_state(len(sched.running), len(sched.waiting), blocks.usage,
+                                   blocks.num_blocks, blocks.block_size, s.prefix_queries_tokens,
+                                   s.prefix_hit_tokens)
         if not outs:
             return None
         self._steps += 1

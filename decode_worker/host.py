@@ -68,6 +68,11 @@ class DecodeHost:
         finally:
             self._subscribers.remove(entry)
 
+    def metrics_text(self) -> str:
+        """This worker's Prometheus exposition (empty if it has no metrics attached)."""
+        m = self.worker.metrics
+        return m.text() if m is not None else ""
+
     def healthy(self) -> bool:
         return self._loop.alive and self._loop.error is None
 

@@ -28,6 +28,7 @@ from pdserve.decode_worker.messages import (
 from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.loader import LoadedModel, build_runner, kv_cache_spec, load_model
+from pdserve.engine.metrics import WorkerMetrics
 from pdserve.engine.model_runner import ModelInput, ModelRunner
 from pdserve.engine.output_processor import token_stop_reason
 from pdserve.engine.request import FinishReason, Request
@@ -65,6 +66,7 @@ class DecodeWorker:
         self._running: dict[str, Request] = {}
         self._pending_deltas: list[TokenDelta] = []
         self._steps = 0
+        self.metrics: WorkerMetrics | None = None  # attached by the host builder
 
     @classmethod
     def from_config(cls, worker_id: str, config: EngineConfig, receiver_factory,
@@ -163,6 +165,10 @@ class DecodeWorker:
         self._admit_landed()
         deltas, self._pending_deltas = self._pending_deltas, []
         sched = self.scheduler.schedule()
+        step_t0 = time.perf_counter()
+        for req in sched.finished:  # outgrew the whole cache
+            self._running.pop(req.request_id, None)
+            deltas.append(TokenDelta(req.request_id, (), (), FinishReason.LENGTH.value))
         if sched.chunks:
             inputs = [ModelInput(c.token_ids, c.start, self.blocks.block_table(c.request.request_id),
                                  c.samples) for c in sched.chunks]
@@ -183,7 +189,16 @@ class DecodeWorker:
                 deltas.append(TokenDelta(req.request_id, (tok.token_id,),
                                          (tok,) if req.params.logprobs is not None else (),
                                          reason.value if reason else None))
+        if self.metrics is not None:
+            self._record(sched, time.perf_counter() - step_t0)
         if not deltas:
             return None
         self._steps += 1
         return TokenBatch(self.worker_id, self._steps, tuple(deltas))
+
+    def _record(self, sched, duration_s: float) -> None:
+        m = self.metrics
+        if sched.chunks:
+            m.observe_step(len(sched.chunks), sched.num_tokens, duration_s, len(sched.preempted))
+        m.set_state(len(self.scheduler.running), len(self._reserved) + len(self.scheduler.waiting),
+                    self.blocks.usage, self.blocks.num_blocks, self.blocks.block_size)

@@ -21,7 +21,7 @@ from pdserve.engine.output_processor import OutputProcessor, RequestOutput
 from pdserve.engine.request import FinishReason, Request
 from pdserve.engine.sampler import SampledToken, Sampler, step_generator
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class LLMEngine:
         self.blocks = scheduler.blocks
         self._requests: dict[str, Request] = {}
         self._counter = 0
+        self.last_step: SchedulerOutput | None = None  # what the last step() ran (for metrics)
 
     @classmethod
     def from_config(cls, config: EngineConfig, loaded: LoadedModel | None = None) -> LLMEngine:
@@ -115,6 +116,7 @@ class LLMEngine:
     # -- stepping -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        self.last_step = sched if sched.chunks else None
         results = [self._capacity_finished(r) for r in sched.finished]
         if not sched.chunks:
             return results

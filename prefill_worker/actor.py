@@ -5,6 +5,7 @@ from __future__ import annotations
 import ray
 
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.metrics import WorkerMetrics, model_label, node_label
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.prefill_worker.host import PrefillHost
 from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult, PrefillStats
@@ -23,6 +24,8 @@ def build_prefill_host(worker_id: str, engine: EngineConfig, kv: KVTransferConfi
     sender = create_sender(kv.backend, auth_token=kv.auth_token)
     worker = PrefillWorker.from_config(worker_id, engine, sender)
     worker.transfer_timeout_s = kv.timeout_s
+    worker.metrics = WorkerMetrics(model_label(engine.model), "prefill", worker_id, node_label())
+    worker.metrics.set_state(0, 0, 0.0, worker.blocks.num_blocks, worker.blocks.block_size)
     return PrefillHost(worker)
 
 
@@ -46,6 +49,9 @@ class PrefillWorkerActor:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    async def metrics_text(self) -> str:
+        return self.host.metrics_text()
 
     async def healthy(self) -> bool:
         return self.host.healthy()

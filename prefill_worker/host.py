@@ -49,6 +49,11 @@ class PrefillHost:
     async def stats(self) -> PrefillStats:
         return await asyncio.wrap_future(self._loop.call(self.worker.stats))
 
+    def metrics_text(self) -> str:
+        """This worker's Prometheus exposition (empty if it has no metrics attached)."""
+        m = self.worker.metrics
+        return m.text() if m is not None else ""
+
     def healthy(self) -> bool:
         return self._loop.alive and self._loop.error is None
 

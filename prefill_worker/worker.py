@@ -22,6 +22,7 @@ import torch
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.loader import LoadedModel, build_runner, load_model
+from pdserve.engine.metrics import WorkerMetrics
 from pdserve.engine.model_runner import ModelInput, ModelRunner
 from pdserve.engine.output_processor import token_stop_reason
 from pdserve.engine.request import FinishReason, Request
@@ -63,6 +64,7 @@ class PrefillWorker:
         self._pending: dict[str, _Pending] = {}
         self._counters = _Counters()
         self.on_step_timing: Callable[[int, float], None] | None = None
+        self.metrics: WorkerMetrics | None = None  # attached by the host builder
 
     @classmethod
     def from_config(cls, worker_id: str, config: EngineConfig, sender: KVSender | None,
@@ -109,6 +111,7 @@ class PrefillWorker:
         sched = self.scheduler.schedule()
         if not sched.chunks:
             return []
+        step_t0 = time.perf_counter()
         now = time.monotonic()
         for c in sched.chunks:
             p = self._pending[c.request.request_id]
@@ -147,7 +150,25 @@ class PrefillWorker:
                 queue_s=(p.scheduled or sampled_at) - p.arrived,
                 prefill_s=sampled_at - (p.scheduled or sampled_at),
                 transfer_wait_s=wait_s, error=p.error))
+        if self.metrics is not None:
+            self._record(sched, completing, time.perf_counter() - step_t0)
         return results
+
+    def _record(self, sched, completing: list[_Pending], duration_s: float) -> None:
+        m = self.metrics
+        m.observe_step(len(sched.chunks), sched.num_tokens, duration_s, len(sched.preempted))
+        s = self.blocks.stats()
+        m.set_state(len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.usage,
+                    s.num_blocks, self.blocks.block_size, s.prefix_queries_tokens,
+                    s.prefix_hit_tokens)
+        for p in completing:
+            t = p.transfer
+            if t is not None:
+                end = t.finished_at or time.perf_counter()
+                m.observe_transfer(self.sender.name, t.bytes_sent, end - t.started_at,
+                                   p.error is None)
+            elif p.error is not None and p.msg.destination is not None:
+                m.observe_transfer(p.msg.destination.endpoint.backend, 0, 0.0, False)
 
     def _begin_transfer(self, p: _Pending) -> bool:
         dest = p.msg.destination

@@ -13,6 +13,8 @@ from typing import Any
 import ray
 
 from pdserve.router.clients import DecodeClient, PrefillClient
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.metrics_server import MetricsAggregator
 from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.policy import create_policy
 from pdserve.router.server import RouterServer, ServerConfig
@@ -46,6 +48,7 @@ class RouterConfig:
 def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
                  decodes: Sequence[tuple[str, Any]]) -> RouterServer:
     from pdserve.engine.loader import has_tokenizer
+    from pdserve.engine.metrics import model_label
     from pdserve.engine.model_config import ModelConfig
     from pdserve.engine.tokenizer import Tokenizer
 
@@ -62,10 +65,12 @@ def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
 
         profile = LatencyProfile.load(config.profile)
     policy = create_policy(config.policy, profile, config.prefill_token_budget)
-    orch = Orchestrator([PrefillClient(w, t) for w, t in prefills],
-                        [DecodeClient(w, t) for w, t in decodes], policy, config.slo,
-                        config.admission)
-    return RouterServer(config.server, orch, tokenizer, limits)
+    pclients = [PrefillClient(w, t) for w, t in prefills]
+    dclients = [DecodeClient(w, t) for w, t in decodes]
+    orch = Orchestrator(pclients, dclients, policy, config.slo, config.admission)
+    metrics = RouterMetrics(model_label(config.model), config.slo)
+    aggregator = MetricsAggregator({c.worker_id: c.metrics_text for c in (*pclients, *dclients)})
+    return RouterServer(config.server, orch, tokenizer, limits, metrics, aggregator)
 
 
 @ray.remote(max_concurrency=10000)
@@ -79,6 +84,9 @@ class RouterActor:
 
     async def stop(self) -> None:
         await self.server.stop()
+
+    async def metrics_address(self) -> str | None:
+        return self.server.metrics_address
 
     async def in_flight(self) -> int:
         return self.server.orchestrator.in_flight()

@@ -29,6 +29,7 @@ def _is_actor(obj: Any) -> bool:
 
 
 async def _call(target: Any, method: str, *args):
+    """Await ``method`` on a Ray actor or an in-process host (sync host methods allowed)."""
     if _is_actor(target):
         import ray
 
@@ -39,7 +40,8 @@ async def _call(target: Any, method: str, *args):
         except ray.exceptions.RayTaskError as exc:
             # Re-raise the worker's own exception type (NoCapacityError, KeyError, ...).
             raise exc.as_instanceof_cause() from None
-    return await getattr(target, method)(*args)
+    result = getattr(target, method)(*args)
+    return await result if hasattr(result, "__await__") else result
 
 
 class PrefillClient:
@@ -55,6 +57,9 @@ class PrefillClient:
 
     async def stats(self) -> PrefillStats:
         return await _call(self.target, "stats")
+
+    async def metrics_text(self) -> str:
+        return await _call(self.target, "metrics_text")
 
 
 class DecodeClient:
@@ -77,6 +82,9 @@ class DecodeClient:
 
     async def stats(self) -> DecodeStats:
         return await _call(self.target, "stats")
+
+    async def metrics_text(self) -> str:
+        return await _call(self.target, "metrics_text")
 
     async def stream(self) -> AsyncIterator[TokenBatch]:
         if not _is_actor(self.target):

@@ -47,6 +47,7 @@ class TokenEvent:
     prefill_queue_s: float = 0.0
     prefill_s: float = 0.0
     transfer_wait_s: float = 0.0
+    decode_queue_s: float | None = None  # on the first decode event: start -> first token
 
 
 class Orchestrator:
@@ -184,14 +185,18 @@ class Orchestrator:
             if done:
                 finished = True
                 return
+            started = time.monotonic()
             await self.decodes[decode_id].start(StartDecode(rid, prompt, params, first))
+            first_decode = True
             while True:
                 delta = await queue.get()
                 if delta.error:
                     raise TransferFailed(delta.error)
                 if delta.finish_reason is not None:
                     finished = True
-                yield TokenEvent(delta.token_ids, delta.logprobs, delta.finish_reason)
+                yield TokenEvent(delta.token_ids, delta.logprobs, delta.finish_reason,
+                                 decode_queue_s=time.monotonic() - started if first_decode else None)
+                first_decode = False
                 if finished:
                     return
         finally:
@@ -265,7 +270,9 @@ class Orchestrator:
             return wid, res.destination
         if not full:  # nobody answered: that is an outage, not overload
             raise NoWorkerAvailable("no decode worker is reachable")
-        raise Overloaded("every decode worker's KV cache is full", retry_after_s=1.0)
+        err = Overloaded("every decode worker's KV cache is full", retry_after_s=1.0)
+        err.reason = "kv_full"
+        raise err
 
     def _pick_prefill(self, routing: RoutingRequest) -> str:
         ranked = self.policy.rank_prefill(routing, list(self.prefill_load.values()))
@@ -278,8 +285,11 @@ class Orchestrator:
             # It would miss its TTFT target even on the best worker: say so now rather than
             # queue it (and slow everyone behind it) for a response that is already late.
             self.rejected += 1
-            raise Overloaded(f"predicted TTFT {predicted:.3f}s exceeds the target "
-                             f"{routing.ttft_slo_s:.3f}s", retry_after_s=predicted - routing.ttft_slo_s)
+            err = Overloaded(f"predicted TTFT {predicted:.3f}s exceeds the target "
+                             f"{routing.ttft_slo_s:.3f}s",
+                             retry_after_s=predicted - routing.ttft_slo_s)
+            err.reason = "ttft_slo"
+            raise err
         return best
 
     async def _release(self, rid: str, decode_id: str | None, prefill_id: str | None,

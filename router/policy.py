@@ -61,17 +61,29 @@ class RoutingPolicy(ABC):
 
 class LeastLoaded(RoutingPolicy):
     """Prefill: fewest queued prompt tokens. Decode: fewest in-flight requests, then most
-    free KV blocks."""
+    free KV blocks. Ties rotate, so light load still spreads over every worker instead of
+    always landing on the first."""
 
     name = "least_loaded"
 
+    def __init__(self) -> None:
+        self._turns = {"prefill": itertools.count(), "decode": itertools.count()}
+
+    def _tiebreak(self, pool: str, n: int):
+        k = next(self._turns[pool])
+        return lambda i: (i - k) % max(n, 1)
+
     def rank_prefill(self, req, loads):
         ok = [w for w in loads if w.healthy]
-        return [w.worker_id for w in sorted(ok, key=lambda w: (w.queued_tokens, w.in_flight))]
+        tb = self._tiebreak("prefill", len(ok))
+        order = sorted(range(len(ok)), key=lambda i: (ok[i].queued_tokens, ok[i].in_flight, tb(i)))
+        return [ok[i].worker_id for i in order]
 
     def rank_decode(self, req, loads):
         ok = [w for w in loads if w.healthy]
-        return [w.worker_id for w in sorted(ok, key=lambda w: (w.in_flight, -w.free_blocks))]
+        tb = self._tiebreak("decode", len(ok))
+        order = sorted(range(len(ok)), key=lambda i: (ok[i].in_flight, tb(i)))
+        return [ok[i].worker_id for i in order]
 
 
 class RoundRobin(RoutingPolicy):

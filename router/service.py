@@ -11,6 +11,7 @@ both workers. A stop string found here ends the stream the same way.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -19,6 +20,7 @@ import grpc
 from pdserve.engine.output_processor import TextStream
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.protos import pdserve_pb2, pdserve_pb2_grpc
+from pdserve.router.metrics import RouterMetrics
 from pdserve.router.orchestrator import Orchestrator, TokenEvent
 from pdserve.router.status import ServingError, abort_with, as_serving_error
 from pdserve.router.validation import RequestValidationError, ValidationLimits, validate_request
@@ -34,17 +36,28 @@ _FINISH = {
 
 class GenerationService(pdserve_pb2_grpc.GenerationServicer):
     def __init__(self, orchestrator: Orchestrator, tokenizer: Tokenizer | None,
-                 limits: ValidationLimits):
+                 limits: ValidationLimits, metrics: RouterMetrics | None = None):
         self.orchestrator = orchestrator
         self.tokenizer = tokenizer
         self.limits = limits
+        self.metrics = metrics
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
         t0 = time.monotonic()
         try:
             req = validate_request(request, self.tokenizer, self.limits)
         except RequestValidationError as exc:
+            if self.metrics is not None:
+                self.metrics.requests.labels(self.metrics.model, "INVALID_ARGUMENT").inc()
             await abort_with(context, as_serving_error(exc))
+        timeline = None
+        if self.metrics is not None:
+            orch_slo = self.orchestrator.slo
+            timeline = self.metrics.timeline(
+                orch_slo.with_overrides(req.slo.ttft_s, req.slo.tpot_s),
+                custom=req.slo.ttft_s is not None or req.slo.tpot_s is not None)
+            timeline.prompt_tokens = len(req.prompt_token_ids)
+        code, rejected, completed = "OK", None, False
         text = (TextStream(self.tokenizer, req.prompt_token_ids, req.params.stop)
                 if self.tokenizer is not None else None)
         events = self.orchestrator.generate(req)
@@ -57,6 +70,12 @@ class GenerationService(pdserve_pb2_grpc.GenerationServicer):
                     ttft_ms = (time.monotonic() - t0) * 1e3
                     first = ev
                 completion += len(ev.token_ids)
+                if timeline is not None:
+                    timeline.tokens_sent(len(ev.token_ids))
+                    if ev is first:
+                        timeline.queue_time("prefill", ev.prefill_queue_s)
+                    if ev.decode_queue_s is not None:
+                        timeline.queue_time("decode", ev.decode_queue_s)
                 msg, finished = self._message(req.request_id, ev, text)
                 if finished:
                     msg.usage.CopyFrom(pdserve_pb2.Usage(
@@ -66,18 +85,30 @@ class GenerationService(pdserve_pb2_grpc.GenerationServicer):
                         prefill_queue_ms=first.prefill_queue_s * 1e3,
                         prefill_ms=first.prefill_s * 1e3,
                         kv_transfer_wait_ms=first.transfer_wait_s * 1e3))
+                if finished:
+                    completed = True
                 yield msg
                 if finished:
                     return
         except ServingError as exc:
+            code, rejected = exc.code.name, getattr(exc, "reason", None)
             await abort_with(context, exc)
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
         except Exception as exc:  # a bug must still end the RPC with a status, not hang it
             log.exception("request %s failed", req.request_id)
-            await abort_with(context, as_serving_error(exc))
+            err = as_serving_error(exc)
+            code = err.code.name
+            await abort_with(context, err)
         finally:
             await events.aclose()
+            if timeline is not None:
+                if code == "OK" and not completed:  # the client went away mid-stream
+                    code = "CANCELLED"
+                timeline.finish(code, rejected)
 
     def _message(self, rid: str, ev: TokenEvent, text: TextStream | None):
         finish = ev.finish_reason

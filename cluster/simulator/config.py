@@ -81,22 +81,29 @@ class InstanceSpec:
 
 @dataclass(frozen=True)
 class DisaggPlanSpec:
-    """Separate prefill and decode pools; KV moves at ``transfer_bandwidth`` bytes/s."""
+    """Separate prefill and decode pools; KV moves at ``transfer_bandwidth`` bytes/s.
+
+    ``units`` > 1 splits both pools into that many equal units (low node-affinity plans):
+    a request's decode instance is then chosen within its prefill instance's unit."""
 
     prefill: InstanceSpec
     decode: InstanceSpec
     transfer_bandwidth: float = 25e9
+    units: int = 1
 
     def __post_init__(self) -> None:
         if not (self.transfer_bandwidth > 0):
             raise ValueError("transfer_bandwidth must be > 0 bytes/s")
+        if self.units < 1 or self.prefill.count % self.units or self.decode.count % self.units:
+            raise ValueError("units must be >= 1 and divide both instance counts")
 
     @property
     def num_gpus(self) -> int:
         return self.prefill.num_gpus + self.decode.num_gpus
 
     def label(self) -> str:
-        return f"disagg P={self.prefill.label()} D={self.decode.label()}"
+        u = f" in {self.units} units" if self.units > 1 else ""
+        return f"disagg P={self.prefill.label()} D={self.decode.label()}{u}"
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ class Workload:
 
     @property
     def max_footprint(self) -> int:
-        return max(p + o for p, o in zip(self.prompt, self.output))
+        return max(p + o for p, o in zip(self.prompt, self.output, strict=True))
 
 
 def _ks_distance(sample: list[int], ref_sorted: list[int]) -> float:

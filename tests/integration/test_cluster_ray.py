@@ -71,7 +71,7 @@ TWO = PoolSpec(2, num_cpus=1)
 def start(model, backend, prefill=TWO, decode=TWO):
     spec = ClusterSpec(engine=engine_config(model), prefill=prefill, decode=decode,
                        kv=KVTransferConfig(backend=backend),
-                       router=RouterConfig(model=str(model), server=ServerConfig(port=0)),
+                       router=RouterConfig(model=str(model), server=ServerConfig(port=0, metrics_port=0)),
                        torch_threads=1)
     return launch(spec)
 
@@ -149,7 +149,7 @@ def test_dead_worker_pool_answers_unavailable(ray_cluster, demo_model_dir):
 def test_colocated_cluster_on_ray_matches_engine(ray_cluster, demo_model_dir, reference):
     prompts, max_tokens, want = reference
     spec = ClusterSpec(engine=engine_config(demo_model_dir), colocated=PoolSpec(2, num_cpus=1),
-                       router=RouterConfig(model=str(demo_model_dir), server=ServerConfig(port=0)),
+                       router=RouterConfig(model=str(demo_model_dir), server=ServerConfig(port=0, metrics_port=0)),
                        torch_threads=1)
     cluster = launch(spec)
     try:

@@ -65,7 +65,7 @@ def test_admission_rejects_requests_that_cannot_meet_ttft(demo_model_dir, tmp_pa
                                                           expect_reject):
     prof = tmp_path / "profile.json"
     profile(a=50.0, b=1.0).save(prof)  # predicts >= 50 ms for any prompt
-    router = RouterConfig(model=str(demo_model_dir), server=ServerConfig(port=0),
+    router = RouterConfig(model=str(demo_model_dir), server=ServerConfig(port=0, metrics_port=0),
                           policy="slo_aware", profile=str(prof), admission=admission,
                           slo=SloConfig(ttft_s=10.0, tpot_s=1.0))
     with LocalCluster(engine(demo_model_dir), router=router) as c, \

@@ -18,7 +18,8 @@ from pdserve.benchmarks.trace import (
     synthetic,
 )
 
-AZURE_CONV = Path(__file__).resolve().parents[2] / "shared" / "data" / "azure_llm_2023_conv.csv"
+# tests/unit/ -> tests/ -> the checkout -> its parent, which holds shared/.
+AZURE_CONV = Path(__file__).resolve().parents[3] / "shared" / "data" / "azure_llm_2023_conv.csv"
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:

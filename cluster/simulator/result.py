@@ -1,0 +1,111 @@
+"""What a simulation reports: per-request timings, SLO attainment, latency percentiles.
+
+A ``SimResult`` is produced once by an event loop and never mutated. It keeps flat tuples
+(cheap to build, the planner runs thousands of simulations); ``records`` materialises
+one ``RequestRecord`` per request on demand. A request the plan cannot hold at all (its
+prompt + output exceed every instance's KV capacity) is *rejected*: its TTFT is
+infinite, so it counts as an SLO miss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pdserve.router.slo import SloConfig
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    arrival_s: float
+    prompt_len: int
+    output_len: int
+    first_token_s: float
+    last_token_s: float
+    ttft_s: float
+    tpot_s: float | None
+
+
+@dataclass(frozen=True)
+class LatencyPercentiles:
+    ttft_p50: float
+    ttft_p90: float
+    ttft_p99: float
+    tpot_p50: float
+    tpot_p90: float
+    tpot_p99: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default); NaN for no values."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class SimResult:
+    label: str
+    phase: str
+    num_gpus: int
+    rate: float  # mean arrival rate of the simulated workload, req/s
+    arrival: tuple[float, ...]
+    prompt_len: tuple[int, ...]
+    output_len: tuple[int, ...]
+    first_token: tuple[float, ...]
+    last_token: tuple[float, ...]
+    ttft: tuple[float, ...]
+    tpot: tuple[float | None, ...]
+    num_rejected: int = 0
+    num_events: int = 0
+
+    def __post_init__(self) -> None:
+        n = len(self.arrival)
+        if any(len(x) != n for x in (self.prompt_len, self.output_len, self.first_token,
+                                     self.last_token, self.ttft, self.tpot)):
+            raise ValueError("SimResult arrays differ in length")
+
+    def __len__(self) -> int:
+        return len(self.arrival)
+
+    @property
+    def records(self) -> tuple[RequestRecord, ...]:
+        return tuple(RequestRecord(*row) for row in zip(
+            self.arrival, self.prompt_len, self.output_len, self.first_token,
+            self.last_token, self.ttft, self.tpot, strict=True))
+
+    def attainment(self, slo: SloConfig) -> float:
+        """Share of requests meeting both TTFT and TPOT (TPOT trivially met when None)."""
+        t_ttft, t_tpot = slo.ttft_s, slo.tpot_s
+        ok = sum(1 for f, p in zip(self.ttft, self.tpot, strict=True)
+                 if f <= t_ttft and (p is None or p <= t_tpot))
+        return ok / len(self.ttft)
+
+    def ttft_attainment(self, slo: SloConfig) -> float:
+        return sum(1 for f in self.ttft if f <= slo.ttft_s) / len(self.ttft)
+
+    def tpot_attainment(self, slo: SloConfig) -> float:
+        return sum(1 for p in self.tpot if p is None or p <= slo.tpot_s) / len(self.tpot)
+
+    def percentiles(self) -> LatencyPercentiles:
+        ttft = [x for x in self.ttft if math.isfinite(x)]
+        tpot = [x for x in self.tpot if x is not None]
+        return LatencyPercentiles(*(percentile(ttft, q) for q in (50, 90, 99)),
+                                  *(percentile(tpot, q) for q in (50, 90, 99)))
+
+    def summary(self, slo: SloConfig | None = None) -> dict:
+        d: dict = {"plan": self.label, "phase": self.phase, "num_gpus": self.num_gpus,
+                   "rate": self.rate, "num_requests": len(self),
+                   "num_rejected": self.num_rejected, **self.percentiles().as_dict()}
+        if slo is not None:
+            d.update(attainment=self.attainment(slo), ttft_attainment=self.ttft_attainment(slo),
+                     tpot_attainment=self.tpot_attainment(slo))
+        return d
