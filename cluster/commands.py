@@ -42,8 +42,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     what = (f"{args.prefill + args.decode} colocated workers" if args.colocated
             else f"{args.prefill} prefill + {args.decode} decode workers")
-    print(f"pdserve: starting {what} on {model}", file=sys.stderr)
-    cluster = launch(spec, address=args.address)
+    if args.plan:
+        from pdserve.cluster.plan import Plan
+        from pdserve.cluster.plan_launcher import launch_plan
+
+        plan = Plan.load(args.plan)
+        print(f"pdserve: launching plan {args.plan} ({plan.mode}, {plan.affinity} affinity, "
+              f"{plan.num_gpus} GPUs) on {model}", file=sys.stderr)
+        cluster = launch_plan(plan, engine, spec.kv, spec.router_config(), address=args.address,
+                              cpus_per_bundle=args.worker_cpus)
+    else:
+        print(f"pdserve: starting {what} on {model}", file=sys.stderr)
+        cluster = launch(spec, address=args.address)
     print(f"pdserve: gRPC endpoint listening on {cluster.address} "
           f"(service pdserve.v1.Generation; try: pdserve generate --address {cluster.address} "
           "\"Hello\")", flush=True)
@@ -107,6 +117,8 @@ def register(sub) -> None:
     p.add_argument("--attainment", type=float, default=0.9, help="share that must meet both")
     p.add_argument("--admission", default="reject", choices=["reject", "best_effort"],
                    help="when the TTFT target cannot be met: answer RESOURCE_EXHAUSTED or serve")
+    p.add_argument("--plan", default=None,
+                   help="launch exactly this plan (pdserve plan) with Ray placement groups")
     p.add_argument("--colocated", action="store_true",
                    help="baseline: prefill+decode workers each doing both phases")
     p.add_argument("--device", default="auto")

@@ -83,6 +83,7 @@ class Cluster:
     decodes: list[tuple[str, Any]]
     started_ray: bool = False
     metrics_address: str | None = None
+    placement_groups: list = field(default_factory=list)
     _closed: bool = field(default=False, repr=False)
 
     def stats(self) -> dict[str, Any]:
@@ -110,6 +111,10 @@ class Cluster:
                 log.warning("worker did not shut down cleanly", exc_info=True)
             ray.kill(h)
         ray.kill(self.router)
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
         if self.started_ray:
             ray.shutdown()
 

@@ -36,6 +36,7 @@ measurements, options and fit details in its ``extra``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import math
@@ -74,7 +75,7 @@ class ProfileOptions:
 
     prefill_points: int = 80
     decode_points: int = 120
-    reps: int = 7
+    reps: int = 9
     warmup_passes: int = 1
     threads: int | None = 1  # torch intra-op threads; None leaves torch's setting alone
     min_prompt_len: int = 16
@@ -570,10 +571,8 @@ class _SenderProcess:
         return self.conn.poll(0)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.conn.send(None)
-        except OSError:
-            pass
         self.proc.join(30)
         if self.proc.is_alive():
             self.proc.terminate()

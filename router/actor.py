@@ -37,6 +37,9 @@ class RouterConfig:
     admission: str = "reject"
     profile: str | None = None
     prefill_token_budget: int = 2048
+    # (worker id, unit) pairs: a request's prefill and decode workers share a unit
+    # (low node-affinity plans); empty = any pair.
+    units: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.admission not in ("reject", "best_effort"):
@@ -67,7 +70,8 @@ def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
     policy = create_policy(config.policy, profile, config.prefill_token_budget)
     pclients = [PrefillClient(w, t) for w, t in prefills]
     dclients = [DecodeClient(w, t) for w, t in decodes]
-    orch = Orchestrator(pclients, dclients, policy, config.slo, config.admission)
+    orch = Orchestrator(pclients, dclients, policy, config.slo, config.admission,
+                        units=dict(config.units))
     metrics = RouterMetrics(model_label(config.model), config.slo)
     aggregator = MetricsAggregator({c.worker_id: c.metrics_text for c in (*pclients, *dclients)})
     return RouterServer(config.server, orch, tokenizer, limits, metrics, aggregator)

@@ -55,6 +55,8 @@ class RouterMetrics:
             for reason in ("ttft", "tpot", "error", "rejected"):
                 self.slo_missed.labels(model, cls, reason)
         self.requests.labels(model, "OK")
+        for reason in ("ttft_slo", "kv_full"):
+            self.rejected.labels(model, reason)
 
     def timeline(self, slo: SloConfig, custom: bool) -> RequestTimeline:
         self.in_flight.inc()

@@ -53,8 +53,11 @@ class TokenEvent:
 class Orchestrator:
     def __init__(self, prefills: Sequence[PrefillClient], decodes: Sequence[DecodeClient],
                  policy: RoutingPolicy, slo: SloConfig | None = None,
-                 admission: str = "reject", stats_interval_s: float = 0.5):
-        """With no prefill clients, the decode clients are colocated workers (both phases)."""
+                 admission: str = "reject", stats_interval_s: float = 0.5,
+                 units: dict[str, int] | None = None):
+        """With no prefill clients, the decode clients are colocated workers (both phases).
+        ``units`` maps worker ids to units: a request's prefill worker is then chosen among
+        those of its decode worker's unit (low node-affinity plans keep KV inside a node)."""
         if admission not in ADMISSION_MODES:
             raise ValueError(f"admission must be one of {ADMISSION_MODES}, got {admission!r}")
         self.prefills = {c.worker_id: c for c in prefills}
@@ -65,6 +68,7 @@ class Orchestrator:
         self.stats_interval_s = stats_interval_s
         self.rejected = 0
         self.colocated = not self.prefills
+        self.units = units or {}
         self.prefill_load = {w: WorkerLoad(w) for w in self.prefills}
         self.decode_load = {w: WorkerLoad(w) for w in self.decodes}
         self._queues: dict[str, asyncio.Queue[TokenDelta]] = {}
@@ -147,7 +151,8 @@ class Orchestrator:
             async for ev in self._generate_colocated(req, routing):
                 yield ev
             return
-        prefill_id = self._pick_prefill(routing)  # admission happens here, before any reservation
+        # Admission happens here, before any reservation (after it, when units constrain the pair).
+        prefill_id = None if self.units else self._pick_prefill(routing)
         needs_decode = params.max_tokens > 1
         queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._queues[rid] = queue
@@ -159,6 +164,8 @@ class Orchestrator:
             if needs_decode:
                 decode_id, destination = await self._reserve(routing)
                 queue.decode_worker = decode_id  # type: ignore[attr-defined]
+            if prefill_id is None:
+                prefill_id = self._pick_prefill(routing, self.units.get(decode_id))
             pl = self.prefill_load[prefill_id]
             pl.in_flight += 1
             pl.queued_tokens += len(prompt)
@@ -274,8 +281,10 @@ class Orchestrator:
         err.reason = "kv_full"
         raise err
 
-    def _pick_prefill(self, routing: RoutingRequest) -> str:
-        ranked = self.policy.rank_prefill(routing, list(self.prefill_load.values()))
+    def _pick_prefill(self, routing: RoutingRequest, unit: int | None = None) -> str:
+        loads = [w for w in self.prefill_load.values()
+                 if unit is None or self.units.get(w.worker_id) == unit]
+        ranked = self.policy.rank_prefill(routing, loads)
         if not ranked:
             raise NoWorkerAvailable("no healthy prefill worker")
         best = ranked[0]

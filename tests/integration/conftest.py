@@ -20,8 +20,11 @@ def ray_cluster():
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 4, "include_dashboard": False, "object_store_memory": 200 << 20})
-    cluster.add_node(num_cpus=4, resources={"node_a": 4}, object_store_memory=100 << 20)
-    cluster.add_node(num_cpus=4, resources={"node_b": 4}, object_store_memory=100 << 20)
+    # Fake GPUs (Ray only counts them) let plan placement groups be tested on a CPU host.
+    cluster.add_node(num_cpus=4, num_gpus=2, resources={"node_a": 4},
+                     object_store_memory=100 << 20)
+    cluster.add_node(num_cpus=4, num_gpus=2, resources={"node_b": 4},
+                     object_store_memory=100 << 20)
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     yield cluster
     ray.shutdown()
