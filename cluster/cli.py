@@ -88,7 +88,14 @@ def _register_bench_commands(sub) -> None:
     register(sub)
 
 
-_EXTRA_COMMANDS = [_register_cluster_commands, _register_bench_commands]
+def _register_profile_commands(sub) -> None:
+    from pdserve.cluster.profile_commands import register
+
+    register(sub)
+
+
+_EXTRA_COMMANDS = [_register_cluster_commands, _register_bench_commands,
+                   _register_profile_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,16 +60,17 @@ class PlanningError(ValueError):
 class PlannerConfig:
     max_requests: int = 1500
     max_pp: int = 4
-    tol: float = 0.02  # relative precision of each goodput bisection
-    keep_per_phase: int = 2
+    tol: float = 0.01  # relative precision of each goodput bisection
+    keep_per_phase: int | None = None  # None: every (tp, pp) that meets its SLO alone
     verify_top: int = 8
     low_affinity_final: int = 3  # unit configs replicated and simulated whole
     max_instances: int | None = None  # per pool, exhaustive search only
+    consider_colocated: bool = False  # plan(): also search colocated (tp, pp, count)
 
     def __post_init__(self) -> None:
         if self.max_requests < 10 or self.max_pp < 1 or not (0 < self.tol < 0.5):
             raise ValueError("need max_requests >= 10, max_pp >= 1, 0 < tol < 0.5")
-        if min(self.keep_per_phase, self.verify_top, self.low_affinity_final) < 1:
+        if min(self.keep_per_phase or 1, self.verify_top, self.low_affinity_final) < 1:
             raise ValueError("keep_per_phase, verify_top and low_affinity_final must be >= 1")
         if self.max_instances is not None and self.max_instances < 1:
             raise ValueError("max_instances must be >= 1")
@@ -135,22 +136,26 @@ class Planner:
     # -- Alg. 1 -------------------------------------------------------------------------
     def _high(self) -> _Found:
         G = self.cluster.num_gpus
+        configs = {role: self.parallel_configs(role, G - 1) for role in ("prefill", "decode")}
+        if not configs["prefill"] or not configs["decode"]:
+            raise PlanningError("the model does not fit any parallel configuration")
+        curves: dict[tuple, dict[int, float]] = {}
         ranked: dict[str, list[tuple[int, int]]] = {}
-        for role in ("prefill", "decode"):
+        for role, other in (("prefill", "decode"), ("decode", "prefill")):
+            room = G - min(tp * pp for tp, pp in configs[other])
             scored = []
-            for tp, pp in self.parallel_configs(role, G - 1):
-                g = self.phase_goodput(role, tp, pp, 1)
-                if g.rate > 0:
-                    scored.append((g.per_gpu_rate, -tp * pp, tp, pp))
+            for tp, pp in configs[role]:
+                # Goodput 0 for one instance means the SLO fails even at negligible load
+                # (``GoodputSearch``), which no number of instances fixes.
+                if self.phase_goodput(role, tp, pp, 1).rate <= 0:
+                    continue
+                curve = curves[role, tp, pp] = self._curve(role, tp, pp, room // (tp * pp))
+                scored.append((max(g / (n * tp * pp) for n, g in curve.items()), -tp * pp,
+                               tp, pp))
             scored.sort(reverse=True)
             ranked[role] = [(tp, pp) for *_, tp, pp in scored[:self.pc.keep_per_phase]]
-        if not ranked["prefill"] or not ranked["decode"]:
-            raise PlanningError("no prefill or no decode configuration meets the SLO alone")
-        curves = {}
-        for role, other in (("prefill", "decode"), ("decode", "prefill")):
-            room = G - min(tp * pp for tp, pp in ranked[other])
-            for tp, pp in ranked[role]:
-                curves[role, tp, pp] = self._curve(role, tp, pp, room // (tp * pp))
+            if not ranked[role]:
+                raise PlanningError(f"no {role} configuration meets the SLO on its own")
         options = []
         for tp_p, pp_p in ranked["prefill"]:
             for tp_d, pp_d in ranked["decode"]:
@@ -235,7 +240,10 @@ class Planner:
             raise ValueError(f"affinity must be one of {AFFINITY_CHOICES}, got {affinity!r}")
         t0, sims0 = time.perf_counter(), self.ev.num_sims
         found = []
-        for kind, search in (("high", self._high), ("low", self._low)):
+        searches = [("high", self._high), ("low", self._low)]
+        if self.pc.consider_colocated:
+            searches.append(("auto", self._colocated))
+        for kind, search in searches:
             if affinity in (kind, "auto"):
                 try:
                     found.append(search())
@@ -251,9 +259,32 @@ class Planner:
                             f"affinity={affinity}; goodput bisection tol={self.pc.tol}")
         return self.make_plan(best, stats)
 
+    def _colocated(self) -> _Found:
+        """The colocated baseline as a plan option (``consider_colocated``)."""
+        cands = self.colocated_candidates()
+        evals, prev = [], {}
+        for cand in cands:
+            i = cand.colocated
+            last = prev.get((i.tp, i.pp), 0.0)
+            e = self.ev.evaluate(cand, lo=last or None,
+                                 hi=last * i.count / (i.count - 1) * 1.1 if last else None)
+            prev[i.tp, i.pp] = e.goodput.rate
+            evals.append(e)
+        best = max(evals, key=lambda e: (e.per_gpu_goodput, e.goodput.rate), default=None)
+        if best is None or best.goodput.rate <= 0:
+            raise PlanningError("no colocated configuration meets the SLO")
+        return _Found(best, "none", candidates=len(cands))
+
     def make_plan(self, found: _Found, stats: SearchStats) -> Plan:
         e, c = found.evaluation, self.cluster
         cand = e.candidate
+        if cand.mode == "colocated":
+            groups = assign_nodes(instance_groups("colocated", cand.colocated), c.num_nodes,
+                                  c.gpus_per_node)
+            return Plan(self.profile.model, f"{self.profile.model} on {self.profile.hardware}",
+                        "colocated", "none", colocated=cand.colocated, placement=tuple(groups),
+                        expected_rate=e.goodput.rate, expected_per_gpu_goodput=e.per_gpu_goodput,
+                        slo=self.slo, trace=self.trace.name, search=stats, cluster=c)
         if found.affinity == "low":
             tp_p, s_p, n_p, tp_d, s_d, n_d, pp_cross = found.layout
             groups = low_affinity_groups(tp_p, s_p, n_p, tp_d, s_d, n_d, pp_cross, cand.units,
@@ -281,26 +312,48 @@ class Planner:
                         out.append(Candidate.disagg(InstanceSpec(tp_p, pp_p, n_p),
                                                     InstanceSpec(tp_d, pp_d, n_d),
                                                     self.bandwidth(gpus)))
-        if include_colocated:
-            for tp, pp in self.parallel_configs("colocated", G):
-                for n in range(1, min(cap, G // (tp * pp)) + 1):
-                    out.append(Candidate.colo(InstanceSpec(tp, pp, n)))
-        return out
+        return out + (self.colocated_candidates() if include_colocated else [])
+
+    def colocated_candidates(self) -> list[Candidate]:
+        G, cap = self.cluster.num_gpus, self.pc.max_instances or self.cluster.num_gpus
+        return [Candidate.colo(InstanceSpec(tp, pp, n))
+                for tp, pp in self.parallel_configs("colocated", G)
+                for n in range(1, min(cap, G // (tp * pp)) + 1)]
 
     def exhaustive(self, include_colocated: bool = True, workers: int = 1) -> list[Evaluation]:
-        """Simulate every candidate as a whole system (equivalent ones once), best first."""
+        """Simulate every candidate as a whole system (equivalent ones once), best first.
+
+        Shortcut, exact: a disaggregated system's TTFTs are those of its prefill pool
+        alone, so when the prefill pool's TTFT-only goodput is 0 the system's is 0 too.
+        Otherwise the phase goodputs only seed the bisection (``lo``/``hi`` hints)."""
         cands = self.candidates(include_colocated)
         reps: dict[tuple, Candidate] = {}
         for cand in cands:
             reps.setdefault(sim_key(cand.spec(), "both"), cand)
-        todo = [k for k in reps if k not in self.ev.cache]
-        if workers > 1 and len(todo) > 1:
+        jobs = []
+        for key, cand in reps.items():
+            if key in self.ev.cache:
+                continue
+            lo = hi = None
+            if cand.mode == "disaggregated":
+                p, d = cand.prefill, cand.decode
+                g_p = self.phase_goodput("prefill", p.tp, p.pp, p.count).rate
+                if g_p <= 0:
+                    self.ev.cache[key] = GoodputResult(0.0, 0.0, 0.0, 0.0, cand.num_gpus, (), 0)
+                    continue
+                est = min(g_p, self.phase_goodput("decode", d.tp, d.pp, d.count).rate)
+                lo, hi = (0.85 * est, est) if est > 0 else (None, g_p)
+            jobs.append((key, cand, lo, hi))
+        if workers > 1 and len(jobs) > 1:
             args = (self.profile, self.workload, self.slo, self.cfg, self.pc.tol)
             with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=args) as pool:
-                for key, res in zip(todo, pool.map(_worker_goodput, [reps[k] for k in todo],
-                                                   chunksize=4), strict=True):
-                    self.ev.cache[key] = res
-                    self.ev.num_sims += res.num_sims
+                results = list(pool.map(_worker_goodput, [j[1:] for j in jobs]))
+        else:
+            results = [self.ev.evaluate(c, lo, hi).goodput for _, c, lo, hi in jobs]
+        for (key, *_), res in zip(jobs, results, strict=True):
+            if key not in self.ev.cache:
+                self.ev.cache[key] = res
+                self.ev.num_sims += res.num_sims
         out = [self.ev.evaluate(cand) for cand in cands]
         out.sort(key=lambda e: (e.per_gpu_goodput, e.goodput.rate), reverse=True)
         return out
@@ -314,8 +367,9 @@ def _init_worker(profile, workload, slo, cfg, tol) -> None:
     _WORKER = Evaluator(profile, workload, slo, cfg, tol)
 
 
-def _worker_goodput(cand: Candidate) -> GoodputResult:
-    return _WORKER.evaluate(cand).goodput
+def _worker_goodput(job: tuple[Candidate, float | None, float | None]) -> GoodputResult:
+    cand, lo, hi = job
+    return _WORKER.evaluate(cand, lo, hi).goodput
 
 
 def plan(cluster: ClusterDesc, profile: LatencyProfile, trace: Trace, slo: SloConfig,

@@ -21,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--out", default="profile.json", help="where the profile JSON goes")
     p.add_argument("--quick", action="store_true", help="small grid, 3 reps (~30 s)")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions per point")
+    p.add_argument("--reps", type=int, default=None, help="timed passes over all points")
+    p.add_argument("--decode-repeat", type=int, default=None,
+                   help="times each decode point is timed per pass")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads while measuring (0: leave torch's default)")
     p.add_argument("--backends", default=None,
@@ -56,7 +58,7 @@ def options_from_args(args: argparse.Namespace):
     from pdserve.cluster.profiler import ProfileOptions
 
     overrides = {name: getattr(args, name) for name in (
-        "reps", "max_prompt_len", "max_batch_tokens", "max_prefill_seqs", "max_batch",
+        "reps", "decode_repeat", "max_prompt_len", "max_batch_tokens", "max_prefill_seqs", "max_batch",
         "max_context", "prefill_points", "decode_points", "transfer_reps")
         if getattr(args, name) is not None}
     overrides["threads"] = args.threads or None
@@ -145,7 +147,8 @@ def markdown_report(run, profile_path: str | Path | None = None) -> str:
         "",
         f"{info.get('date_utc', '')} · torch {__import__('torch').__version__} · "
         f"{run.device} {run.dtype} · {run.threads} torch thread(s) · "
-        f"{info.get('cpu_count')} CPUs · median of {o.reps} interleaved reps · "
+        f"{info.get('cpu_count')} CPUs · median of {o.reps} interleaved passes "
+        f"(decode points x{o.decode_repeat} a pass), drift-corrected · "
         f"{run.elapsed_s:.0f} s",
         "",
         "Worker step = `runner.run(inputs)` + greedy `Sampler` (KV sends excluded). "
@@ -176,9 +179,9 @@ def markdown_report(run, profile_path: str | Path | None = None) -> str:
         "",
         f"Decode regimes: {'two, split at B = ' + str(df.threshold) if df.two_regime else 'one'}"
         " (threshold by 5-fold CV on the training split; kept only if it lowers CV and "
-        "held-out error). Wide-mix batches have unrelated contexts (16x spread and more); "
-        "the torch attention backend pads every decode row to the longest context, which a "
-        "model in sum(ctx) cannot see.",
+        "held-out error). Wide-mix batches draw every context independently over the whole "
+        "range; the torch attention backend pads every decode row to the batch's longest "
+        "context, which a model in sum(ctx) cannot see.",
         "",
         f"KV capacity {run.kv_capacity_tokens} tokens (engine config), "
         f"{run.kv_bytes_per_token} bytes/token.",

@@ -16,8 +16,11 @@ bandwidth, measured separately).
   (their content does not matter for timing), nothing is prefilled.
 * Timing: ``torch.set_num_threads(threads)`` (recorded), ``torch.inference_mode``, a few
   warm-up steps, then ``warmup_passes`` discarded passes and ``reps`` timed passes over
-  all points (prefill and decode together), each pass in a fresh random order so drift
-  of a shared machine spreads over every point; a point's time is its median.
+  all points (prefill and decode together; decode points ``decode_repeat`` times a pass,
+  their steps being short and noisier), each pass in a fresh random order so drift
+  of a shared machine spreads over every point; a point's time is its median after
+  dividing each step by the machine's slowdown of the moment, estimated from the steps
+  around it (``drift_corrected_medians``).
 * Fit: weighted least squares (``numpy.linalg.lstsq`` on rows scaled by ``1/measured``,
   i.e. relative error) on a seeded random training split (``1 - holdout``), with an
   exact non-negative refit (best feasible subset of columns) when a coefficient comes
@@ -76,6 +79,7 @@ class ProfileOptions:
     prefill_points: int = 80
     decode_points: int = 120
     reps: int = 9
+    decode_repeat: int = 3  # decode steps are short: time each this many times per pass
     warmup_passes: int = 1
     threads: int | None = 1  # torch intra-op threads; None leaves torch's setting alone
     min_prompt_len: int = 16
@@ -87,6 +91,7 @@ class ProfileOptions:
     max_batch: int | None = None  # default min(64, max_num_seqs)
     context_spread: float = 4.0  # max/min context within one decode batch, at most
     wide_mix_points: int = 12  # decode diagnostics with unrelated contexts (not fitted)
+    drift_window: int = 41  # steps per slowdown estimate (drift_corrected_medians); 0: off
     holdout: float = 0.25
     seed: int = 0
     backends: tuple[str, ...] | None = None  # None: inprocess, shm, tcp (+ cuda_ipc on CUDA)
@@ -96,8 +101,9 @@ class ProfileOptions:
     def __post_init__(self) -> None:
         if self.prefill_points < 8 or self.decode_points < 8:
             raise ValueError("prefill_points and decode_points must be >= 8")
-        if self.reps < 1 or self.warmup_passes < 0 or self.transfer_reps < 1:
-            raise ValueError("reps and transfer_reps must be >= 1, warmup_passes >= 0")
+        if min(self.reps, self.decode_repeat, self.transfer_reps) < 1 or self.warmup_passes < 0:
+            raise ValueError("reps, decode_repeat and transfer_reps must be >= 1, "
+                             "warmup_passes >= 0")
         if self.threads is not None and self.threads < 1:
             raise ValueError("threads must be >= 1")
         if self.min_prompt_len < 1 or self.min_context < 1:
@@ -110,6 +116,8 @@ class ProfileOptions:
             raise ValueError("max_prefill_seqs must be >= 1")
         if self.context_spread < 1.0:
             raise ValueError("context_spread must be >= 1")
+        if self.drift_window < 0:
+            raise ValueError("drift_window must be >= 0")
         if self.wide_mix_points < 0:
             raise ValueError("wide_mix_points must be >= 0")
         if not 0.05 <= self.holdout <= 0.5:
@@ -123,14 +131,15 @@ class ProfileOptions:
     @classmethod
     def quick(cls, **overrides) -> ProfileOptions:
         """A ~30 s run: fewer points and repetitions, same ranges."""
-        base = dict(prefill_points=24, decode_points=36, reps=3, wide_mix_points=6,
-                    transfer_reps=3)
+        base = dict(prefill_points=24, decode_points=36, reps=3, decode_repeat=2,
+                    wide_mix_points=6, transfer_reps=3)
         return cls(**{**base, **overrides})
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """One timed step: ``lens`` are the prompt lengths (prefill) or contexts (decode)."""
+    """One batch shape's step time: ``lens`` are the prompt lengths (prefill) or contexts
+    (decode); ``ms`` the (drift-corrected) median, ``samples`` the raw timings."""
 
     lens: tuple[int, ...]
     ms: float
@@ -483,25 +492,57 @@ class StepTimer:
 
 
 def measure_points(timer: StepTimer, inputs: Sequence, reps: int, warmup_passes: int,
-                   rng: random.Random, progress: Progress | None = None) -> list[list[float]]:
-    """Per point, ``reps`` timings in ms, every pass in a fresh random order."""
-    samples: list[list[float]] = [[] for _ in inputs]
+                   rng: random.Random, progress: Progress | None = None,
+                   repeat: Sequence[int] | None = None) -> list[tuple[int, int, float]]:
+    """Timed steps in execution order as (pass, point index, ms): ``warmup_passes``
+    discarded passes, then ``reps`` passes, each timing point ``i`` ``repeat[i]`` times
+    (default once), all in a fresh random order."""
+    log: list[tuple[int, int, float]] = []
+    repeat = repeat or [1] * len(inputs)
     total = warmup_passes + reps
     for p in range(total):
-        order = list(range(len(inputs)))
+        order = [i for i, k in enumerate(repeat) for _ in range(k)]
         rng.shuffle(order)
         t0 = time.perf_counter()
         for i in order:
             ms = timer.time_ms(inputs[i])
             if p >= warmup_passes:
-                samples[i].append(ms)
+                log.append((p - warmup_passes, i, ms))
         if progress is not None:
             kind = "warm-up pass" if p < warmup_passes else "pass"
             num = p + 1 if p < warmup_passes else p - warmup_passes + 1
             of = warmup_passes if p < warmup_passes else reps
-            progress(f"{kind} {num}/{of}: {len(inputs)} steps in "
+            progress(f"{kind} {num}/{of}: {len(order)} steps in "
                      f"{time.perf_counter() - t0:.1f} s")
-    return samples
+    return log
+
+
+def drift_corrected_medians(log: Sequence[tuple[int, float]], n_points: int, window: int,
+                            iters: int = 3) -> tuple[list[float], np.ndarray]:
+    """Per-point median times after removing the machine's slowdown of the moment.
+
+    On a shared host everything runs slower for a while when another process takes the
+    cores. Because every pass visits the points in random order, the median over a
+    step's ``window`` neighbours (in execution order) of ``time / its point's median``
+    estimates that slowdown whatever the points are; each step is divided by it
+    (normalised to a median of 1, so times stay at the run's typical level) before the
+    per-point medians are taken. ``window <= 1`` turns the correction off. Returns the
+    medians and the slowdown factor of every step of ``log``.
+    """
+    idx = np.array([i for i, _ in log], dtype=int)
+    ms = np.array([m for _, m in log], dtype=float)
+    groups = [np.flatnonzero(idx == k) for k in range(n_points)]
+    drift = np.ones(len(ms))
+    half = window // 2
+    for _ in range(iters if window > 1 else 0):
+        corrected = ms / drift
+        meds = np.array([np.median(corrected[g]) for g in groups])
+        ratio = ms / meds[idx]
+        drift = np.array([np.median(ratio[max(0, j - half):j + half + 1])
+                          for j in range(len(ms))])
+        drift /= np.median(drift)
+    corrected = ms / drift
+    return [float(np.median(corrected[g])) for g in groups], drift
 
 
 # -- KV transfer bandwidth ------------------------------------------------------------------
@@ -821,11 +862,19 @@ def profile_model(engine_config: EngineConfig, options: ProfileOptions | None = 
         for inp in (inputs[1], inputs[len(prefill_shapes) + 3], inputs[0]):
             for _ in range(2):
                 timer.time_ms(inp)
-        samples = measure_points(timer, inputs, options.reps, options.warmup_passes,
-                                 random.Random(options.seed + 1), say)
+        repeat = [1] * len(prefill_shapes) + [options.decode_repeat] * (
+            len(decode_shapes) + len(wide_shapes))
+        log = measure_points(timer, inputs, options.reps, options.warmup_passes,
+                             random.Random(options.seed + 1), say, repeat)
         del runner, timer
-        ms = [Measurement(s, statistics.median(t), t) for s, t in
-              zip(prefill_shapes + decode_shapes + wide_shapes, samples, strict=True)]
+        medians, drift = drift_corrected_medians([(i, t) for _, i, t in log], len(inputs),
+                                                 options.drift_window)
+        passes = np.array([p for p, _, _ in log])
+        raw: list[list[float]] = [[] for _ in inputs]
+        for _, i, t in log:
+            raw[i].append(t)
+        ms = [Measurement(s, m, t) for s, m, t in
+              zip(prefill_shapes + decode_shapes + wide_shapes, medians, raw, strict=True)]
         n_pre, n_dec = len(prefill_shapes), len(decode_shapes)
         prefill, decode = tuple(ms[:n_pre]), tuple(ms[n_pre:n_pre + n_dec])
         wide = tuple(ms[n_pre + n_dec:])
@@ -844,7 +893,12 @@ def profile_model(engine_config: EngineConfig, options: ProfileOptions | None = 
                 "cpu_count": os.cpu_count(), "architecture": mc.architecture,
                 "model_path": str(engine_config.model), "block_size": bs,
                 "engine_config": asdict(engine_config), "limits": lim,
-                "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+                "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+                "drift": {"window": options.drift_window,
+                          "p10": float(np.quantile(drift, 0.1)),
+                          "p90": float(np.quantile(drift, 0.9)),
+                          "per_pass_median": [float(np.median(drift[passes == p]))
+                                              for p in range(options.reps)]}}
         return ProfileRun(
             model=Path(engine_config.model).name, hardware=hardware_name(loaded.device),
             device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),

@@ -5,10 +5,12 @@ target as the arrival rate of the trace grows; per-GPU goodput divides by the pl
 GPUs. ``GoodputSearch`` replays the same requests rescaled to each probed rate (like
 ``Trace.at_rate``), caching attainment per rate:
 
-1. bracket: from a starting rate, double while the target is met and halve while it is
-   not, until one passing and one failing rate are known (or even ``min_rate`` fails:
-   goodput 0);
-2. refine by bisection until the bracket is within ``tol`` (relative).
+1. bracket: from a starting rate (the hints, else 1 req/s per GPU), double while the
+   target is met; halve up to three times while it is not, then try ``min_rate``, where
+   requests hardly overlap: if even that fails the goodput is 0 (e.g. prompts too long
+   for the TTFT target on this parallelism), which costs one simulation, not a dozen;
+2. refine by bisection (geometric while the bracket spans more than 4x) until the bracket
+   is within ``tol`` (relative).
 
 ``rate`` is the highest *measured* passing rate below the first failing one, so
 attainment there is >= target by construction; ``interpolated_rate`` is DistServe's
@@ -98,18 +100,23 @@ class GoodputSearch:
                 probe(hint)
         if not (lo or hi):
             probe(float(self.num_gpus))
+        halvings = 0
         while not (0 < good < bad < math.inf) and len(self.cache) - start < max_sims:
             if good >= bad:  # a pass above a failure: trust the failure, search below it
                 good = 0.0
             if good > 0:
                 probe(good * 2)
-            elif bad / 2 < min_rate:
-                break
-            else:
+            elif halvings < 3 and bad / 2 > min_rate:
+                halvings += 1
                 probe(bad / 2)
+            elif min_rate in self.cache or bad <= min_rate:
+                break  # fails even when requests hardly overlap: goodput 0
+            else:
+                probe(min_rate)
         if 0 < good < bad < math.inf:
             while bad - good > tol * bad and len(self.cache) - start < max_sims:
-                mid = 0.5 * (good + bad)
+                # Geometric steps while the bracket spans orders of magnitude.
+                mid = math.sqrt(good * bad) if bad > 4 * good else 0.5 * (good + bad)
                 if self.passes(mid):
                     good = mid
                 else:

@@ -23,6 +23,7 @@ from pdserve.cluster.profiler import (
     Measurement,
     ProfileOptions,
     decode_grid,
+    drift_corrected_medians,
     fit_decode,
     fit_prefill,
     prefill_grid,
@@ -113,6 +114,24 @@ def test_split_is_seeded_and_disjoint():
     assert split_indices(40, 0.25, seed=8) != (train, test)
 
 
+def test_drift_correction_removes_machine_slowdowns():
+    rng = random.Random(5)
+    true = [math.exp(rng.uniform(0, math.log(200))) for _ in range(60)]
+    log = []
+    for _ in range(7):
+        order = list(range(60))
+        rng.shuffle(order)
+        for i in order:
+            # Bursts of contention every other ~80 steps slow everything by 1.5x.
+            slow = 1.5 if (len(log) // 80) % 2 == 0 else 1.0
+            log.append((i, true[i] * slow * (1 + 0.01 * rng.uniform(-1, 1))))
+    raw, _ = drift_corrected_medians(log, 60, window=0)
+    fixed, drift = drift_corrected_medians(log, 60, window=41)
+    spread = lambda meds: float(np.std(np.log(np.array(meds) / np.array(true))))  # noqa: E731
+    assert spread(raw) > 0.1 and spread(fixed) < 0.03
+    assert len(drift) == len(log) and drift.max() / drift.min() > 1.3
+
+
 # -- grids and validation -------------------------------------------------------------------
 
 def test_prefill_grid_respects_limits():
@@ -161,7 +180,8 @@ def test_cli_arguments_map_to_options():
 @pytest.fixture(scope="module")
 def tiny_run(demo_model_dir):
     threads = torch.get_num_threads()
-    opts = ProfileOptions(prefill_points=10, decode_points=12, reps=1, warmup_passes=0,
+    opts = ProfileOptions(prefill_points=10, decode_points=12, reps=1, decode_repeat=2,
+                          warmup_passes=0,
                           max_prompt_len=96, max_batch_tokens=192, max_batch=6,
                           max_context=96, wide_mix_points=2, backends=("inprocess", "shm"),
                           transfer_tokens=(32, 64), transfer_reps=1)
@@ -190,7 +210,8 @@ def test_tiny_profile_round_trips(tiny_run):
     m = again.extra["measurements"]
     assert len(m["prefill"]) == 10 and len(m["decode"]) == 12
     assert {p["split"] for p in m["prefill"]} == {"train", "test"}
-    assert all(p["ms"] > 0 and len(p["samples_ms"]) == 1 for p in m["decode"])
+    assert all(p["ms"] > 0 and len(p["samples_ms"]) == 1 for p in m["prefill"])
+    assert all(p["ms"] > 0 and len(p["samples_ms"]) == 2 for p in m["decode"])
     assert again.extra["profiler"]["torch_threads"] == 1
 
 

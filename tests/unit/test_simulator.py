@@ -58,8 +58,10 @@ def trace(*reqs: tuple[float, int, int]) -> Trace:
     return Trace("t", tuple(TraceRequest(*r) for r in reqs))
 
 
-def disagg(p: InstanceSpec = InstanceSpec(), d: InstanceSpec = InstanceSpec(),
-           bw: float = 1e15) -> DisaggPlanSpec:
+ONE = InstanceSpec()
+
+
+def disagg(p: InstanceSpec = ONE, d: InstanceSpec = ONE, bw: float = 1e15) -> DisaggPlanSpec:
     return DisaggPlanSpec(p, d, bw)
 
 
