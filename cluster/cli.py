@@ -94,8 +94,14 @@ def _register_profile_commands(sub) -> None:
     register(sub)
 
 
+def _register_sim_commands(sub) -> None:
+    from pdserve.cluster.sim_commands import register
+
+    register(sub)
+
+
 _EXTRA_COMMANDS = [_register_cluster_commands, _register_bench_commands,
-                   _register_profile_commands]
+                   _register_profile_commands, _register_sim_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

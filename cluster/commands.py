@@ -23,16 +23,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)
     engine = EngineConfig(model=model, device=args.device, dtype=args.dtype,
                           max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
-    gpus = 1.0 if engine.resolve_device().type == "cuda" else 0.0
+    gpus = worker_gpus(args.device, args.gpus_per_worker, args.address)
     slo = SloConfig(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot, attainment=args.attainment)
     spec = ClusterSpec(
         engine=engine,
         colocated=PoolSpec(count=args.prefill + args.decode, num_cpus=args.worker_cpus,
                            num_gpus=gpus) if args.colocated else None,
-        prefill=PoolSpec(count=args.prefill, num_cpus=args.worker_cpus,
-                         num_gpus=1.0 if engine.resolve_device().type == "cuda" else 0.0),
-        decode=PoolSpec(count=args.decode, num_cpus=args.worker_cpus,
-                        num_gpus=1.0 if engine.resolve_device().type == "cuda" else 0.0),
+        prefill=PoolSpec(count=args.prefill, num_cpus=args.worker_cpus, num_gpus=gpus,
+                         resources=((args.prefill_resource, 1.0),) if args.prefill_resource else ()),
+        decode=PoolSpec(count=args.decode, num_cpus=args.worker_cpus, num_gpus=gpus,
+                        resources=((args.decode_resource, 1.0),) if args.decode_resource else ()),
         kv=KVTransferConfig(backend=args.kv_backend, bind_host=args.kv_bind_host),
         router=RouterConfig(model=model, server=ServerConfig(
                                 host=args.host, port=args.port, metrics_host=args.metrics_host,
@@ -67,6 +67,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print("pdserve: shutting down", file=sys.stderr)
     cluster.shutdown()
     return 0
+
+
+def worker_gpus(device: str, gpus_per_worker: float | None, address: str | None) -> float:
+    """GPUs each worker actor asks Ray for. The device itself is resolved by each worker on
+    its own node, so a head node without a GPU can launch GPU workers."""
+    if gpus_per_worker is not None:
+        return gpus_per_worker
+    if device == "cpu":
+        return 0.0
+    if device.startswith("cuda"):
+        return 1.0
+    import ray
+
+    from pdserve.cluster.launcher import init_ray  # auto: whatever the cluster has
+
+    init_ray(address)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -126,6 +143,12 @@ def register(sub) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--worker-cpus", type=float, default=1.0, help="Ray CPUs per worker actor")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="Ray GPUs per worker (default: 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--prefill-resource", default=None,
+                   help="custom Ray resource prefill workers require (e.g. 'prefill' on nodes "
+                        "started with --resources='{\"prefill\": 8}')")
+    p.add_argument("--decode-resource", default=None, help="likewise for decode workers")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("generate", help="stream a completion from a running pdserve endpoint")

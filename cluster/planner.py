@@ -6,15 +6,17 @@ comes from the simulator (``pdserve.cluster.simulator``) on a representative sli
 trace (``max_requests`` consecutive requests with the trace's length distribution),
 rescaled in rate by bisection; goodput searches are cached by simulation key.
 
-- High node-affinity (DistServe Alg. 1; fast cross-node network): rank each phase's
-  ``(tp, pp)`` alone by single-instance per-GPU goodput (prefill: TTFT only, decode: TPOT
-  only, decode fed as if prefill were instant); for the best ``keep_per_phase`` of each,
-  measure the phase goodput of ``n`` instances (``g_p(n)``, ``g_d(n)``; pooling makes
-  these superlinear); estimate every count pair fitting the cluster as
-  ``min(g_p(n_p), g_d(n_d)) / GPUs`` and verify the ``verify_top`` best estimates by
-  simulating the whole system. Constraints: ``tp <= gpus_per_node``, ``tp`` in the
-  profile, ``pp <= max_pp``, and the KV of one instance (a decode lane) must hold the
-  longest request.
+- High node-affinity (DistServe Alg. 1; fast cross-node network): search each phase's
+  ``(tp, pp)`` alone (prefill: TTFT only; decode: TPOT only, fed as if prefill were
+  instant), measuring the phase goodput of ``n`` instances, ``g_p(n)`` and ``g_d(n)``
+  (pooling makes these superlinear, so a single instance's goodput would misjudge the
+  counts), and rank configurations by their best per-GPU phase goodput (the best
+  ``keep_per_phase``; default all, since the granularity of a phase's instances matters
+  as much as its efficiency). Then estimate every count pair fitting the cluster as
+  ``min(g_p(n_p), g_d(n_d)) / GPUs`` (the phases balanced) and verify the ``verify_top``
+  best estimates by simulating the whole system. Constraints: ``tp <= gpus_per_node``,
+  ``tp`` in the profile, ``pp <= max_pp``, and the KV of one instance (a decode lane)
+  must hold the longest request.
 - Low node-affinity (Alg. 2; slow cross-node network): each node holds one pipeline
   segment of a *unit* of ``n_p`` prefill and ``n_d`` decode instances
   (``n_p*tp_p*pp_p_seg + n_d*tp_d*pp_d_seg <= gpus_per_node``; DistServe uses one of
@@ -25,6 +27,10 @@ rescaled in rate by bisection; goodput searches are cached by simulation key.
 - ``exhaustive``: every full disaggregated configuration ``(tp_p, pp_p, n_p, tp_d, pp_d,
   n_d)`` within the cluster (and colocated ``(tp, pp, count)``), each simulated as a whole;
   the reference the planner is checked against.
+
+``plan(affinity="auto")`` runs both algorithms and keeps the higher per-GPU goodput; with
+``consider_colocated`` it also weighs the colocated baseline and may return a colocated
+plan. DistServe's algorithms only search disaggregated placements.
 """
 
 from __future__ import annotations

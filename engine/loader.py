@@ -53,7 +53,17 @@ def has_tokenizer(model_dir: str) -> bool:
     return any((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES)
 
 
+def ensure_model_present(model_dir: str) -> None:
+    """On a worker node without the demo checkpoint, create it: it is deterministic, so
+    every node builds identical weights (real checkpoints must be on every node)."""
+    from pdserve.engine.demo_model import create_demo_model, demo_model_path
+
+    if not Path(model_dir).exists() and Path(model_dir) == demo_model_path():
+        create_demo_model(model_dir)
+
+
 def load_model(config: EngineConfig, load_tokenizer: bool = True) -> LoadedModel:
+    ensure_model_present(config.model)
     model_config = ModelConfig.from_pretrained(config.model)
     if config.max_model_len and config.max_model_len > model_config.max_position_embeddings:
         raise ValueError(

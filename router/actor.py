@@ -50,11 +50,12 @@ class RouterConfig:
 
 def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
                  decodes: Sequence[tuple[str, Any]]) -> RouterServer:
-    from pdserve.engine.loader import has_tokenizer
+    from pdserve.engine.loader import ensure_model_present, has_tokenizer
     from pdserve.engine.metrics import model_label
     from pdserve.engine.model_config import ModelConfig
     from pdserve.engine.tokenizer import Tokenizer
 
+    ensure_model_present(config.model)
     mc = ModelConfig.from_pretrained(config.model)
     tokenizer = Tokenizer.from_pretrained(config.model) if has_tokenizer(config.model) else None
     vocab = max(mc.vocab_size, tokenizer.vocab_size if tokenizer else 0)

@@ -16,7 +16,7 @@ from typing import Literal
 
 Phase = Literal["both", "prefill", "decode"]
 PHASES: tuple[str, ...] = ("both", "prefill", "decode")
-DISPATCH_POLICIES: tuple[str, ...] = ("least_loaded", "round_robin")
+DISPATCH_POLICIES: tuple[str, ...] = ("least_loaded", "round_robin", "slo_aware")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,10 @@ class SimConfig:
     ``max_decode_batch`` caps the requests of one decode lane (see ``disagg.py``).
     ``request_overhead_s`` is added to every TTFT (router, tokenizer, network);
     ``step_overhead_s`` to every model step (scheduling, sampling, launch).
+    ``dispatch="slo_aware"`` sends a prompt to the prefill instance with the lowest
+    predicted TTFT (the router's ``SloAware`` rule: the running batch's remaining time plus
+    its queue and the prompt, batched under the token budget); with ``admission_ttft_s``
+    set, an arrival predicted to miss that target is rejected at once (admission control).
     """
 
     prefill_token_budget: int = 4096
@@ -37,8 +41,12 @@ class SimConfig:
     request_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
     dispatch: str = "least_loaded"
+    admission_ttft_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.admission_ttft_s is not None and (self.dispatch != "slo_aware"
+                                                  or not self.admission_ttft_s > 0):
+            raise ValueError("admission_ttft_s needs dispatch='slo_aware' and a positive target")
         if self.prefill_token_budget < 1:
             raise ValueError("prefill_token_budget must be >= 1")
         if self.max_decode_batch < 1:

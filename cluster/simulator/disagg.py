@@ -40,6 +40,7 @@ from pdserve.cluster.simulator.config import DisaggPlanSpec, SimConfig
 from pdserve.cluster.simulator.costs import DecodeCost, PrefillCost
 from pdserve.cluster.simulator.result import SimResult
 from pdserve.cluster.simulator.workload import Workload
+from pdserve.router.policy_slo import TokenRate, predict_ttft_s
 
 _PDONE, _PFREE, _KV, _DSTEP = 0, 1, 2, 3
 
@@ -57,6 +58,7 @@ def run_disagg(plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload, cfg: 
     budget, chunked = cfg.prefill_token_budget, cfg.chunked_prefill
     max_batch, step_oh = cfg.max_decode_batch, cfg.step_overhead_s
     least_loaded = cfg.dispatch == "least_loaded"
+    slo_aware = cfg.dispatch == "slo_aware"
     do_prefill, do_decode = phase != "decode", phase != "prefill"
 
     arr, prompt, out = w.arrival, w.prompt, w.output
@@ -64,6 +66,7 @@ def run_disagg(plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload, cfg: 
     first = [math.nan] * n
     last = [math.nan] * n
     rejected = [False] * n
+    admission_rejected = [False] * n
     heap: list = []
     push, pop = heapq.heappush, heapq.heappop
     seq = 0
@@ -93,6 +96,18 @@ def run_disagg(plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload, cfg: 
     lanes_per_unit = n_lanes // plan.units
     unit_lanes = [range(u * lanes_per_unit, (u + 1) * lanes_per_unit) for u in range(plan.units)]
     all_lanes = range(n_lanes)
+
+    rates = [TokenRate() for _ in range(n_pre)]
+
+    def batch_s(lens: list[int]) -> float:
+        return pc.stage_s(sum(lens), sum(x * x for x in lens)) * pp + step_oh
+
+    def predicted_ttft(p: int, p_len: int, now: float) -> float:
+        """The router's SloAware prediction (same function), from the simulator's state."""
+        queue = [prompt[r] - p_done[r] for r in p_queue[p]]
+        return predict_ttft_s(batch_s, queue, p_len, budget,
+                              busy_s=max(0.0, p_stage_free[p][-1] - now),
+                              tokens_per_s=rates[p].rate(now)) + cfg.request_overhead_s
 
     def form_prefill(p: int, now: float) -> None:
         nonlocal seq
@@ -243,6 +258,13 @@ def run_disagg(plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload, cfg: 
                 continue
             if not do_prefill:
                 p = -1
+            elif slo_aware:
+                preds = [predicted_ttft(x, p_len, now) for x in range(n_pre)]
+                p = min(range(n_pre), key=preds.__getitem__)
+                rates[p].observe(now, p_len)
+                if cfg.admission_ttft_s is not None and preds[p] > cfg.admission_ttft_s:
+                    rejected[rid] = admission_rejected[rid] = True
+                    continue
             elif least_loaded:
                 p = min(range(n_pre), key=p_outstanding.__getitem__)
             else:
@@ -279,4 +301,4 @@ def run_disagg(plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload, cfg: 
     gpus = (plan.prefill.num_gpus if do_prefill else 0) + (plan.decode.num_gpus if do_decode
                                                             else 0)
     return SimResult(label, phase, gpus, w.rate, arr, prompt, out, tuple(first), tuple(last),
-                     ttft, tpot, sum(rejected), events)
+                     ttft, tpot, sum(rejected), events, tuple(admission_rejected))

@@ -66,6 +66,8 @@ class SimResult:
     tpot: tuple[float | None, ...]
     num_rejected: int = 0
     num_events: int = 0
+    # Per request: rejected by admission control (TTFT predicted to miss); empty = none.
+    admission_rejected: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.arrival)
@@ -89,6 +91,21 @@ class SimResult:
                  if f <= t_ttft and (p is None or p <= t_tpot))
         return ok / len(self.ttft)
 
+    def attainment_admitted(self, slo: SloConfig) -> float:
+        """Attainment among the requests admission control let in."""
+        flags = self.admission_rejected or (False,) * len(self.ttft)
+        kept = [(f, p) for f, p, r in zip(self.ttft, self.tpot, flags, strict=True) if not r]
+        if not kept:
+            return 0.0
+        return sum(1 for f, p in kept if f <= slo.ttft_s and (p is None or p <= slo.tpot_s)) \
+            / len(kept)
+
+    def goodput_rps(self, slo: SloConfig) -> float:
+        """SLO-meeting requests per second of trace time."""
+        span = (self.arrival[-1] - self.arrival[0]) if len(self.arrival) > 1 else 0.0
+        met = self.attainment(slo) * len(self)
+        return met / span if span > 0 else 0.0
+
     def ttft_attainment(self, slo: SloConfig) -> float:
         return sum(1 for f in self.ttft if f <= slo.ttft_s) / len(self.ttft)
 
@@ -106,6 +123,9 @@ class SimResult:
                    "rate": self.rate, "num_requests": len(self),
                    "num_rejected": self.num_rejected, **self.percentiles().as_dict()}
         if slo is not None:
-            d.update(attainment=self.attainment(slo), ttft_attainment=self.ttft_attainment(slo),
+            d.update(attainment=self.attainment(slo),
+                     attainment_admitted=self.attainment_admitted(slo),
+                     num_admission_rejected=sum(self.admission_rejected),
+                     ttft_attainment=self.ttft_attainment(slo),
                      tpot_attainment=self.tpot_attainment(slo))
         return d

@@ -138,3 +138,33 @@ def test_impossible_slo_raises_planning_error():
                 config=PlannerConfig(max_requests=100, max_pp=1))
     with pytest.raises(PlanningError):
         p.plan("auto")
+
+
+def test_cli_plan_then_simulate(tmp_path, capsys):
+    import argparse
+    import json
+
+    from pdserve.cluster.sim_commands import register
+
+    parser = argparse.ArgumentParser(prog="pdserve")
+    register(parser.add_subparsers(dest="command", required=True))
+    prof = tmp_path / "profile.json"
+    obvious_profile().save(prof)
+    common = ["--profile", str(prof), "--trace", "poisson:20:200:50-200:5-40",
+              "--slo-ttft", "0.05", "--slo-tpot", "0.02"]
+    args = parser.parse_args(["plan", *common, "--nodes", "1", "--gpus-per-node", "4",
+                              "--max-pp", "1", "--out", str(tmp_path / "plan.json")])
+    assert args.func(args) == 0
+    plan = Plan.load(tmp_path / "plan.json")
+    assert plan.prefill.tp == 2
+    args = parser.parse_args(["simulate", *common, "--plan", str(tmp_path / "plan.json"),
+                              "--goodput", "--out", str(tmp_path / "sim.json")])
+    assert args.func(args) == 0
+    out = json.loads((tmp_path / "sim.json").read_text())
+    assert out["goodput"]["rate"] > 0 and out["simulation"]["attainment"] >= 0.9
+    assert "TTFT p50/p90/p99" in capsys.readouterr().out
+    args = parser.parse_args(["simulate", *common, "--colocated", "--tp", "2", "--rate", "5"])
+    assert args.func(args) == 0
+    bad = parser.parse_args(["simulate", "--trace", "poisson:1:x"])
+    with pytest.raises(ValueError):
+        bad.func(bad)

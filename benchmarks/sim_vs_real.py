@@ -1,0 +1,165 @@
+"""Simulator against reality: the same trace on the real CPU cluster and in the simulator.
+
+One run: launch a real 1-prefill + 1-decode cluster (Ray actors, shared-memory KV
+transfer, one torch thread per worker) on the model at hand (default: the demo model),
+replay a time-scaled slice of the Azure conversation trace at two load levels with the
+real gRPC client, and simulate the same plan on the same requests with the model's
+latency profile (``pdserve profile``; measured first if none is given). Reports p50 and
+p90 TTFT and TPOT of both and their relative differences (goal: within 25%).
+
+The only calibration is the per-request fixed cost outside the model (gRPC, router,
+Ray calls, tokenization), measured in the same run from sequential requests as client
+TTFT minus the prefill worker's compute time, and given to the simulator as
+``request_overhead_s``; nothing is fitted to the replay results.
+
+    python benchmarks/sim_vs_real.py                       # ~5 minutes on 2 cores
+    python benchmarks/sim_vs_real.py --rates 2,6 --requests 200 --profile P.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from pdserve.benchmarks.loadgen import LoadGenConfig, run_trace
+from pdserve.benchmarks.trace import load_azure_csv
+from pdserve.cluster.client import Client, build_request
+from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
+from pdserve.cluster.profile import LatencyProfile
+from pdserve.cluster.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate
+from pdserve.cluster.simulator.workload import representative_slice
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.demo_model import create_demo_model
+from pdserve.kv_transfer.backend_config import KVTransferConfig
+from pdserve.router.actor import RouterConfig
+from pdserve.router.server import ServerConfig
+
+AZURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "azure_llm_2023_conv.csv"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def pct(xs, q):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def calibrate_overhead(address: str, prompt_len: int, n: int = 30) -> float:
+    """Median of (client TTFT - prefill compute) over sequential requests, seconds."""
+    vals = []
+    with Client(address, timeout_s=60) as c:
+        for i in range(n):
+            t0 = time.perf_counter()
+            first = None
+            usage = None
+            for msg in c.stream(build_request([3 + (i * 7 + j) % 900 for j in range(prompt_len)],
+                                              max_tokens=2)):
+                if first is None:
+                    first = time.perf_counter() - t0
+                if msg.HasField("usage"):
+                    usage = msg.usage
+            if i >= 5:  # warm-up
+                vals.append(first - usage.prefill_ms / 1e3)
+    return statistics.median(vals)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--profile", default=None, help="latency profile JSON (default: measure)")
+    ap.add_argument("--trace", default=str(AZURE))
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--rates", default="3,8", help="two (or more) load levels, req/s")
+    ap.add_argument("--length-scale", type=float, default=0.5)
+    ap.add_argument("--max-prompt-len", type=int, default=2048)
+    ap.add_argument("--max-output-len", type=int, default=256)
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    args = ap.parse_args(argv)
+
+    model = args.model or str(create_demo_model())
+    engine = EngineConfig(model=model, device="cpu", num_kv_blocks=4096, max_num_seqs=64,
+                          max_num_batched_tokens=2048)
+    if args.profile:
+        profile = LatencyProfile.load(args.profile)
+    else:
+        from pdserve.cluster.profiler import ProfileOptions, profile_model
+
+        print("measuring the latency profile ...", file=sys.stderr)
+        profile = profile_model(engine, ProfileOptions()).to_profile()
+        profile.save(Path(args.out_dir) / "profile_sim_vs_real.json")
+    base = representative_slice(load_azure_csv(args.trace), args.requests).scaled(
+        length_scale=args.length_scale, max_prompt_len=args.max_prompt_len,
+        max_output_len=args.max_output_len)
+    rates = [float(r) for r in args.rates.split(",")]
+    mean_prompt = round(statistics.fmean(r.prompt_len for r in base.requests))
+
+    spec = ClusterSpec(engine=engine, prefill=PoolSpec(1), decode=PoolSpec(1),
+                       kv=KVTransferConfig(backend="shm"),
+                       router=RouterConfig(model=model, server=ServerConfig(
+                           port=0, metrics_port=None)), torch_threads=1)
+    cluster = launch(spec)
+    rows = []
+    try:
+        overhead = calibrate_overhead(cluster.address, mean_prompt)
+        print(f"per-request overhead outside the model: {overhead * 1e3:.1f} ms", file=sys.stderr)
+        for rate in rates:
+            trace = base.at_rate(rate)
+            run = run_trace(cluster.address, trace, LoadGenConfig(vocab_size=900, quiet=False))
+            ok = [r for r in run.records if r.outcome == "ok"]
+            sim_cfg = SimConfig(prefill_token_budget=engine.max_num_batched_tokens,
+                                chunked_prefill=True, max_decode_batch=engine.max_num_seqs,
+                                request_overhead_s=overhead)
+            bw = profile.bandwidth("shm") or 5e9
+            sim = simulate(DisaggPlanSpec(InstanceSpec(), InstanceSpec(), bw), profile, trace,
+                           sim_cfg)
+            real = {"ttft": [r.ttft_s for r in ok], "tpot": [r.tpot_s for r in ok]}
+            simd = {"ttft": list(sim.ttft), "tpot": list(sim.tpot)}
+            row = {"rate": rate, "requests": len(trace), "ok": len(ok)}
+            for metric in ("ttft", "tpot"):
+                for q in (50, 90):
+                    r_, s_ = pct(real[metric], q), pct(simd[metric], q)
+                    row[f"{metric}_p{q}_real_ms"] = r_ * 1e3
+                    row[f"{metric}_p{q}_sim_ms"] = s_ * 1e3
+                    row[f"{metric}_p{q}_rel_err"] = (s_ - r_) / r_
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    finally:
+        cluster.shutdown()
+
+    ok_all = all(abs(row[f"{m}_p{q}_rel_err"]) <= 0.25 for row in rows
+                 for m in ("ttft", "tpot") for q in (50, 90))
+    result = {"benchmark": "sim_vs_real", "model": model, "trace": args.trace,
+              "requests": args.requests, "length_scale": args.length_scale,
+              "request_overhead_s": overhead, "profile": profile.model,
+              "profile_fit_error": dict(profile.fit_error), "rows": rows,
+              "all_within_25pct": ok_all, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sim_vs_real.json").write_text(json.dumps(result, indent=2))
+    lines = ["# Simulator vs real CPU cluster (1 prefill + 1 decode, shm, demo model)", "",
+             f"Azure conversation slice of {args.requests} requests, lengths x{args.length_scale}, "
+             f"time-scaled to each rate; per-request overhead {overhead * 1e3:.1f} ms "
+             "(measured in the same run).", "",
+             "| rate (req/s) | metric | real (ms) | simulated (ms) | difference |",
+             "|---|---|---:|---:|---:|"]
+    for row in rows:
+        for m in ("ttft", "tpot"):
+            for q in (50, 90):
+                lines.append(f"| {row['rate']:g} | {m.upper()} p{q} | "
+                             f"{row[f'{m}_p{q}_real_ms']:.1f} | {row[f'{m}_p{q}_sim_ms']:.1f} | "
+                             f"{row[f'{m}_p{q}_rel_err'] * 100:+.1f}% |")
+    lines += ["", f"All within 25%: {'yes' if ok_all else 'NO'}."]
+    (out / "sim_vs_real.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
