@@ -7,10 +7,15 @@ real gRPC client, and simulate the same plan on the same requests with the model
 latency profile (``pdserve profile``; measured first if none is given). Reports p50 and
 p90 TTFT and TPOT of both and their relative differences (goal: within 25%).
 
-The only calibration is the per-request fixed cost outside the model (gRPC, router,
-Ray calls, tokenization), measured in the same run from sequential requests as client
-TTFT minus the prefill worker's compute time, and given to the simulator as
-``request_overhead_s``; nothing is fitted to the replay results.
+Calibration, done before and apart from the replays (nothing is fitted to them):
+- the per-request fixed cost outside the model (gRPC, router, Ray calls), from
+  sequential requests: client TTFT minus the prefill worker's compute time;
+- per-phase correction factors of the profile (``cluster/calibration.py``): the median
+  ratio of the workers' logged step durations to the profile's predictions, over a
+  separate calibration replay (a different window of the trace at a middle load). The
+  profiler times a step alone on an idle machine; in the cluster the same step shares
+  2 cores with the other worker, the router and the client.
+Both the uncorrected and the corrected simulation are reported.
 
     python benchmarks/sim_vs_real.py                       # ~5 minutes on 2 cores
     python benchmarks/sim_vs_real.py --rates 2,6 --requests 200 --profile P.json
@@ -25,8 +30,11 @@ import sys
 import time
 from pathlib import Path
 
+import ray
+
 from pdserve.benchmarks.loadgen import LoadGenConfig, run_trace
 from pdserve.benchmarks.trace import load_azure_csv
+from pdserve.cluster.calibration import corrected, correction_factors
 from pdserve.cluster.client import Client, build_request
 from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
 from pdserve.cluster.profile import LatencyProfile
@@ -70,6 +78,19 @@ def calibrate_overhead(address: str, prompt_len: int, n: int = 30) -> float:
     return statistics.median(vals)
 
 
+def calibration_window(azure, args):
+    """A different block of the same trace (requests 2000.., far from the evaluation
+    slice), shaped the same way: same workload, different requests."""
+    from pdserve.benchmarks.trace import Trace, TraceRequest
+
+    sel = azure.requests[2000:2000 + args.requests]
+    t0 = sel[0].arrival_s
+    window = Trace("calibration", tuple(TraceRequest(r.arrival_s - t0, r.prompt_len,
+                                                     r.output_len) for r in sel))
+    return window.scaled(length_scale=args.length_scale, max_prompt_len=args.max_prompt_len,
+                         max_output_len=args.max_output_len)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -94,7 +115,8 @@ def main(argv=None) -> int:
         print("measuring the latency profile ...", file=sys.stderr)
         profile = profile_model(engine, ProfileOptions()).to_profile()
         profile.save(Path(args.out_dir) / "profile_sim_vs_real.json")
-    base = representative_slice(load_azure_csv(args.trace), args.requests).scaled(
+    azure = load_azure_csv(args.trace)
+    base = representative_slice(azure, args.requests).scaled(
         length_scale=args.length_scale, max_prompt_len=args.max_prompt_len,
         max_output_len=args.max_output_len)
     rates = [float(r) for r in args.rates.split(",")]
@@ -109,6 +131,13 @@ def main(argv=None) -> int:
     try:
         overhead = calibrate_overhead(cluster.address, mean_prompt)
         print(f"per-request overhead outside the model: {overhead * 1e3:.1f} ms", file=sys.stderr)
+        calib = calibration_window(azure, args).at_rate(statistics.fmean(rates))
+        run_trace(cluster.address, calib, LoadGenConfig(vocab_size=900, seed=1, quiet=True))
+        steps = [rec for _, h in (*cluster.prefills, *cluster.decodes)
+                 for rec in ray.get(h.step_log.remote())]
+        factors = correction_factors(profile, steps)
+        fixed = corrected(profile, factors)
+        print(f"profile correction factors: {factors}", file=sys.stderr)
         for rate in rates:
             trace = base.at_rate(rate)
             run = run_trace(cluster.address, trace, LoadGenConfig(vocab_size=900, quiet=False))
@@ -117,17 +146,19 @@ def main(argv=None) -> int:
                                 chunked_prefill=True, max_decode_batch=engine.max_num_seqs,
                                 request_overhead_s=overhead)
             bw = profile.bandwidth("shm") or 5e9
-            sim = simulate(DisaggPlanSpec(InstanceSpec(), InstanceSpec(), bw), profile, trace,
-                           sim_cfg)
+            plan = DisaggPlanSpec(InstanceSpec(), InstanceSpec(), bw)
             real = {"ttft": [r.ttft_s for r in ok], "tpot": [r.tpot_s for r in ok]}
-            simd = {"ttft": list(sim.ttft), "tpot": list(sim.tpot)}
             row = {"rate": rate, "requests": len(trace), "ok": len(ok)}
-            for metric in ("ttft", "tpot"):
-                for q in (50, 90):
-                    r_, s_ = pct(real[metric], q), pct(simd[metric], q)
-                    row[f"{metric}_p{q}_real_ms"] = r_ * 1e3
-                    row[f"{metric}_p{q}_sim_ms"] = s_ * 1e3
-                    row[f"{metric}_p{q}_rel_err"] = (s_ - r_) / r_
+            for tag, prof in (("sim", fixed), ("sim_uncorrected", profile)):
+                sim = simulate(plan, prof, trace, sim_cfg)
+                simd = {"ttft": list(sim.ttft), "tpot": list(sim.tpot)}
+                for metric in ("ttft", "tpot"):
+                    for q in (50, 90):
+                        r_, s_ = pct(real[metric], q), pct(simd[metric], q)
+                        row[f"{metric}_p{q}_real_ms"] = r_ * 1e3
+                        row[f"{metric}_p{q}_{tag}_ms"] = s_ * 1e3
+                        err = "rel_err" if tag == "sim" else "rel_err_uncorrected"
+                        row[f"{metric}_p{q}_{err}"] = (s_ - r_) / r_
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     finally:
@@ -138,6 +169,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "sim_vs_real", "model": model, "trace": args.trace,
               "requests": args.requests, "length_scale": args.length_scale,
               "request_overhead_s": overhead, "profile": profile.model,
+              "correction_factors": factors,
               "profile_fit_error": dict(profile.fit_error), "rows": rows,
               "all_within_25pct": ok_all, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     out = Path(args.out_dir)
@@ -147,14 +179,18 @@ def main(argv=None) -> int:
              f"Azure conversation slice of {args.requests} requests, lengths x{args.length_scale}, "
              f"time-scaled to each rate; per-request overhead {overhead * 1e3:.1f} ms "
              "(measured in the same run).", "",
-             "| rate (req/s) | metric | real (ms) | simulated (ms) | difference |",
-             "|---|---|---:|---:|---:|"]
+             f"Profile correction factors from a separate calibration replay: prefill "
+             f"x{factors['prefill']:.2f}, decode x{factors['decode']:.2f}.", "",
+             "| rate (req/s) | metric | real (ms) | simulated (ms) | difference | "
+             "uncorrected sim (ms) | difference |", "|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         for m in ("ttft", "tpot"):
             for q in (50, 90):
                 lines.append(f"| {row['rate']:g} | {m.upper()} p{q} | "
                              f"{row[f'{m}_p{q}_real_ms']:.1f} | {row[f'{m}_p{q}_sim_ms']:.1f} | "
-                             f"{row[f'{m}_p{q}_rel_err'] * 100:+.1f}% |")
+                             f"{row[f'{m}_p{q}_rel_err'] * 100:+.1f}% | "
+                             f"{row[f'{m}_p{q}_sim_uncorrected_ms']:.1f} | "
+                             f"{row[f'{m}_p{q}_rel_err_uncorrected'] * 100:+.1f}% |")
     lines += ["", f"All within 25%: {'yes' if ok_all else 'NO'}."]
     (out / "sim_vs_real.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -91,6 +91,9 @@ class DecodeWorkerActor:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    async def step_log(self, last: int | None = None) -> list:
+        return await self.host.step_log(last)
+
     async def metrics_text(self) -> str:
         return self.host.metrics_text()
 

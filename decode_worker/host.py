@@ -68,6 +68,12 @@ class DecodeHost:
         finally:
             self._subscribers.remove(entry)
 
+    async def step_log(self, last: int | None = None) -> list:
+        """Recent ``StepRecord``s (shape and measured duration of each model step)."""
+        log = getattr(self.worker, "step_log", None)
+        return await asyncio.wrap_future(self._loop.call(
+            lambda: log.records(last) if log is not None else []))
+
     def metrics_text(self) -> str:
         """This worker's Prometheus exposition (empty if it has no metrics attached)."""
         m = self.worker.metrics

@@ -34,6 +34,7 @@ from pdserve.engine.output_processor import token_stop_reason
 from pdserve.engine.request import FinishReason, Request
 from pdserve.engine.sampler import Sampler, step_generator
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.engine.step_log import StepLog
 from pdserve.kv_transfer.base import KVDestination, KVReceiver, TransferState
 
 DEFAULT_LEASE_S = 120.0
@@ -67,6 +68,8 @@ class DecodeWorker:
         self._pending_deltas: list[TokenDelta] = []
         self._steps = 0
         self.metrics: WorkerMetrics | None = None  # attached by the host builder
+        self.step_log = StepLog()
+        self._prev_step: tuple[list[int], float] | None = None  # (contexts, start) of last step
 
     @classmethod
     def from_config(cls, worker_id: str, config: EngineConfig, receiver_factory,
@@ -162,6 +165,14 @@ class DecodeWorker:
         self._running[req.request_id] = req
 
     def step(self) -> TokenBatch | None:
+        cycle_start = time.perf_counter()
+        if self._prev_step is not None:
+            # A running request waits a whole loop cycle per token (model step plus the
+            # scheduling, streaming and actor work around it), so that is what the step
+            # log records for the previous step's shape.
+            lens, started = self._prev_step
+            self.step_log.add("decode", lens, cycle_start - started)
+            self._prev_step = None
         self._admit_landed()
         deltas, self._pending_deltas = self._pending_deltas, []
         sched = self.scheduler.schedule()
@@ -189,8 +200,13 @@ class DecodeWorker:
                 deltas.append(TokenDelta(req.request_id, (tok.token_id,),
                                          (tok,) if req.params.logprobs is not None else (),
                                          reason.value if reason else None))
+        duration = time.perf_counter() - step_t0
+        if sched.chunks and all(c.num_tokens == 1 for c in sched.chunks) and self._running:
+            # pure decode steps only (recomputation after preemption is prefill-shaped), and
+            # only while more steps follow at once, so the cycle has no idle time in it
+            self._prev_step = ([c.start + 1 for c in sched.chunks], cycle_start)
         if self.metrics is not None:
-            self._record(sched, time.perf_counter() - step_t0)
+            self._record(sched, duration)
         if not deltas:
             return None
         self._steps += 1

@@ -49,6 +49,12 @@ class PrefillHost:
     async def stats(self) -> PrefillStats:
         return await asyncio.wrap_future(self._loop.call(self.worker.stats))
 
+    async def step_log(self, last: int | None = None) -> list:
+        """Recent ``StepRecord``s (shape and measured duration of each model step)."""
+        log = getattr(self.worker, "step_log", None)
+        return await asyncio.wrap_future(self._loop.call(
+            lambda: log.records(last) if log is not None else []))
+
     def metrics_text(self) -> str:
         """This worker's Prometheus exposition (empty if it has no metrics attached)."""
         m = self.worker.metrics

@@ -28,6 +28,7 @@ from pdserve.engine.output_processor import token_stop_reason
 from pdserve.engine.request import FinishReason, Request
 from pdserve.engine.sampler import Sampler, step_generator
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.engine.step_log import StepLog
 from pdserve.kv_transfer.base import KVSender, Transfer, TransferError
 from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult, PrefillStats
 
@@ -65,6 +66,7 @@ class PrefillWorker:
         self._counters = _Counters()
         self.on_step_timing: Callable[[int, float], None] | None = None
         self.metrics: WorkerMetrics | None = None  # attached by the host builder
+        self.step_log = StepLog()
 
     @classmethod
     def from_config(cls, worker_id: str, config: EngineConfig, sender: KVSender | None,
@@ -150,8 +152,10 @@ class PrefillWorker:
                 queue_s=(p.scheduled or sampled_at) - p.arrived,
                 prefill_s=sampled_at - (p.scheduled or sampled_at),
                 transfer_wait_s=wait_s, error=p.error))
+        duration = time.perf_counter() - step_t0
+        self.step_log.add("prefill", [c.num_tokens for c in sched.chunks], duration)
         if self.metrics is not None:
-            self._record(sched, completing, time.perf_counter() - step_t0)
+            self._record(sched, completing, duration)
         return results
 
     def _record(self, sched, completing: list[_Pending], duration_s: float) -> None:
