@@ -8,8 +8,9 @@
 #             `import flashinfer` loads compiled kernels through);
 #             grpcio-health-checking, grpcio-reflection (the router's gRPC server imports
 #             them; the GPU image has grpcio but not these two).
-#   fallback  packaging, requests, urllib3, idna, certifi, nvidia-ml-py, tqdm, ninja
-#             (flashinfer's import/JIT needs), pytest, pluggy, iniconfig (the GPU tests),
+#   fallback  packaging, requests, urllib3, idna, certifi, nvidia-ml-py, tqdm, ninja,
+#             typing-extensions (flashinfer's and tvm-ffi's import/JIT needs), pytest,
+#             pluggy, iniconfig, pygments (the GPU tests),
 #             protobuf, grpcio (our generated code needs protobuf >= 7.35.1 and
 #             grpcio >= 1.85.1): run.sh installs one of these only if the host's own copy
 #             is missing or too old, so a host copy is never shadowed needlessly.
@@ -47,6 +48,8 @@ FALLBACK=(
   "pytest==9.2.0"
   "pluggy==1.7.0"
   "iniconfig==2.3.1"
+  "pygments==2.21.0"
+  "typing_extensions==4.16.0"
   "protobuf==7.36.2"
   "grpcio==1.85.3"
 )

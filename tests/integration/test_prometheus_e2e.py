@@ -124,12 +124,14 @@ def run_load(address: str, seconds: float) -> list[float]:
 def test_every_dashboard_query_and_recording_rule_returns_series(loaded_cluster):
     base, _ = loaded_cluster
     gen = _generate_module()
-    empty = [(uid, title, expr) for uid, title, expr in gen.all_queries()
-             if not query(base, expr)]
+    queries = gen.all_queries()
+    empty = [(uid, title, expr) for uid, title, expr in queries if not query(base, expr)]
+    print(f"{len(queries)} panel queries, {len(empty)} empty")
     assert not empty, f"{len(empty)} panel queries returned nothing: {empty[:5]}"
     rules = sorted(gen.recording_rule_names())
     assert len(rules) > 20
     missing = [r for r in rules if not query(base, r)]
+    print(f"{len(rules)} recording rules, {len(missing)} without series")
     assert not missing, f"recording rules without series: {missing}"
 
 
@@ -143,4 +145,6 @@ def test_prometheus_ttft_percentiles_match_the_client(loaded_cluster):
         (series,) = [s for s in query(base, rule)
                      if s["metric"].get("slo_class", "default") == "default"]
         prom = float(series["value"][1])
+        print(f"TTFT p{int(q * 100)}: prometheus {prom * 1e3:.1f} ms, client {client * 1e3:.1f} ms "
+              f"({(prom - client) / client:+.1%}, {len(ttfts)} requests)")
         assert abs(prom - client) / client <= 0.20, (q, prom, client)
