@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.cluster.calibration import correction_factors, corrected
+from pdserve.cluster.calibration import corrected, correction_factors
 from pdserve.cluster.profile import DecodeFit, LatencyProfile, ParallelEntry, PrefillFit
 from pdserve.engine.step_log import StepLog, StepRecord
 
