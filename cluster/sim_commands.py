@@ -34,7 +34,7 @@ def _range(text: str) -> tuple[int, int]:
 
 
 def load_trace_spec(spec: str, max_requests: int | None = None):
-    """A trace from a CSV path or a ``poisson:``/``gamma:`` spec, optionally sliced to a
+    """A trace from a CSV path, ``azure``, or a ``poisson:``/``gamma:`` spec, optionally sliced to a
     representative window of ``max_requests``."""
     from pdserve.benchmarks.trace import load_trace, synthetic
     from pdserve.cluster.simulator import representative_slice
@@ -53,6 +53,10 @@ def load_trace_spec(spec: str, max_requests: int | None = None):
             raise ValueError(f"bad trace spec {spec!r}: {exc}") from exc
         trace = synthetic(n, rate, _range(parts[3]), _range(parts[4]), cv=cv)
     else:
+        if spec == "azure":  # the shared Azure conversation trace, as `pdserve bench` takes it
+            from pdserve.cluster.bench_commands import azure_trace_path
+
+            spec = str(azure_trace_path())
         if not Path(spec).exists():
             raise FileNotFoundError(f"trace {spec} not found")
         trace = load_trace(spec)
