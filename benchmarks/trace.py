@@ -93,6 +93,14 @@ def _rebase(name: str, rows: Iterable[tuple[float, int, int]]) -> Trace:
     return Trace(name, tuple(TraceRequest(t - t0, p, o) for t, p, o in rows))
 
 
+def _azure_time(text: str) -> float:
+    """Seconds since the epoch of '2023-11-16 18:15:46.6805900' (7 fractional digits, which
+    Python 3.10's fromisoformat rejects: keep microseconds)."""
+    head, _, frac = text.strip().partition(".")
+    micros = (frac + "000000")[:6] if frac else "0"
+    return datetime.fromisoformat(head).timestamp() + int(micros) / 1e6
+
+
 def load_azure_csv(path: str | Path) -> Trace:
     """Azure LLM inference trace (conversation or code)."""
     path = Path(path)
@@ -104,8 +112,7 @@ def load_azure_csv(path: str | Path) -> Trace:
             raise ValueError(f"{path} is not an Azure trace CSV: missing columns {sorted(missing)}")
         for line, row in enumerate(reader, start=2):
             try:
-                # fromisoformat takes the trace's 7 fractional digits (microseconds kept).
-                t = datetime.fromisoformat(row["TIMESTAMP"]).timestamp()
+                t = _azure_time(row["TIMESTAMP"])
                 p, o = int(row["ContextTokens"]), int(row["GeneratedTokens"])
             except (ValueError, TypeError) as exc:
                 raise ValueError(f"{path}:{line}: bad row {row}: {exc}") from exc
