@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ray
 
+from pdserve.cluster.worker_actor import WorkerActorMixin
 from pdserve.decode_worker.colocated import ColocatedRequest
 from pdserve.decode_worker.host import DecodeHost
 from pdserve.decode_worker.messages import (
-    DecodeStats,
     Reservation,
     ReserveRequest,
     StartDecode,
@@ -56,7 +56,7 @@ def build_colocated_host(worker_id: str, engine: EngineConfig,
 
 
 @ray.remote(max_concurrency=1000)
-class DecodeWorkerActor:
+class DecodeWorkerActor(WorkerActorMixin):
     def __init__(self, worker_id: str, engine: EngineConfig, kv: KVTransferConfig | None,
                  torch_threads: int | None = None):
         """``kv`` None makes a colocated worker (both phases, no KV transfer)."""
@@ -70,9 +70,6 @@ class DecodeWorkerActor:
             kv = dataclasses.replace(kv, bind_host=ray.util.get_node_ip_address())
         self.host = build_decode_host(worker_id, engine, kv, torch_threads)
 
-    async def ready(self) -> str:
-        return self.host.worker.worker_id
-
     async def reserve(self, msg: ReserveRequest) -> Reservation:
         return await self.host.reserve(msg)
 
@@ -85,26 +82,8 @@ class DecodeWorkerActor:
     async def release(self, request_id: str) -> bool:
         return await self.host.release(request_id)
 
-    async def stats(self) -> DecodeStats:
-        return await self.host.stats()
-
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
-    async def step_log(self, last: int | None = None) -> list:
-        return await self.host.step_log(last)
-
-    async def metrics_text(self) -> str:
-        return self.host.metrics_text()
-
-    async def healthy(self) -> bool:
-        return self.host.healthy()
-
     async def stream(self):
         """Server-side streaming: one ``TokenBatch`` per decode step, for the actor's life."""
         batch: TokenBatch
         async for batch in self.host.stream():
             yield batch
-
-    async def shutdown(self) -> None:
-        self.host.close()

@@ -13,33 +13,27 @@ from collections.abc import AsyncIterator
 
 from pdserve.decode_worker.colocated import ColocatedRequest, ColocatedWorker
 from pdserve.decode_worker.messages import (
-    DecodeStats,
     Reservation,
     ReserveRequest,
     StartDecode,
     TokenBatch,
 )
 from pdserve.decode_worker.worker import DecodeWorker
-from pdserve.engine.step_loop import StepLoop
+from pdserve.engine.worker_host import WorkerHost
 
 
-class DecodeHost:
+class DecodeHost(WorkerHost):
     """Hosts a ``DecodeWorker`` or a ``ColocatedWorker`` (same streaming interface)."""
 
     def __init__(self, worker: DecodeWorker | ColocatedWorker):
-        self.worker = worker
         self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
-        self._loop = StepLoop(worker, on_step=self._publish, name=f"decode-{worker.worker_id}")
-        self._loop.start()
+        super().__init__(worker, on_step=self._publish, name=f"decode-{worker.worker_id}")
 
     def _publish(self, batch: TokenBatch | None) -> None:
         if batch is None:
             return
         for loop, q in list(self._subscribers):
             loop.call_soon_threadsafe(q.put_nowait, batch)
-
-    async def _call(self, fn):
-        return await asyncio.wrap_future(self._loop.call(fn))
 
     async def reserve(self, msg: ReserveRequest) -> Reservation:
         return await self._call(lambda: self.worker.reserve(msg))
@@ -54,9 +48,6 @@ class DecodeHost:
     async def release(self, request_id: str) -> bool:
         return await self._call(lambda: self.worker.release(request_id))
 
-    async def stats(self) -> DecodeStats:
-        return await self._call(self.worker.stats)
-
     async def stream(self) -> AsyncIterator[TokenBatch]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[TokenBatch] = asyncio.Queue()
@@ -67,20 +58,6 @@ class DecodeHost:
                 yield await q.get()
         finally:
             self._subscribers.remove(entry)
-
-    async def step_log(self, last: int | None = None) -> list:
-        """Recent ``StepRecord``s (shape and measured duration of each model step)."""
-        log = getattr(self.worker, "step_log", None)
-        return await asyncio.wrap_future(self._loop.call(
-            lambda: log.records(last) if log is not None else []))
-
-    def metrics_text(self) -> str:
-        """This worker's Prometheus exposition (empty if it has no metrics attached)."""
-        m = self.worker.metrics
-        return m.text() if m is not None else ""
-
-    def healthy(self) -> bool:
-        return self._loop.alive and self._loop.error is None
 
     def close(self) -> None:
         self._loop.stop()

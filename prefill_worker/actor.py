@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ray
 
+from pdserve.cluster.worker_actor import WorkerActorMixin
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.metrics import WorkerMetrics, model_label, node_label
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.prefill_worker.host import PrefillHost
-from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult, PrefillStats
+from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult
 from pdserve.prefill_worker.worker import PrefillWorker
 
 
@@ -31,34 +32,13 @@ def build_prefill_host(worker_id: str, engine: EngineConfig, kv: KVTransferConfi
 
 
 @ray.remote(max_concurrency=1000)
-class PrefillWorkerActor:
+class PrefillWorkerActor(WorkerActorMixin):
     def __init__(self, worker_id: str, engine: EngineConfig, kv: KVTransferConfig,
                  torch_threads: int | None = None):
         self.host = build_prefill_host(worker_id, engine, kv, torch_threads)
-
-    async def ready(self) -> str:
-        return self.host.worker.worker_id
 
     async def prefill(self, msg: PrefillRequest) -> PrefillResult:
         return await self.host.prefill(msg)
 
     async def abort(self, request_id: str) -> bool:
         return await self.host.abort(request_id)
-
-    async def stats(self) -> PrefillStats:
-        return await self.host.stats()
-
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
-    async def step_log(self, last: int | None = None) -> list:
-        return await self.host.step_log(last)
-
-    async def metrics_text(self) -> str:
-        return self.host.metrics_text()
-
-    async def healthy(self) -> bool:
-        return self.host.healthy()
-
-    async def shutdown(self) -> None:
-        self.host.close()

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import asyncio
 
-from pdserve.engine.step_loop import StepLoop
-from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult, PrefillStats
+from pdserve.engine.worker_host import WorkerHost
+from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult
 from pdserve.prefill_worker.worker import PrefillWorker
 
 
-class PrefillHost:
+class PrefillHost(WorkerHost):
     def __init__(self, worker: PrefillWorker):
-        self.worker = worker
         self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._loop = StepLoop(worker, on_step=self._deliver, name=f"prefill-{worker.worker_id}")
-        self._loop.start()
+        super().__init__(worker, on_step=self._deliver, name=f"prefill-{worker.worker_id}")
 
     def _deliver(self, results: list[PrefillResult]) -> None:
         for r in results:
@@ -45,23 +43,6 @@ class PrefillHost:
     async def abort(self, request_id: str) -> bool:
         self._waiters.pop(request_id, None)
         return await asyncio.wrap_future(self._loop.call(lambda: self.worker.abort(request_id)))
-
-    async def stats(self) -> PrefillStats:
-        return await asyncio.wrap_future(self._loop.call(self.worker.stats))
-
-    async def step_log(self, last: int | None = None) -> list:
-        """Recent ``StepRecord``s (shape and measured duration of each model step)."""
-        log = getattr(self.worker, "step_log", None)
-        return await asyncio.wrap_future(self._loop.call(
-            lambda: log.records(last) if log is not None else []))
-
-    def metrics_text(self) -> str:
-        """This worker's Prometheus exposition (empty if it has no metrics attached)."""
-        m = self.worker.metrics
-        return m.text() if m is not None else ""
-
-    def healthy(self) -> bool:
-        return self._loop.alive and self._loop.error is None
 
     def close(self) -> None:
         self._loop.stop()
