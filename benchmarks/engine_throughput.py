@@ -72,6 +72,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pdserve.benchmarks.hostinfo import cpu_model
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -303,14 +305,6 @@ def profile_engine(side: EngineSide, prompts: list[list[int]], new_tokens: int,
 
 # -- reporting ---------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_info() -> dict:

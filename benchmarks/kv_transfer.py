@@ -64,6 +64,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pdserve.benchmarks.hostinfo import cpu_model
 from pdserve.engine.kv_cache import KVCacheSpec
 from pdserve.kv_transfer.base import KVDestination, KVEndpoint, TransferState
 from pdserve.kv_transfer.registry import create_receiver, create_sender
@@ -225,7 +226,7 @@ def host_info(threads: int) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -236,14 +237,6 @@ def host_info(threads: int) -> dict:
     }
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def summarize(samples: dict[tuple[str, int], list[float]], sizes) -> list[dict]:

@@ -45,7 +45,6 @@ import itertools
 import math
 import multiprocessing as mp
 import os
-import platform
 import random
 import statistics
 import time
@@ -729,13 +728,9 @@ def measure_transfer_bandwidth(spec: KVCacheSpec, backends: Sequence[str], *,
 def hardware_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    from pdserve.benchmarks.hostinfo import cpu_model
+
+    return cpu_model()
 
 
 @dataclass(frozen=True)
