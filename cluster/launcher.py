@@ -84,6 +84,9 @@ class Cluster:
     started_ray: bool = False
     metrics_address: str | None = None
     placement_groups: list = field(default_factory=list)
+    # Shared-memory KV segments of the decode workers: unlinked at shutdown even if a worker
+    # was killed before it could unlink its own (a SIGKILL skips all cleanup).
+    shm_segments: list[str] = field(default_factory=list)
     _closed: bool = field(default=False, repr=False)
 
     def stats(self) -> dict[str, Any]:
@@ -111,12 +114,34 @@ class Cluster:
                 log.warning("worker did not shut down cleanly", exc_info=True)
             ray.kill(h)
         ray.kill(self.router)
+        unlink_shm_segments(self.shm_segments)
         from ray.util.placement_group import remove_placement_group
 
         for pg in self.placement_groups:
             remove_placement_group(pg)
         if self.started_ray:
             ray.shutdown()
+
+
+def unlink_shm_segments(names: list[str]) -> None:
+    """Remove leftover shared-memory segments on this host (others' nodes are theirs)."""
+    import contextlib
+    import os
+
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.unlink(f"/dev/shm/{name}")
+
+
+def shm_segments_of(decodes: list[tuple[str, Any]]) -> list[str]:
+    import ray
+
+    names = []
+    for _, h in decodes:
+        ep = ray.get(h.kv_endpoint.remote())
+        if ep is not None and ep.backend == "shm":
+            names.append(ep.address)
+    return names
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
@@ -164,4 +189,4 @@ def launch(spec: ClusterSpec, address: str | None = None) -> Cluster:
     metrics = ray.get(router.metrics_address.remote())
     log.info("router listening on %s (%d workers); metrics on %s", endpoint, n_workers, metrics)
     return Cluster(spec, endpoint, router, prefills, decodes, started_ray=started,
-                   metrics_address=metrics)
+                   metrics_address=metrics, shm_segments=shm_segments_of(decodes))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from pdserve.cluster.launcher import Cluster, ClusterSpec, init_ray
+from pdserve.cluster.launcher import Cluster, ClusterSpec, init_ray, shm_segments_of
 from pdserve.cluster.plan import Plan
 from pdserve.engine.config import EngineConfig
 from pdserve.kv_transfer.backend_config import KVTransferConfig
@@ -89,6 +89,6 @@ def launch_plan(plan: Plan, engine: EngineConfig, kv: KVTransferConfig, router: 
              "router on %s", len(prefills), len(decodes), len(pgs), endpoint)
     spec = ClusterSpec(engine=engine, kv=kv, router=router)
     cluster = Cluster(spec, endpoint, handle, prefills, decodes, started_ray=started,
-                      metrics_address=metrics)
+                      metrics_address=metrics, shm_segments=shm_segments_of(decodes))
     cluster.placement_groups = pgs
     return cluster

@@ -82,6 +82,11 @@ class DecodeWorkerActor(WorkerActorMixin):
     async def release(self, request_id: str) -> bool:
         return await self.host.release(request_id)
 
+    def kv_endpoint(self):
+        """Where prefill workers write this worker's KV (None for a colocated worker)."""
+        receiver = getattr(self.host.worker, "receiver", None)
+        return receiver.endpoint if receiver is not None else None
+
     async def stream(self):
         """Server-side streaming: one ``TokenBatch`` per decode step, for the actor's life."""
         batch: TokenBatch

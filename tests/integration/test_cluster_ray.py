@@ -144,6 +144,11 @@ def test_dead_worker_pool_answers_unavailable(ray_cluster, demo_model_dir):
             assert "decode" in err.value.details()
     finally:
         cluster.shutdown()
+    # the killed worker never unlinked its shared-memory KV cache; shutdown did
+    import os
+
+    assert cluster.shm_segments
+    assert not any(os.path.exists(f"/dev/shm/{n}") for n in cluster.shm_segments)
 
 
 def test_colocated_cluster_on_ray_matches_engine(ray_cluster, demo_model_dir, reference):
