@@ -605,7 +605,7 @@ def check_invariants(v: ValidatedRequest, req: pb.GenerateRequest, limits: Valid
     assert isinstance(v.prompt_token_ids, tuple) and len(v.prompt_token_ids) >= 1
     assert all(0 <= t < limits.vocab_size for t in v.prompt_token_ids)
     p = v.params
-    assert 1 <= p.max_tokens <= limits.max_tokens_limit
+    assert p.max_tokens >= 1 and p.max_tokens <= limits.max_tokens_limit
     assert len(v.prompt_token_ids) + p.max_tokens <= limits.max_model_len
     assert math.isfinite(p.temperature) and 0.0 <= p.temperature <= 100.0
     assert 0.0 < p.top_p <= 1.0
