@@ -10,12 +10,15 @@ p90 TTFT and TPOT of both and their relative differences (goal: within 25%).
 Calibration, done before and apart from the replays (nothing is fitted to them):
 - the per-request fixed cost outside the model (gRPC, router, Ray calls), from
   sequential requests: client TTFT minus the prefill worker's compute time;
-- per-phase correction factors of the profile (``cluster/calibration.py``): the median
-  ratio of the workers' logged step durations to the profile's predictions, over a
-  separate calibration replay (a different window of the trace at a middle load). The
-  profiler times a step alone on an idle machine; in the cluster the same step shares
-  2 cores with the other worker, the router and the client.
-Both the uncorrected and the corrected simulation are reported.
+- from the workers' step logs over a separate calibration replay (a different window of
+  the trace at the middle load), ``cluster/calibration.py`` measures per phase the ratio
+  of logged to predicted step time for steps that ran alone (the profile's correction),
+  and the extra slow-down of steps that ran while the other pool was busy
+  (``HostContention``): the profiler times a step alone on an idle machine, while in this
+  cluster the two workers, the router and the client share 2 cores.
+Reported: the calibrated simulation (corrected profile plus contention), and, to show
+what each part is worth, the uncorrected profile and the corrected one without
+contention.
 
     python benchmarks/sim_vs_real.py                       # ~5 minutes on 2 cores
     python benchmarks/sim_vs_real.py --rates 2,6 --requests 200 --profile P.json
@@ -24,6 +27,7 @@ Both the uncorrected and the corrected simulation are reported.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -34,7 +38,7 @@ import ray
 
 from pdserve.benchmarks.loadgen import LoadGenConfig, run_trace
 from pdserve.benchmarks.trace import load_azure_csv
-from pdserve.cluster.calibration import corrected, correction_factors
+from pdserve.cluster.calibration import calibrate, corrected
 from pdserve.cluster.client import Client, build_request
 from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
 from pdserve.cluster.profile import LatencyProfile
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default=None, help="latency profile JSON (default: measure)")
     ap.add_argument("--trace", default=str(AZURE))
     ap.add_argument("--requests", type=int, default=200)
-    ap.add_argument("--rates", default="3,8", help="two (or more) load levels, req/s")
+    ap.add_argument("--rates", default="2,4", help="two (or more) load levels, req/s")
     ap.add_argument("--length-scale", type=float, default=0.5)
     ap.add_argument("--max-prompt-len", type=int, default=2048)
     ap.add_argument("--max-output-len", type=int, default=256)
@@ -132,12 +136,16 @@ def main(argv=None) -> int:
         overhead = calibrate_overhead(cluster.address, mean_prompt)
         print(f"per-request overhead outside the model: {overhead * 1e3:.1f} ms", file=sys.stderr)
         calib = calibration_window(azure, args).at_rate(statistics.fmean(rates))
+        t_calib = time.time()
         run_trace(cluster.address, calib, LoadGenConfig(vocab_size=900, seed=1, quiet=True))
-        steps = [rec for _, h in (*cluster.prefills, *cluster.decodes)
-                 for rec in ray.get(h.step_log.remote())]
-        factors = correction_factors(profile, steps)
-        fixed = corrected(profile, factors)
-        print(f"profile correction factors: {factors}", file=sys.stderr)
+
+        def steps(pool):
+            return [rec for _, h in pool for rec in ray.get(h.step_log.remote())
+                    if rec.start_s >= t_calib]
+
+        cal = calibrate(profile, steps(cluster.prefills), steps(cluster.decodes))
+        factors, fixed = cal.factors, corrected(profile, cal.factors)
+        print(f"calibration: {cal}", file=sys.stderr)
         for rate in rates:
             trace = base.at_rate(rate)
             run = run_trace(cluster.address, trace, LoadGenConfig(vocab_size=900, quiet=False))
@@ -145,19 +153,22 @@ def main(argv=None) -> int:
             sim_cfg = SimConfig(prefill_token_budget=engine.max_num_batched_tokens,
                                 chunked_prefill=True, max_decode_batch=engine.max_num_seqs,
                                 request_overhead_s=overhead)
+            shared_host = dataclasses.replace(sim_cfg, contention=cal.contention)
             bw = profile.bandwidth("shm") or 5e9
             plan = DisaggPlanSpec(InstanceSpec(), InstanceSpec(), bw)
             real = {"ttft": [r.ttft_s for r in ok], "tpot": [r.tpot_s for r in ok]}
             row = {"rate": rate, "requests": len(trace), "ok": len(ok)}
-            for tag, prof in (("sim", fixed), ("sim_uncorrected", profile)):
-                sim = simulate(plan, prof, trace, sim_cfg)
+            variants = (("sim", fixed, shared_host), ("sim_uncorrected", profile, sim_cfg),
+                        ("sim_no_contention", fixed, sim_cfg))
+            for tag, prof, cfg in variants:
+                sim = simulate(plan, prof, trace, cfg)
                 simd = {"ttft": list(sim.ttft), "tpot": list(sim.tpot)}
                 for metric in ("ttft", "tpot"):
                     for q in (50, 90):
                         r_, s_ = pct(real[metric], q), pct(simd[metric], q)
                         row[f"{metric}_p{q}_real_ms"] = r_ * 1e3
                         row[f"{metric}_p{q}_{tag}_ms"] = s_ * 1e3
-                        err = "rel_err" if tag == "sim" else "rel_err_uncorrected"
+                        err = "rel_err" + tag.removeprefix("sim")
                         row[f"{metric}_p{q}_{err}"] = (s_ - r_) / r_
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
@@ -170,6 +181,7 @@ def main(argv=None) -> int:
               "requests": args.requests, "length_scale": args.length_scale,
               "request_overhead_s": overhead, "profile": profile.model,
               "correction_factors": factors,
+              "contention": dataclasses.asdict(cal.contention), "calibration_steps": cal.steps,
               "profile_fit_error": dict(profile.fit_error), "rows": rows,
               "all_within_25pct": ok_all, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     out = Path(args.out_dir)
@@ -179,18 +191,21 @@ def main(argv=None) -> int:
              f"Azure conversation slice of {args.requests} requests, lengths x{args.length_scale}, "
              f"time-scaled to each rate; per-request overhead {overhead * 1e3:.1f} ms "
              "(measured in the same run).", "",
-             f"Profile correction factors from a separate calibration replay: prefill "
-             f"x{factors['prefill']:.2f}, decode x{factors['decode']:.2f}.", "",
+             "From a separate calibration replay (another window of the trace): profile "
+             f"correction x{factors['prefill']:.2f} prefill, x{factors['decode']:.2f} decode "
+             "(steps run alone); shared-host contention while both pools are busy "
+             f"x{cal.contention.prefill:.2f} prefill, x{cal.contention.decode:.2f} decode.",
+             "",
              "| rate (req/s) | metric | real (ms) | simulated (ms) | difference | "
-             "uncorrected sim (ms) | difference |", "|---|---|---:|---:|---:|---:|---:|"]
+             "uncorrected profile | no contention |", "|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         for m in ("ttft", "tpot"):
             for q in (50, 90):
                 lines.append(f"| {row['rate']:g} | {m.upper()} p{q} | "
                              f"{row[f'{m}_p{q}_real_ms']:.1f} | {row[f'{m}_p{q}_sim_ms']:.1f} | "
                              f"{row[f'{m}_p{q}_rel_err'] * 100:+.1f}% | "
-                             f"{row[f'{m}_p{q}_sim_uncorrected_ms']:.1f} | "
-                             f"{row[f'{m}_p{q}_rel_err_uncorrected'] * 100:+.1f}% |")
+                             f"{row[f'{m}_p{q}_rel_err_uncorrected'] * 100:+.1f}% | "
+                             f"{row[f'{m}_p{q}_rel_err_no_contention'] * 100:+.1f}% |")
     lines += ["", f"All within 25%: {'yes' if ok_all else 'NO'}."]
     (out / "sim_vs_real.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

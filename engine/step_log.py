@@ -19,14 +19,17 @@ class StepRecord:
     lens: tuple[int, ...]
     # prefill: the step's wall time; decode: the loop cycle (step start to next step start)
     duration_s: float
+    # wall-clock start (time.time()): lets calibration see which steps of the two pools
+    # overlapped in time on a shared host
+    start_s: float = 0.0
 
 
 class StepLog:
-    def __init__(self, capacity: int = 4096):
+    def __init__(self, capacity: int = 32768):
         self._records: deque[StepRecord] = deque(maxlen=capacity)
 
-    def add(self, kind: str, lens, duration_s: float) -> None:
-        self._records.append(StepRecord(kind, tuple(lens), duration_s))
+    def add(self, kind: str, lens, duration_s: float, start_s: float = 0.0) -> None:
+        self._records.append(StepRecord(kind, tuple(lens), duration_s, start_s))
 
     def records(self, last: int | None = None) -> list[StepRecord]:
         recs = list(self._records)

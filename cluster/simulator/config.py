@@ -20,6 +20,30 @@ DISPATCH_POLICIES: tuple[str, ...] = ("least_loaded", "round_robin", "slo_aware"
 
 
 @dataclass(frozen=True)
+class HostContention:
+    """Step-time multipliers for a disaggregated plan whose pools share one host.
+
+    When prefill and decode instances run on the same cores and memory bandwidth (the
+    CPU demo: one prefill and one decode worker on a 2-core machine), a step that runs
+    while the other pool is busy takes longer than the same step alone, which is what the
+    profile measured. A prefill batch that starts while any decode lane has a step in
+    flight is stretched by ``prefill``; a decode step that starts while any prefill
+    instance is mid-batch by ``decode``. Both 1.0 (or ``contention=None``) is the usual
+    case of pools on separate GPUs. ``cluster/calibration.py`` measures them from the
+    workers' step logs.
+    """
+
+    prefill: float = 1.0
+    decode: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("prefill", "decode"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"contention.{name} must be finite and > 0, got {v!r}")
+
+
+@dataclass(frozen=True)
 class SimConfig:
     """Scheduler parameters.
 
@@ -33,6 +57,7 @@ class SimConfig:
     predicted TTFT (the router's ``SloAware`` rule: the running batch's remaining time plus
     its queue and the prompt, batched under the token budget); with ``admission_ttft_s``
     set, an arrival predicted to miss that target is rejected at once (admission control).
+    ``contention`` (disaggregated plans only) models pools sharing one host.
     """
 
     prefill_token_budget: int = 4096
@@ -42,6 +67,7 @@ class SimConfig:
     step_overhead_s: float = 0.0
     dispatch: str = "least_loaded"
     admission_ttft_s: float | None = None
+    contention: HostContention | None = None
 
     def __post_init__(self) -> None:
         if self.admission_ttft_s is not None and (self.dispatch != "slo_aware"

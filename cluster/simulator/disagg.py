@@ -23,6 +23,10 @@ Request lifecycle (times are virtual seconds):
    admission control that never needs preemption. The step time uses the live contexts
    (prompt + tokens generated so far). TPOT = (last - first token) / (output - 1).
 
+*Shared host* (``SimConfig.contention``): a prefill batch starting while a decode step is
+in flight, or a decode step starting while a prefill batch is, is stretched by the
+measured factor (pools on one CPU host slow each other down; see ``HostContention``).
+
 Requests with one output token finish at prefill. Phase ``"prefill"`` stops after step 2;
 phase ``"decode"`` starts at step 4 with the KV present at arrival (first token = arrival).
 Per-step work is O(1) plus the requests finishing: finishing steps are bucketed by index,
@@ -57,6 +61,9 @@ def run_disagg(plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload, cfg: 
     secs_per_token = profile.kv_bytes_per_token / plan.transfer_bandwidth
     budget, chunked = cfg.prefill_token_budget, cfg.chunked_prefill
     max_batch, step_oh = cfg.max_decode_batch, cfg.step_overhead_s
+    cont = cfg.contention
+    p_slow = cont.prefill if cont is not None else 1.0
+    d_slow = cont.decode if cont is not None else 1.0
     least_loaded = cfg.dispatch == "least_loaded"
     slo_aware = cfg.dispatch == "slo_aware"
     do_prefill, do_decode = phase != "decode", phase != "prefill"
@@ -139,6 +146,8 @@ def run_disagg(plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload, cfg: 
                 p_done[rid] = end
         p_outstanding[p] -= tokens
         dur = pc.stage_s(tokens, sq) + step_oh
+        if p_slow != 1.0 and any(d_busy):
+            dur *= p_slow
         t = now
         for s in range(pp):
             start = sf[s] if sf[s] > t else t
@@ -176,8 +185,10 @@ def run_disagg(plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload, cfg: 
             return
         d_busy[lane] = True
         seq += 1
-        push(heap, (now + dc.lane_ms(d_ctx[lane], k) / 1e3 + step_oh, seq, _DSTEP, lane, None,
-                    0.0))
+        dur = dc.lane_ms(d_ctx[lane], k) / 1e3 + step_oh
+        if d_slow != 1.0 and any(sf[-1] > now for sf in p_stage_free):
+            dur *= d_slow
+        push(heap, (now + dur, seq, _DSTEP, lane, None, 0.0))
 
     def pick_lane(f: int, lanes: range) -> int:
         if not least_loaded:

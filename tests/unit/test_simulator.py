@@ -23,6 +23,7 @@ from pdserve.cluster.simulator import (
     ColocatedPlanSpec,
     DisaggPlanSpec,
     GoodputSearch,
+    HostContention,
     InstanceSpec,
     SimConfig,
     Workload,
@@ -76,6 +77,23 @@ def test_single_request_idle_disaggregated_matches_formula():
     assert res.percentiles().ttft_p50 == pytest.approx(ttft)
     assert res.attainment(SloConfig(ttft_s=0.031, tpot_s=0.01)) == 1.0
     assert res.attainment(SloConfig(ttft_s=0.030, tpot_s=0.01)) == 0.0
+
+
+def test_shared_host_contention_stretches_only_overlapping_steps():
+    # Request 0 decodes 50 steps (~6 ms each) from t=20 ms; request 1's prefill starts at
+    # t=30 ms while request 0's decode step is in flight, so it is stretched by 2x, and
+    # request 0's decode steps that start during that prefill are stretched by 3x.
+    t = trace((0.0, 100, 50), (0.030, 100, 2))
+    cfg = SimConfig(contention=HostContention(prefill=2.0, decode=3.0))
+    base = simulate(disagg(), tiny_profile(), t)
+    res = simulate(disagg(), tiny_profile(), t, cfg)
+    assert res.ttft[0] == pytest.approx(base.ttft[0])  # alone: untouched
+    assert res.ttft[1] == pytest.approx(2 * base.ttft[1])
+    assert res.tpot[0] > base.tpot[0]
+    same = simulate(disagg(), tiny_profile(), t, SimConfig(contention=HostContention()))
+    assert same.ttft == base.ttft and same.tpot == base.tpot
+    with pytest.raises(ValueError, match="contention.decode"):
+        HostContention(decode=0.0)
 
 
 def test_profile_instance_model_agrees_with_hand_formula():
