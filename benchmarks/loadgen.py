@@ -20,13 +20,14 @@ import sys
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import grpc
 import numpy as np
 
 from pdserve.benchmarks.trace import Trace, TraceRequest
+from pdserve.cluster.client import ClientSecurity, auth_metadata
 from pdserve.protos import pdserve_pb2, pdserve_pb2_grpc
 from pdserve.router.slo import tpot
 
@@ -52,6 +53,9 @@ class LoadGenConfig:
     timeout_s: float | None = None  # per-request gRPC deadline
     quiet: bool = False
     progress_interval_s: float = 0.5
+    # TLS / token sources for a secured endpoint: paths and an env var name only, so the
+    # config can be saved with the results without leaking a secret.
+    security: ClientSecurity | None = None
 
     def __post_init__(self) -> None:
         if self.vocab_size <= FIRST_PROMPT_TOKEN_ID:
@@ -166,7 +170,10 @@ class RunResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunResult:
         d = dict(d)
-        d["config"] = LoadGenConfig(**d["config"])
+        config = dict(d["config"])
+        if config.get("security") is not None:
+            config["security"] = ClientSecurity(**config["security"])
+        d["config"] = LoadGenConfig(**config)
         d["records"] = tuple(RequestRecord.from_dict(r) for r in d["records"])
         return cls(**d)
 
@@ -233,7 +240,10 @@ async def run_trace_async(address: str, trace: Trace, config: LoadGenConfig | No
     id_prefix = _ID_UNSAFE.sub("_", name)[:96] or "bench"
     # A local subchannel pool per channel gives each channel its own HTTP/2 connection.
     options = [("grpc.use_local_subchannel_pool", 1)] if cfg.num_channels > 1 else []
-    channels = [grpc.aio.insecure_channel(address, options=options)
+    creds = cfg.security.credentials() if cfg.security is not None else None
+    metadata = auth_metadata(cfg.security.token() if cfg.security is not None else None)
+    channels = [grpc.aio.insecure_channel(address, options=options) if creds is None
+                else grpc.aio.secure_channel(address, creds, options=options)
                 for _ in range(cfg.num_channels)]
     stubs = [pdserve_pb2_grpc.GenerationStub(ch) for ch in channels]
     records: list[RequestRecord | None] = [None] * len(trace)
@@ -255,7 +265,8 @@ async def run_trace_async(address: str, trace: Trace, config: LoadGenConfig | No
             send_s = now()
             progress.sent += 1
             try:
-                call = stubs[i % len(stubs)].Generate(req, timeout=cfg.timeout_s)
+                call = stubs[i % len(stubs)].Generate(req, timeout=cfg.timeout_s,
+                                                      metadata=metadata or None)
                 async for msg in call:
                     times.append(now())
                     tokens.append(len(msg.token_ids))
@@ -306,7 +317,7 @@ def run_trace(address: str, trace: Trace, config: LoadGenConfig | None = None,
     """Synchronous wrapper; ``overrides`` are ``LoadGenConfig`` fields (e.g. quiet=True)."""
     cfg = config or LoadGenConfig()
     if overrides:
-        cfg = LoadGenConfig(**{**asdict(cfg), **overrides})
+        cfg = replace(cfg, **overrides)  # not asdict: nested configs stay typed
     return asyncio.run(run_trace_async(address, trace, cfg, run_name))
 
 

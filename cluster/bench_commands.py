@@ -77,6 +77,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from pdserve.benchmarks.loadgen import LoadGenConfig
     from pdserve.benchmarks.report import markdown_table
     from pdserve.benchmarks.sweep import SweepConfig, run_sweep
+    from pdserve.cluster.commands import client_security_from_args
     from pdserve.router.slo import SloConfig
 
     trace = load_trace_spec(args.trace, parse_range(args.prompt_len),
@@ -93,7 +94,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                               slo_ttft_s=args.slo_ttft if args.send_slo else None,
                               slo_tpot_s=args.slo_tpot if args.send_slo else None,
                               max_in_flight=args.max_in_flight, num_channels=args.channels,
-                              timeout_s=args.timeout, quiet=args.quiet),
+                              timeout_s=args.timeout, quiet=args.quiet,
+                              security=client_security_from_args(args)),
         save_runs=not args.no_raw)
     print(f"pdserve bench: {trace.name}: {len(trace)} requests over {trace.duration_s:.0f} s "
           f"({trace.rate:.3g} req/s) -> {args.address}", file=sys.stderr)
@@ -106,6 +108,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from pdserve.cluster.commands import add_client_security_args
+
     p = sub.add_parser("bench", help="replay a request trace against a running endpoint",
                        description=__doc__.splitlines()[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,4 +145,5 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, default=None, help="per-request deadline, seconds")
     p.add_argument("--no-raw", action="store_true", help="skip the per-request records files")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    add_client_security_args(p)
     p.set_defaults(func=_cmd_bench)

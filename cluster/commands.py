@@ -16,10 +16,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.engine.config import EngineConfig
     from pdserve.kv_transfer.backend_config import KVTransferConfig
     from pdserve.router.actor import RouterConfig
+    from pdserve.router.auth import load_tokens
     from pdserve.router.server import ServerConfig
     from pdserve.router.slo import SloConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Checked before anything starts (main prints a ValueError as one line).
+    server = ServerConfig(
+        host=args.host, port=args.port, metrics_host=args.metrics_host,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
+        tls_client_ca_file=args.tls_client_ca,
+        auth_tokens=load_tokens(args.auth_token_file))  # and $PDSERVE_AUTH_TOKENS
+    # Resolved once, here: the secret file or $PDSERVE_KV_SECRET, else (tcp) a fresh one.
+    kv = KVTransferConfig(backend=args.kv_backend, bind_host=args.kv_bind_host,
+                          secret_file=args.kv_secret_file).with_cluster_secret()
     model = resolve_model(args.model)
     engine = EngineConfig(model=model, device=args.device, dtype=args.dtype,
                           max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
@@ -33,11 +44,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          resources=((args.prefill_resource, 1.0),) if args.prefill_resource else ()),
         decode=PoolSpec(count=args.decode, num_cpus=args.worker_cpus, num_gpus=gpus,
                         resources=((args.decode_resource, 1.0),) if args.decode_resource else ()),
-        kv=KVTransferConfig(backend=args.kv_backend, bind_host=args.kv_bind_host),
-        router=RouterConfig(model=model, server=ServerConfig(
-                                host=args.host, port=args.port, metrics_host=args.metrics_host,
-                                metrics_port=None if args.metrics_port < 0 else args.metrics_port),
-                            policy=args.policy, max_model_len=args.max_model_len, slo=slo,
+        kv=kv,
+        router=RouterConfig(model=model, server=server, policy=args.policy,
+                            max_model_len=args.max_model_len, slo=slo,
                             admission=args.admission, profile=args.profile),
     )
     what = (f"{args.prefill + args.decode} colocated workers" if args.colocated
@@ -54,8 +63,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     else:
         print(f"pdserve: starting {what} on {model}", file=sys.stderr)
         cluster = launch(spec, address=args.address)
-    print(f"pdserve: gRPC endpoint listening on {cluster.address} "
-          f"(service pdserve.v1.Generation; try: pdserve generate --address {cluster.address} "
+    modes, flags = security_summary(server)
+    print(f"pdserve: gRPC endpoint listening on {cluster.address} ({modes}; service "
+          f"pdserve.v1.Generation; try: pdserve generate --address {cluster.address}{flags} "
           "\"Hello\")", flush=True)
     if cluster.metrics_address:
         print(f"pdserve: Prometheus metrics (router + all workers) on "
@@ -67,6 +77,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print("pdserve: shutting down", file=sys.stderr)
     cluster.shutdown()
     return 0
+
+
+def security_summary(server) -> tuple[str, str]:
+    """How the endpoint is secured, and the client flags that match (for the banner)."""
+    modes = ["TLS" if server.tls else "plaintext"]
+    flags = " --tls-ca CA.pem" if server.tls else ""
+    if server.mutual_tls:
+        modes.append("mutual TLS")
+        flags += " --tls-cert CLIENT.pem --tls-key CLIENT.key"
+    if server.auth_tokens:
+        modes.append("bearer tokens")
+        flags += " --auth-token-file TOKEN"
+    return ", ".join(modes), flags
 
 
 def worker_gpus(device: str, gpus_per_worker: float | None, address: str | None) -> float:
@@ -86,6 +109,26 @@ def worker_gpus(device: str, gpus_per_worker: float | None, address: str | None)
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+def add_client_security_args(p: argparse.ArgumentParser) -> None:
+    """Flags of every command that talks to an endpoint (generate, bench)."""
+    g = p.add_argument_group("secured endpoints (docs/security.md)")
+    g.add_argument("--tls", action="store_true",
+                   help="use TLS, trusting the system's root CAs (implied by --tls-ca)")
+    g.add_argument("--tls-ca", default=None, help="PEM CA that signed the server's certificate")
+    g.add_argument("--tls-cert", default=None, help="client certificate PEM (mutual TLS)")
+    g.add_argument("--tls-key", default=None, help="client private key PEM (mutual TLS)")
+    g.add_argument("--auth-token-file", default=None,
+                   help="file holding the bearer token (default: $PDSERVE_AUTH_TOKEN)")
+
+
+def client_security_from_args(args: argparse.Namespace):
+    from pdserve.cluster.client import TOKEN_ENV, ClientSecurity
+
+    return ClientSecurity(tls=args.tls, root_ca_file=args.tls_ca,
+                          client_cert_file=args.tls_cert, client_key_file=args.tls_key,
+                          token_file=args.auth_token_file, token_env=TOKEN_ENV)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import grpc
 
@@ -93,7 +136,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     req = build_request(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed, stop=args.stop or ())
-    with Client(args.address, timeout_s=args.timeout) as client:
+    with Client(args.address, timeout_s=args.timeout,
+                security=client_security_from_args(args)) as client:
         try:
             usage = None
             for msg in client.stream(req):
@@ -126,6 +170,16 @@ def register(sub) -> None:
     p.add_argument("--kv-backend", default="shm", choices=["shm", "tcp", "cuda_ipc"])
     p.add_argument("--kv-bind-host", default="127.0.0.1",
                    help="TCP KV receivers listen here ('auto': the node's Ray address)")
+    p.add_argument("--kv-secret-file", default=None,
+                   help="shared secret of the TCP KV backend (default: $PDSERVE_KV_SECRET, "
+                        "else a random one per cluster)")
+    p.add_argument("--tls-cert", default=None, help="server certificate PEM: serve TLS only")
+    p.add_argument("--tls-key", default=None, help="private key PEM of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None,
+                   help="CA PEM for client certificates: require them (mutual TLS)")
+    p.add_argument("--auth-token-file", default=None,
+                   help="accepted bearer tokens, one per line (also: $PDSERVE_AUTH_TOKENS, "
+                        "comma-separated); health checks need none")
     p.add_argument("--policy", default="least_loaded",
                    choices=["least_loaded", "slo_aware", "round_robin"])
     p.add_argument("--profile", default=None, help="latency profile JSON (for --policy slo_aware)")
@@ -157,4 +211,5 @@ def register(sub) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--timeout", type=float, default=None)
     add_sampling_args(p)
+    add_client_security_args(p)
     p.set_defaults(func=_cmd_generate)

@@ -1,8 +1,10 @@
 """Launching a disaggregated cluster on Ray: decode pool, prefill pool, router.
 
-Lifecycle: ``launch(spec)`` connects to (``address``) or starts a local Ray cluster,
-creates the decode workers first (each publishes where its KV cache can be written),
-then the prefill workers, waits until every worker has loaded its model, creates the
+Lifecycle: ``launch(spec)`` resolves the KV shared secret (``with_cluster_secret``: the
+configured one, else ``$PDSERVE_KV_SECRET``, else a random one for this cluster when the
+backend is tcp), connects to (``address``) or starts a local Ray cluster, creates the
+decode workers first (each publishes where its KV cache can be written), then the prefill
+workers, waits until every worker has loaded its model, creates the
 router actor with handles to both pools and starts its gRPC server. The returned
 ``Cluster`` knows the endpoint and every handle; ``shutdown()`` stops the router
 (in-flight streams get a grace period), then the workers, then Ray if it started it.
@@ -10,6 +12,7 @@ router actor with handles to both pools and starts its gRPC server. The returned
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -164,6 +167,8 @@ def launch(spec: ClusterSpec, address: str | None = None) -> Cluster:
     from pdserve.prefill_worker.actor import PrefillWorkerActor
     from pdserve.router.actor import RouterActor
 
+    # One secret for every worker of this cluster, resolved before any of them exists.
+    spec = dataclasses.replace(spec, kv=spec.kv.with_cluster_secret())
     n_workers = spec.num_workers
     pools = [spec.colocated] if spec.colocated else [spec.prefill, spec.decode]
     needed = int(sum(p.num_cpus * p.count for p in pools)) + 1

@@ -5,9 +5,15 @@ Every frame is a fixed 22-byte header, the transfer id (utf-8), then a payload::
     magic b"PDKV" | version u8 | type u8 | id_len u16 | layer u16 | num_blocks u32 |
     payload_len u64                                   (network byte order)
 
-A connection starts with HELLO from the sender (id = the receiver's worker id, payload =
-auth token), answered by a HELLO from the receiver (empty) once accepted. Then, per
-transfer: one LAYER per layer (payload = the raw bytes of that layer's contiguous
+A connection starts with a handshake. The sender sends HELLO (id = the receiver's worker
+id, no payload). A receiver without a shared secret answers HELLO (empty): accepted. A
+receiver with one answers CHALLENGE (id = its worker id, payload = a fresh random
+``NONCE_BYTES`` nonce); the sender answers AUTH (payload = ``auth_mac``: HMAC-SHA256 keyed
+by the secret over nonce || worker id), and the receiver, after a constant-time compare,
+answers HELLO or closes the connection. The secret itself never crosses the wire, and a
+recorded AUTH is useless against any other nonce or worker.
+
+Then, per transfer: one LAYER per layer (payload = the raw bytes of that layer's contiguous
 [2, num_blocks, block_size, heads, head_dim] K/V; dtype and shape come from the endpoint's
 spec, so nothing else needs describing) and finally DONE, or ABORT to give up. Frames
 of many transfers may interleave on one connection; each frame is whole.
@@ -19,6 +25,8 @@ type, per-type length limits); the receiver validates the rest against its spec.
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import socket
 import struct
 from dataclasses import dataclass
@@ -26,8 +34,10 @@ from dataclasses import dataclass
 from pdserve.kv_transfer.messages import MAX_TRANSFER_ID_BYTES
 
 MAGIC = b"PDKV"
-VERSION = 1
-MAX_TOKEN_BYTES = 4096
+VERSION = 2  # 2: challenge-response handshake (1 sent a token in HELLO)
+NONCE_BYTES = 32
+MAC_BYTES = hashlib.sha256().digest_size
+_HANDSHAKE_PAYLOAD = {"HELLO": 0, "CHALLENGE": NONCE_BYTES, "AUTH": MAC_BYTES}
 
 _HEADER = struct.Struct("!4sBBHHIQ")
 HEADER_SIZE = _HEADER.size
@@ -42,6 +52,8 @@ class MsgType(enum.IntEnum):
     LAYER = 2
     DONE = 3
     ABORT = 4
+    CHALLENGE = 5
+    AUTH = 6
 
 
 @dataclass(frozen=True)
@@ -55,9 +67,11 @@ class FrameHeader:
     def __post_init__(self) -> None:
         if self.id_len > MAX_TRANSFER_ID_BYTES:
             raise ProtocolError(f"transfer id of {self.id_len} bytes is too long")
-        if self.msg_type is MsgType.HELLO:
-            if self.payload_len > MAX_TOKEN_BYTES:
-                raise ProtocolError(f"HELLO payload of {self.payload_len} bytes is too long")
+        if self.msg_type.name in _HANDSHAKE_PAYLOAD:
+            want = _HANDSHAKE_PAYLOAD[self.msg_type.name]
+            if self.payload_len != want or self.num_blocks or self.layer:
+                raise ProtocolError(f"{self.msg_type.name} frame must carry exactly {want} "
+                                    f"payload bytes and no blocks, got {self.payload_len}")
             return
         if self.id_len == 0:
             raise ProtocolError(f"{self.msg_type.name} without a transfer id")
@@ -75,6 +89,11 @@ def encode_header(msg_type: MsgType, transfer_id: str, layer: int = 0, num_block
     FrameHeader(msg_type, len(tid), layer, num_blocks, payload_len)  # validate what we send
     return _HEADER.pack(MAGIC, VERSION, msg_type, len(tid), layer, num_blocks,
                         payload_len) + tid
+
+
+def auth_mac(secret: bytes, nonce: bytes, worker_id: str) -> bytes:
+    """The AUTH payload: proves knowledge of ``secret`` for this nonce and receiver only."""
+    return hmac.new(secret, nonce + worker_id.encode(), hashlib.sha256).digest()
 
 
 def decode_header(raw: bytes) -> FrameHeader:

@@ -10,7 +10,7 @@ construction, so a malformed message fails where it is built, not deep inside a 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -135,15 +135,15 @@ class KVEndpoint:
     """Published by a decode worker's receiver: how senders reach its cache.
 
     ``address`` is backend-specific: the in-process registry key, the shared-memory
-    segment name, ``"host:port"`` for TCP, the CUDA IPC handle (hex). ``auth_token`` is
-    what a TCP sender presents unless it was configured with its own (kept out of repr).
+    segment name, ``"host:port"`` for TCP, the CUDA IPC handle (hex). It carries no
+    secret: endpoints are handed around (router, logs, stats), so the TCP backend's shared
+    secret is configuration given to both sides (``KVTransferConfig``) instead.
     """
 
     backend: str
     worker_id: str
     address: str
     spec: KVCacheSpecMsg
-    auth_token: str = field(default="", repr=False)
     cuda_ipc: CudaIpcHandleMsg | None = None
 
     def __post_init__(self) -> None:

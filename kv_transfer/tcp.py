@@ -2,14 +2,16 @@
 
 Receiver lifecycle: ``TcpReceiver.create`` allocates the cache, listens (``bind_host``,
 port 0 = ephemeral; the endpoint's address is ``host:port``) and starts an accept thread;
-each accepted connection gets a thread that checks the HELLO (worker id, auth token),
-then reads frames: a LAYER's payload lands in a per-connection staging buffer
-(``recv_into``, no per-chunk concatenation) and is scattered into the blocks reserved by
-``expect``; DONE after every layer -> DONE, ABORT -> FAILED, a connection lost with a
-transfer half-streamed -> FAILED. Frames of unknown or forgotten transfers are read and
+each accepted connection gets a thread that runs the handshake (worker id; with a shared
+secret, a challenge-response: see ``framing``), then reads frames: a LAYER's payload
+lands in a per-connection staging buffer (``recv_into``, no per-chunk concatenation) and
+is scattered into the blocks reserved by ``expect``; DONE after every layer -> DONE,
+ABORT -> FAILED, a connection lost with a transfer half-streamed -> FAILED. Frames of unknown or forgotten transfers are read and
 dropped. A frame that breaks the protocol (bad magic/version/type, a payload length
-that does not match its block count) closes that connection only. ``close`` stops every
-thread.
+that does not match its block count) closes that connection only, as does a failed
+handshake: a peer without the secret never gets to send a frame that is acted on. The
+secret is configuration given to both sides (``KVTransferConfig``), never published in
+the endpoint, and never logged. ``close`` stops every thread.
 
 Sender lifecycle: one persistent connection per endpoint, opened by the first ``begin``
 that needs it, with a thread that drains a queue of frames, so ``send_layer`` returns at
@@ -25,6 +27,7 @@ import contextlib
 import hmac
 import itertools
 import logging
+import secrets
 import selectors
 import socket
 import threading
@@ -37,9 +40,12 @@ from pdserve.engine.kv_cache import KVCache, KVCacheSpec
 from pdserve.kv_transfer.base import KVReceiver, KVSender, Transfer
 from pdserve.kv_transfer.block_copy import BlockWriter
 from pdserve.kv_transfer.framing import (
+    MAC_BYTES,
+    NONCE_BYTES,
     FrameHeader,
     MsgType,
     ProtocolError,
+    auth_mac,
     encode_header,
     read_frame_start,
     recv_exact,
@@ -88,11 +94,11 @@ class TcpReceiver(KVReceiver):
     name = "tcp"
 
     def __init__(self, endpoint: KVEndpoint, cache: KVCache, listener: socket.socket,
-                 auth_token: str, handshake_timeout: float):
+                 secret: str, handshake_timeout: float):
         super().__init__(endpoint, cache)
         self._writer = BlockWriter(cache.data)
         self._listener = listener
-        self._token = auth_token.encode()
+        self._secret = secret.encode()
         self._handshake_timeout = handshake_timeout
         # Held while scattering into a transfer's blocks, and by forget(): once forget
         # returns, no connection thread is still writing blocks the caller may reuse.
@@ -114,7 +120,8 @@ class TcpReceiver(KVReceiver):
                auth_token: str = "", handshake_timeout: float = 10.0,
                ) -> tuple[TcpReceiver, KVCache]:
         """``advertise_host`` is what the endpoint publishes (default: ``bind_host``, or
-        this host's address when binding every interface)."""
+        this host's address when binding every interface). ``auth_token`` is the cluster's
+        shared secret ("" = accept any sender); it is kept here, not in the endpoint."""
         family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
         listener = socket.create_server((bind_host, port), family=family, backlog=128)
         try:
@@ -122,7 +129,7 @@ class TcpReceiver(KVReceiver):
             address = format_address(advertise_host or _advertised_host(bind_host),
                                      listener.getsockname()[1])
             endpoint = KVEndpoint(cls.name, worker_id, address,
-                                  KVCacheSpecMsg.from_spec(cache_spec), auth_token=auth_token)
+                                  KVCacheSpecMsg.from_spec(cache_spec))
             receiver = cls(endpoint, cache, listener, auth_token, handshake_timeout)
         except BaseException:
             listener.close()
@@ -230,15 +237,31 @@ class TcpReceiver(KVReceiver):
         header, worker_id = start
         if header.msg_type is not MsgType.HELLO:
             raise ProtocolError(f"expected HELLO, got {header.msg_type.name}")
-        token = recv_exact(conn, header.payload_len) if header.payload_len else b""
         if worker_id != self.endpoint.worker_id:
             log.warning("KV receiver %s: %s asked for worker %r", self.endpoint.worker_id,
                         peer, worker_id)
             return False
-        if self._token and not hmac.compare_digest(token, self._token):
-            log.warning("KV receiver %s: bad auth token from %s", self.endpoint.worker_id, peer)
+        if self._secret and not self._challenge(conn, peer, worker_id):
             return False
         conn.sendall(encode_header(MsgType.HELLO, self.endpoint.worker_id))
+        return True
+
+    def _challenge(self, conn: socket.socket, peer, worker_id: str) -> bool:
+        """The peer must answer a fresh nonce with ``auth_mac``; nothing of the secret or of
+        what the peer sent is logged."""
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        conn.sendall(encode_header(MsgType.CHALLENGE, worker_id, payload_len=NONCE_BYTES)
+                     + nonce)
+        reply = read_frame_start(conn)
+        if reply is None or reply[0].msg_type is not MsgType.AUTH:
+            log.warning("KV receiver %s: refused %s: it did not authenticate",
+                        self.endpoint.worker_id, peer)
+            return False
+        mac = recv_exact(conn, MAC_BYTES)
+        if not hmac.compare_digest(mac, auth_mac(self._secret, nonce, worker_id)):
+            log.warning("KV receiver %s: refused %s: wrong shared secret",
+                        self.endpoint.worker_id, peer)
+            return False
         return True
 
     def _on_layer(self, conn: socket.socket, cid: int, header: FrameHeader, tid: str,
@@ -277,12 +300,13 @@ class TcpSender(KVSender):
 
     def __init__(self, *, auth_token: str | None = None, connect_timeout: float = 5.0,
                  max_queued_frames: int = 64, queue_timeout: float = 30.0):
-        """``auth_token``: presented in HELLO; None = the token the endpoint publishes.
+        """``auth_token``: the cluster's shared secret, proven to receivers that ask for it
+        (None or "" = none; such a sender is refused by receivers that have one).
         ``max_queued_frames`` bounds memory when compute outruns the network: beyond it
         ``send_layer`` blocks (up to ``queue_timeout``)."""
         if max_queued_frames < 1 or connect_timeout <= 0 or queue_timeout <= 0:
             raise ValueError("max_queued_frames, connect_timeout and queue_timeout must be > 0")
-        self._auth_token = auth_token
+        self._secret = auth_token or ""
         self._connect_timeout = connect_timeout
         self._max_queued = max_queued_frames
         self._queue_timeout = queue_timeout
@@ -297,10 +321,9 @@ class TcpSender(KVSender):
             if conn is None or not conn.alive():
                 if conn is not None:
                     conn.close(timeout=0)
-                token = self._auth_token if self._auth_token is not None else endpoint.auth_token
                 host, port = parse_address(endpoint.address)
                 conn = self._conns[key] = SendConnection.connect(
-                    host, port, endpoint.worker_id, token, self._connect_timeout,
+                    host, port, endpoint.worker_id, self._secret, self._connect_timeout,
                     self._max_queued)
         transfer.context = conn
 

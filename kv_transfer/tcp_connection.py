@@ -1,7 +1,8 @@
 """A TCP sender's connection to one receiver: a socket plus the thread that feeds it.
 
-Lifecycle: ``connect`` opens the socket, does the HELLO handshake synchronously (so a
-wrong token or a stale endpoint fails ``begin`` with a clear error) and starts the writer
+Lifecycle: ``connect`` opens the socket, does the handshake synchronously (HELLO, and the
+challenge-response of ``framing`` when the receiver has a secret; so a wrong or missing
+secret or a stale endpoint fails ``begin`` with a clear error) and starts the writer
 thread. Callers enqueue whole frames (``send_layer``, ``send_control``); the thread
 writes them in order with ``sendall`` straight from the tensor's memory. The first socket
 error is kept in ``error``: every later enqueue fails fast, queued frames are dropped and
@@ -22,7 +23,17 @@ import numpy as np
 import torch
 
 from pdserve.kv_transfer.block_copy import tensor_bytes
-from pdserve.kv_transfer.framing import MsgType, encode_header, read_frame_start
+from pdserve.kv_transfer.framing import (
+    MAC_BYTES,
+    NONCE_BYTES,
+    FrameHeader,
+    MsgType,
+    ProtocolError,
+    auth_mac,
+    encode_header,
+    read_frame_start,
+    recv_exact,
+)
 
 
 @dataclass
@@ -33,6 +44,15 @@ class _Frame:
     written: threading.Event | None = None
 
 
+def _handshake_reply(sock: socket.socket) -> FrameHeader | None:
+    """The receiver's next handshake frame; None when it closed or spoke nonsense."""
+    try:
+        start = read_frame_start(sock)
+    except (OSError, ProtocolError):
+        return None
+    return None if start is None else start[0]
+
+
 class SendConnection:
     def __init__(self, sock: socket.socket, name: str, max_queued: int):
         self._sock = sock
@@ -41,21 +61,27 @@ class SendConnection:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @classmethod
-    def connect(cls, host: str, port: int, worker_id: str, auth_token: str, timeout: float,
+    def connect(cls, host: str, port: int, worker_id: str, secret: str, timeout: float,
                 max_queued: int) -> SendConnection:
+        """``secret``: the cluster's KV shared secret ("" = none)."""
         sock = socket.create_connection((host, port), timeout=timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            token = auth_token.encode()
-            sock.sendall(encode_header(MsgType.HELLO, worker_id, payload_len=len(token)) + token)
-            try:
-                reply = read_frame_start(sock)
-            except OSError:
-                reply = None
-            if reply is None or reply[0].msg_type is not MsgType.HELLO:
+            sock.sendall(encode_header(MsgType.HELLO, worker_id))
+            reply = _handshake_reply(sock)
+            if reply is not None and reply.msg_type is MsgType.CHALLENGE:
+                if not secret:
+                    raise ConnectionRefusedError(
+                        f"KV receiver {worker_id} at {host}:{port} requires the cluster's "
+                        "shared secret and this sender has none (see docs/security.md)")
+                nonce = recv_exact(sock, NONCE_BYTES)
+                sock.sendall(encode_header(MsgType.AUTH, worker_id, payload_len=MAC_BYTES)
+                             + auth_mac(secret.encode(), nonce, worker_id))
+                reply = _handshake_reply(sock)
+            if reply is None or reply.msg_type is not MsgType.HELLO:
                 raise ConnectionRefusedError(
                     f"KV receiver {worker_id} at {host}:{port} refused the handshake "
-                    "(wrong auth token, or the endpoint belongs to another worker)")
+                    "(wrong shared secret, or the endpoint belongs to another worker)")
             sock.settimeout(None)
         except BaseException:
             sock.close()
