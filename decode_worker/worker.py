@@ -32,7 +32,7 @@ from pdserve.engine.metrics import WorkerMetrics
 from pdserve.engine.model_runner import ModelInput, ModelRunner
 from pdserve.engine.output_processor import token_stop_reason
 from pdserve.engine.request import FinishReason, Request
-from pdserve.engine.sampler import Sampler, step_generator
+from pdserve.engine.sampler import Sampler, next_token_generator
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.engine.step_log import StepLog
 from pdserve.kv_transfer.base import KVDestination, KVReceiver, TransferState
@@ -69,7 +69,8 @@ class DecodeWorker:
         self._steps = 0
         self.metrics: WorkerMetrics | None = None  # attached by the host builder
         self.step_log = StepLog()
-        self._prev_step: tuple[list[int], float] | None = None  # (contexts, start) of last step
+        # (contexts, perf_counter start, wall-clock start) of the last step
+        self._prev_step: tuple[list[int], float, float] | None = None
 
     @classmethod
     def from_config(cls, worker_id: str, config: EngineConfig, receiver_factory,
@@ -170,8 +171,8 @@ class DecodeWorker:
             # A running request waits a whole loop cycle per token (model step plus the
             # scheduling, streaming and actor work around it), so that is what the step
             # log records for the previous step's shape.
-            lens, started = self._prev_step
-            self.step_log.add("decode", lens, cycle_start - started)
+            lens, started, wall = self._prev_step
+            self.step_log.add("decode", lens, cycle_start - started, wall)
             self._prev_step = None
         self._admit_landed()
         deltas, self._pending_deltas = self._pending_deltas, []
@@ -187,7 +188,7 @@ class DecodeWorker:
             self.scheduler.after_step(sched)
             reqs = [c.request for c in sched.chunks if c.samples]
             tokens = self.sampler(logits, [r.params for r in reqs],
-                                  [step_generator(r.params.seed, len(r.output_token_ids))
+                                  [next_token_generator(r.params, len(r.output_token_ids))
                                    for r in reqs])
             for req, tok in zip(reqs, tokens, strict=True):
                 req.output_token_ids.append(tok.token_id)
@@ -204,7 +205,8 @@ class DecodeWorker:
         if sched.chunks and all(c.num_tokens == 1 for c in sched.chunks) and self._running:
             # pure decode steps only (recomputation after preemption is prefill-shaped), and
             # only while more steps follow at once, so the cycle has no idle time in it
-            self._prev_step = ([c.start + 1 for c in sched.chunks], cycle_start)
+            self._prev_step = ([c.start + 1 for c in sched.chunks], cycle_start,
+                               time.time() - (time.perf_counter() - cycle_start))
         if self.metrics is not None:
             self._record(sched, duration)
         if not deltas:

@@ -19,7 +19,7 @@ from pdserve.engine.loader import LoadedModel, build_runner, load_model
 from pdserve.engine.model_runner import ModelInput, ModelRunner
 from pdserve.engine.output_processor import OutputProcessor, RequestOutput
 from pdserve.engine.request import FinishReason, Request
-from pdserve.engine.sampler import SampledToken, Sampler, step_generator
+from pdserve.engine.sampler import SampledToken, Sampler, next_token_generator
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
@@ -126,7 +126,8 @@ class LLMEngine:
         self.scheduler.after_step(sched)
         sampling = [c.request for c in sched.chunks if c.samples]
         tokens = self.sampler(logits, [r.params for r in sampling],
-                              [step_generator(r.params.seed, len(r.output_token_ids)) for r in sampling])
+                              [next_token_generator(r.params, len(r.output_token_ids))
+                               for r in sampling])
         for req, tok in zip(sampling, tokens, strict=True):
             out = self.outputs.process(req, tok)
             if out.finished:

@@ -55,6 +55,13 @@ def step_generator(seed: int | None, step: int,
     return make_generator(mixed, device)
 
 
+def next_token_generator(params, num_output_tokens: int,
+                         device: torch.device | str = "cpu") -> torch.Generator | None:
+    """The generator for a request's next output token: ``step_generator`` numbered from
+    ``params.output_offset`` (tokens produced before a resumed request began)."""
+    return step_generator(params.seed, params.output_offset + num_output_tokens, device)
+
+
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
     """Return a ``torch.Generator`` on ``device`` seeded with ``seed``, or ``None``.
 

@@ -36,6 +36,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: int | None = None
+    # Output tokens produced before this request began: a request resumed after a worker
+    # failure has them at the end of its prompt. Per-token seeds are numbered from here,
+    # so a resumed seeded request draws exactly what the uninterrupted one would have.
+    output_offset: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -48,6 +52,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.output_offset, int) or self.output_offset < 0:
+            raise ValueError(f"output_offset must be an integer >= 0, got {self.output_offset!r}")
         if self.logprobs is not None and not (0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         # Lists are accepted for convenience but stored as tuples so the object stays hashable.

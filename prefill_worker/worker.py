@@ -26,7 +26,7 @@ from pdserve.engine.metrics import WorkerMetrics
 from pdserve.engine.model_runner import ModelInput, ModelRunner
 from pdserve.engine.output_processor import token_stop_reason
 from pdserve.engine.request import FinishReason, Request
-from pdserve.engine.sampler import Sampler, step_generator
+from pdserve.engine.sampler import Sampler, next_token_generator
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.engine.step_log import StepLog
 from pdserve.kv_transfer.base import KVSender, Transfer, TransferError
@@ -113,7 +113,7 @@ class PrefillWorker:
         sched = self.scheduler.schedule()
         if not sched.chunks:
             return []
-        step_t0 = time.perf_counter()
+        step_t0, step_wall = time.perf_counter(), time.time()
         now = time.monotonic()
         for c in sched.chunks:
             p = self._pending[c.request.request_id]
@@ -131,7 +131,7 @@ class PrefillWorker:
         self.scheduler.after_step(sched)
         reqs = [p.request for p in completing]
         tokens = self.sampler(logits, [r.params for r in reqs],
-                              [step_generator(r.params.seed, 0) for r in reqs])
+                              [next_token_generator(r.params, 0) for r in reqs])
         sampled_at = time.monotonic()
         if self.on_step_timing is not None:
             self.on_step_timing(sched.num_tokens, time.perf_counter() - t0)
@@ -153,7 +153,7 @@ class PrefillWorker:
                 prefill_s=sampled_at - (p.scheduled or sampled_at),
                 transfer_wait_s=wait_s, error=p.error))
         duration = time.perf_counter() - step_t0
-        self.step_log.add("prefill", [c.num_tokens for c in sched.chunks], duration)
+        self.step_log.add("prefill", [c.num_tokens for c in sched.chunks], duration, step_wall)
         if self.metrics is not None:
             self._record(sched, completing, duration)
         return results

@@ -17,6 +17,7 @@ from pdserve.router.metrics import RouterMetrics
 from pdserve.router.metrics_server import MetricsAggregator
 from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.policy import create_policy
+from pdserve.router.reliability import ReliabilityConfig
 from pdserve.router.server import RouterServer, ServerConfig
 from pdserve.router.slo import SloConfig
 from pdserve.router.validation import ValidationLimits
@@ -40,6 +41,7 @@ class RouterConfig:
     # (worker id, unit) pairs: a request's prefill and decode workers share a unit
     # (low node-affinity plans); empty = any pair.
     units: tuple[tuple[str, int], ...] = ()
+    reliability: ReliabilityConfig = ReliabilityConfig()
 
     def __post_init__(self) -> None:
         if self.admission not in ("reject", "best_effort"):
@@ -72,7 +74,7 @@ def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
     pclients = [PrefillClient(w, t) for w, t in prefills]
     dclients = [DecodeClient(w, t) for w, t in decodes]
     orch = Orchestrator(pclients, dclients, policy, config.slo, config.admission,
-                        units=dict(config.units))
+                        units=dict(config.units), reliability=config.reliability)
     metrics = RouterMetrics(model_label(config.model), config.slo)
     aggregator = MetricsAggregator({c.worker_id: c.metrics_text for c in (*pclients, *dclients)})
     return RouterServer(config.server, orch, tokenizer, limits, metrics, aggregator)

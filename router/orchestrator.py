@@ -8,15 +8,26 @@ For each request ``generate`` (an async generator of ``TokenEvent``):
 3. tells the decode worker to start; its per-step ``TokenBatch`` messages (consumed by
    one task per decode worker for the router's life) are dispatched to the request's
    queue and yielded until a finish reason arrives.
-Whatever way the generator ends (finish, client cancel, a stop string found by the
+Whatever way an attempt ends (finish, client cancel, a stop string found by the
 caller, an error), ``finally`` releases the request on both workers. The worker ids of
 every request in flight are tracked so that a worker's load is always known.
+
+Failures (``ReliabilityConfig``): a worker that dies (Ray reports it) or hangs (misses
+heartbeats, ``health.py``) fails the attempts that depend on it, and so does a broken KV
+transfer. The request is then tried again on the healthy workers: from scratch if no
+token was sent, else *resumed*: the prompt plus the tokens already sent are prefilled
+elsewhere (``SamplingParams.output_offset`` keeps seeded draws aligned) and the stream
+continues with no token missing or repeated. Greedy output is identical to a run with
+no failure. After ``max_retries`` the request ends with UNAVAILABLE.
+Bounds: ``max_in_flight`` requests in the router, ``max_queued_per_prefill`` per prefill
+worker; beyond them RESOURCE_EXHAUSTED with a retry hint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -27,9 +38,11 @@ from pdserve.decode_worker.worker import NoCapacityError
 from pdserve.engine.sampler import SampledToken
 from pdserve.prefill_worker.messages import PrefillRequest
 from pdserve.router.clients import DecodeClient, PrefillClient, WorkerGone
+from pdserve.router.health import WorkerHealth
 from pdserve.router.policy import RoutingPolicy, RoutingRequest, WorkerLoad
+from pdserve.router.reliability import ReliabilityConfig
 from pdserve.router.slo import SloConfig
-from pdserve.router.status import InvalidArgument, NoWorkerAvailable, Overloaded, TransferFailed
+from pdserve.router.status import InvalidArgument, NoWorkerAvailable, Overloaded
 from pdserve.router.validation import ValidatedRequest
 
 ADMISSION_MODES = ("reject", "best_effort")
@@ -50,47 +63,55 @@ class TokenEvent:
     decode_queue_s: float | None = None  # on the first decode event: start -> first token
 
 
+class _Retry(Exception):
+    """This attempt failed in a way another attempt can fix (a worker died or hung, a KV
+    transfer broke); what was already sent to the client stays sent."""
+
+
 class Orchestrator:
     def __init__(self, prefills: Sequence[PrefillClient], decodes: Sequence[DecodeClient],
                  policy: RoutingPolicy, slo: SloConfig | None = None,
-                 admission: str = "reject", stats_interval_s: float = 0.5,
-                 units: dict[str, int] | None = None):
+                 admission: str = "reject", units: dict[str, int] | None = None,
+                 reliability: ReliabilityConfig | None = None):
         """With no prefill clients, the decode clients are colocated workers (both phases).
         ``units`` maps worker ids to units: a request's prefill worker is then chosen among
         those of its decode worker's unit (low node-affinity plans keep KV inside a node)."""
         if admission not in ADMISSION_MODES:
             raise ValueError(f"admission must be one of {ADMISSION_MODES}, got {admission!r}")
+        self.reliability = rel = reliability or ReliabilityConfig()
         self.prefills = {c.worker_id: c for c in prefills}
         self.decodes = {c.worker_id: c for c in decodes}
         self.policy = policy
         self.slo = slo or SloConfig()
         self.admission = admission
-        self.stats_interval_s = stats_interval_s
         self.rejected = 0
+        self.retries = 0  # attempts beyond the first, over the router's life
+        self.failed_after_retries = 0
         self.colocated = not self.prefills
         self.units = units or {}
         self.prefill_load = {w: WorkerLoad(w) for w in self.prefills}
         self.decode_load = {w: WorkerLoad(w) for w in self.decodes}
+        self.health = WorkerHealth({**self.prefill_load, **self.decode_load},
+                                   rel.heartbeat_interval_s, rel.heartbeat_timeout_s,
+                                   on_death=self._on_death)
+        # client request id -> its token queue, for the request's life
         self._queues: dict[str, asyncio.Queue[TokenDelta]] = {}
+        # attempt id (what the workers know the request as) -> the same queue
+        self._routes: dict[str, asyncio.Queue[TokenDelta]] = {}
         self._tasks: list[asyncio.Task] = []
         self._cleanup: set[asyncio.Task] = set()
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        """Start one consumer per decode worker's token stream (call inside the event loop)."""
+        """Start one token-stream consumer per decode worker and one heartbeat per worker
+        (call inside the event loop)."""
         for client in self.decodes.values():
             self._tasks.append(asyncio.create_task(self._consume(client)))
-        self._tasks.append(asyncio.create_task(self._refresh_forever()))
-
-    async def _refresh_forever(self) -> None:
-        while True:
-            try:
-                await self.refresh_loads()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("refreshing worker loads failed")
-            await asyncio.sleep(self.stats_interval_s)
+            self._tasks.append(asyncio.create_task(
+                self.health.watch(client.worker_id, client.stats, self._on_decode_stats)))
+        for client in self.prefills.values():
+            self._tasks.append(asyncio.create_task(
+                self.health.watch(client.worker_id, client.stats)))
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -98,74 +119,129 @@ class Orchestrator:
         await asyncio.gather(*self._tasks, *self._cleanup, return_exceptions=True)
 
     async def _consume(self, client: DecodeClient) -> None:
+        """The worker's token stream for the router's life; after the worker dies, wait for
+        the heartbeat to see it back (Ray restarts it) and subscribe again."""
+        wid = client.worker_id
         while True:
+            await self.health[wid].alive.wait()
             try:
                 async for batch in client.stream():
                     self._dispatch(batch)
             except asyncio.CancelledError:
                 raise
-            except WorkerGone:
-                log.error("decode worker %s is gone", client.worker_id)
-                self.decode_load[client.worker_id].healthy = False
-                self._fail_worker_requests(client.worker_id)
-                return
+            except WorkerGone as exc:
+                self.health.mark_dead(wid, f"token stream: {exc}"[:200])
+                continue
             except Exception:
-                log.exception("token stream from %s broke; resubscribing", client.worker_id)
-                await asyncio.sleep(0.5)
+                log.exception("token stream from %s broke; resubscribing", wid)
+            await asyncio.sleep(0.5)
 
     def _dispatch(self, batch: TokenBatch) -> None:
-        contexts = self.decode_load[batch.worker_id].decode_contexts \
-            if batch.worker_id in self.decode_load else {}
+        wid = batch.worker_id
+        contexts = self.decode_load[wid].decode_contexts if wid in self.decode_load else {}
         for delta in batch.deltas:
+            # Keyed by attempt: a request tried again must not hear from a worker it has
+            # left (one that was only hung, say); that would duplicate tokens.
+            q = self._routes.get(delta.request_id)
+            if q is None or getattr(q, "decode_worker", None) != wid:
+                continue
             if delta.request_id in contexts:
                 contexts[delta.request_id] += len(delta.token_ids)
-            q = self._queues.get(delta.request_id)
-            if q is not None:
-                q.put_nowait(delta)
+            q.put_nowait(delta)
 
-    def _fail_worker_requests(self, worker_id: str) -> None:
-        for rid, q in self._queues.items():
-            if getattr(q, "decode_worker", None) == worker_id:
-                q.put_nowait(TokenDelta(rid, (), (), "abort", error="decode worker died"))
+    def _on_death(self, wid: str, why: str) -> None:
+        """Every request waiting on a dead decode worker's stream gets a retryable error
+        (prefill waits race ``health[wid].dead`` themselves)."""
+        if wid not in self.decode_load:
+            return
+        for aid, q in self._routes.items():
+            if getattr(q, "decode_worker", None) == wid:
+                q.put_nowait(TokenDelta(aid, (), (), "abort", error=f"decode worker {wid} died"))
 
-    async def refresh_loads(self) -> None:
-        """Pull KV headroom from decode workers (and mark dead ones)."""
-        for wid, client in self.decodes.items():
-            try:
-                s = await client.stats()
-            except WorkerGone:
-                self.decode_load[wid].healthy = False
-                continue
-            load = self.decode_load[wid]
-            load.free_blocks, load.total_blocks = s.num_free_blocks, s.num_blocks
-            load.block_size = getattr(s, "block_size", load.block_size)
+    def _on_decode_stats(self, wid: str, s) -> None:
+        load = self.decode_load[wid]
+        load.free_blocks, load.total_blocks = s.num_free_blocks, s.num_blocks
+        load.block_size = getattr(s, "block_size", load.block_size)
 
     # -- the request path ---------------------------------------------------------------
     async def generate(self, req: ValidatedRequest) -> AsyncIterator[TokenEvent]:
-        rid, prompt, params = req.request_id, req.prompt_token_ids, req.params
+        """Serve ``req``, retrying failed attempts (see ``ReliabilityConfig``): the events
+        yielded across attempts are exactly one uninterrupted run's."""
+        rid = req.request_id
         if rid in self._queues:
             raise InvalidArgument(f"request id {rid!r} is already in flight")
+        if len(self._queues) >= self.reliability.max_in_flight:
+            err = Overloaded(f"the router already holds {len(self._queues)} requests",
+                             retry_after_s=1.0)
+            err.reason = "queue_full"
+            raise err
         slo = self.slo.with_overrides(req.slo.ttft_s, req.slo.tpot_s)
-        routing = RoutingRequest(rid, len(prompt), params.max_tokens, slo.ttft_s, slo.tpot_s)
+        routing = RoutingRequest(rid, len(req.prompt_token_ids), req.params.max_tokens,
+                                 slo.ttft_s, slo.tpot_s)
         if self.colocated:
             async for ev in self._generate_colocated(req, routing):
                 yield ev
             return
-        # Admission happens here, before any reservation (after it, when units constrain the pair).
-        prefill_id = None if self.units else self._pick_prefill(routing)
-        needs_decode = params.max_tokens > 1
         queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._queues[rid] = queue
+        sent: list[int] = []
+        failures = 0
+        try:
+            while True:
+                try:
+                    async with contextlib.aclosing(
+                            self._attempt(req, routing, queue, tuple(sent),
+                                          failures)) as events:
+                        async for ev in events:
+                            sent.extend(ev.token_ids)
+                            yield ev
+                    return
+                except _Retry as exc:
+                    failures += 1
+                    if failures > self.reliability.max_retries:
+                        self.failed_after_retries += 1
+                        raise NoWorkerAvailable(
+                            f"request failed after {failures} attempts; last: {exc}") from exc
+                    self.retries += 1
+                    log.warning("request %s: attempt %d failed (%s); %s", rid, failures, exc,
+                                f"resuming after {len(sent)} tokens" if sent else "retrying")
+                    await asyncio.sleep(failures * self.reliability.retry_backoff_s)
+        finally:
+            self._queues.pop(rid, None)
+
+    async def _attempt(self, req: ValidatedRequest, routing: RoutingRequest,
+                       queue: asyncio.Queue[TokenDelta], sent: tuple[int, ...], attempt: int
+                       ) -> AsyncIterator[TokenEvent]:
+        """Try ``attempt`` (0 = the first): reserve on decode, prefill (prompt + ``sent``),
+        hand over, stream. Raises ``_Retry`` for failures another attempt may not meet.
+        Workers know each attempt by its own id, so what a failed attempt left behind
+        (blocks being released, late tokens) never meets the next one."""
+        rid = req.request_id if attempt == 0 else f"{req.request_id}:retry{attempt}"
+        admit = attempt == 0
+        prompt = req.prompt_token_ids + sent
+        params = req.params if not sent else dataclasses.replace(
+            req.params, max_tokens=req.params.max_tokens - len(sent),
+            output_offset=req.params.output_offset + len(sent))
+        routing = dataclasses.replace(routing, request_id=rid, num_prompt_tokens=len(prompt),
+                                      max_tokens=params.max_tokens)
+        # Admission happens here, before any reservation (after it, when units constrain
+        # the pair); a retry was admitted already.
+        prefill_id = None if self.units else self._pick_prefill(routing, admit=admit)
+        needs_decode = params.max_tokens > 1
         decode_id = None
         prefill_task: asyncio.Task | None = None
         finished = False
+        while not queue.empty():  # what a failed attempt's worker said last
+            queue.get_nowait()
+        queue.decode_worker = None  # type: ignore[attr-defined]
+        self._routes[rid] = queue
         try:
             destination = None
             if needs_decode:
                 decode_id, destination = await self._reserve(routing)
                 queue.decode_worker = decode_id  # type: ignore[attr-defined]
             if prefill_id is None:
-                prefill_id = self._pick_prefill(routing, self.units.get(decode_id))
+                prefill_id = self._pick_prefill(routing, self.units.get(decode_id), admit=admit)
             pl = self.prefill_load[prefill_id]
             pl.in_flight += 1
             pl.queued_tokens += len(prompt)
@@ -173,16 +249,16 @@ class Orchestrator:
             try:
                 prefill_task = asyncio.ensure_future(self.prefills[prefill_id].prefill(
                     PrefillRequest(rid, prompt, params, destination)))
-                result = await prefill_task
+                result = await self._unless_dead(prefill_task, prefill_id)
             except WorkerGone as exc:
-                self.prefill_load[prefill_id].healthy = False
-                raise NoWorkerAvailable(f"prefill worker {prefill_id} failed: {exc}") from exc
+                self.health.mark_dead(prefill_id, str(exc)[:200])
+                raise _Retry(f"prefill worker {prefill_id} failed") from exc
             finally:
                 pl.in_flight -= 1
                 pl.queued_tokens -= len(prompt)
                 pl.prefill_queue.pop(rid, None)
             if not result.ok:
-                raise TransferFailed(result.error or "prefill failed")
+                raise _Retry(result.error or "prefill failed")
             first = result.token
             done = result.finish_reason is not None or not needs_decode
             reason = result.finish_reason or ("length" if done else None)
@@ -193,12 +269,16 @@ class Orchestrator:
                 finished = True
                 return
             started = time.monotonic()
-            await self.decodes[decode_id].start(StartDecode(rid, prompt, params, first))
+            try:
+                await self.decodes[decode_id].start(StartDecode(rid, prompt, params, first))
+            except WorkerGone as exc:
+                self.health.mark_dead(decode_id, str(exc)[:200])
+                raise _Retry(f"decode worker {decode_id} failed") from exc
             first_decode = True
             while True:
                 delta = await queue.get()
                 if delta.error:
-                    raise TransferFailed(delta.error)
+                    raise _Retry(delta.error)
                 if delta.finish_reason is not None:
                     finished = True
                 yield TokenEvent(delta.token_ids, delta.logprobs, delta.finish_reason,
@@ -207,7 +287,7 @@ class Orchestrator:
                 if finished:
                     return
         finally:
-            self._queues.pop(rid, None)
+            self._routes.pop(rid, None)
             if decode_id is not None:
                 self.decode_load[decode_id].in_flight -= 1
                 self.decode_load[decode_id].decode_contexts.pop(rid, None)
@@ -217,6 +297,18 @@ class Orchestrator:
                 t = asyncio.ensure_future(self._release(rid, decode_id, prefill_id, prefill_task))
                 self._cleanup.add(t)
                 t.add_done_callback(self._cleanup.discard)
+
+    async def _unless_dead(self, task: asyncio.Task, wid: str):
+        """``task``'s result, or ``WorkerGone`` as soon as the heartbeat declares ``wid``
+        dead (a hung worker never answers; a killed one may take Ray a moment)."""
+        dead = asyncio.ensure_future(self.health[wid].dead.wait())
+        try:
+            await asyncio.wait({task, dead}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dead.cancel()
+        if task.done():
+            return task.result()
+        raise WorkerGone(f"worker {wid} missed its heartbeats")
 
     async def _generate_colocated(self, req: ValidatedRequest,
                                   routing: RoutingRequest) -> AsyncIterator[TokenEvent]:
@@ -230,7 +322,7 @@ class Orchestrator:
         wid = ranked[0]
         queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         queue.decode_worker = wid  # type: ignore[attr-defined]
-        self._queues[rid] = queue
+        self._queues[rid] = self._routes[rid] = queue
         load = self.decode_load[wid]
         load.in_flight += 1
         load.decode_contexts[rid] = routing.num_prompt_tokens
@@ -250,6 +342,7 @@ class Orchestrator:
                 yield TokenEvent(delta.token_ids, delta.logprobs, delta.finish_reason)
         finally:
             self._queues.pop(rid, None)
+            self._routes.pop(rid, None)
             load.in_flight -= 1
             load.decode_contexts.pop(rid, None)
             if not finished:
@@ -281,13 +374,26 @@ class Orchestrator:
         err.reason = "kv_full"
         raise err
 
-    def _pick_prefill(self, routing: RoutingRequest, unit: int | None = None) -> str:
+    def _pick_prefill(self, routing: RoutingRequest, unit: int | None = None,
+                      admit: bool = True) -> str:
+        """The policy's best prefill worker. With ``admit``, first apply the bounds: a full
+        queue or (admission "reject") a TTFT target the best worker cannot meet answers
+        RESOURCE_EXHAUSTED now. Retries skip them: the request was admitted already."""
         loads = [w for w in self.prefill_load.values()
                  if unit is None or self.units.get(w.worker_id) == unit]
         ranked = self.policy.rank_prefill(routing, loads)
         if not ranked:
             raise NoWorkerAvailable("no healthy prefill worker")
         best = ranked[0]
+        if not admit:
+            return best
+        cap = self.reliability.max_queued_per_prefill
+        if all(self.prefill_load[w].in_flight >= cap for w in ranked):
+            self.rejected += 1
+            err = Overloaded(f"every prefill queue holds {cap} requests", retry_after_s=1.0)
+            err.reason = "queue_full"
+            raise err
+        best = next(w for w in ranked if self.prefill_load[w].in_flight < cap)
         predicted = self.policy.predict_ttft_s(routing, self.prefill_load[best])
         if (self.admission == "reject" and predicted is not None
                 and routing.ttft_slo_s is not None and predicted > routing.ttft_slo_s):
@@ -303,14 +409,17 @@ class Orchestrator:
 
     async def _release(self, rid: str, decode_id: str | None, prefill_id: str | None,
                        prefill_task: asyncio.Task | None) -> None:
+        """Free ``rid`` on both workers; bounded by the heartbeat timeout, since a hung
+        worker may never answer (its reservations then expire by their lease)."""
         if prefill_task is not None and not prefill_task.done():
             prefill_task.cancel()
+        timeout = self.reliability.heartbeat_timeout_s
         if prefill_id is not None:
             with contextlib.suppress(Exception):
-                await self.prefills[prefill_id].abort(rid)
+                await asyncio.wait_for(self.prefills[prefill_id].abort(rid), timeout)
         if decode_id is not None:
             with contextlib.suppress(Exception):
-                await self.decodes[decode_id].release(rid)
+                await asyncio.wait_for(self.decodes[decode_id].release(rid), timeout)
 
     def in_flight(self) -> int:
         return len(self._queues)

@@ -1,0 +1,97 @@
+"""Worker liveness as the router sees it: heartbeats, death, and rejoining.
+
+Contract:
+
+* ``WorkerHealth`` holds one ``Liveness`` per worker id. ``mark_dead(wid, why)`` is
+  idempotent: it flips the worker's ``WorkerLoad.healthy`` off, sets its ``dead`` event
+  (which every request waiting on that worker races against) and calls the ``on_death``
+  callback once per death. ``mark_alive(wid)`` undoes it with a fresh ``dead`` event and
+  sets ``alive``, which a decode stream consumer waits on to resubscribe.
+* ``watch(wid, ping)`` is one heartbeat loop per worker: ``ping`` (the worker's
+  ``stats`` call) must answer within ``timeout_s``; a ``WorkerGone``, a timeout or any
+  other error marks the worker dead (Ray reports a killed actor at once; a hung one
+  only misses heartbeats), and the first answer after that marks it alive again: a
+  worker restarted by Ray (``max_restarts``) rejoins its pool with no operator action.
+  ``on_stats`` receives each answer (the router keeps KV headroom from it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from pdserve.router.policy import WorkerLoad
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Liveness:
+    load: WorkerLoad
+    dead: asyncio.Event = field(default_factory=asyncio.Event)
+    alive: asyncio.Event = field(default_factory=asyncio.Event)
+    deaths: int = 0
+
+    def __post_init__(self) -> None:
+        self.alive.set()
+
+
+class WorkerHealth:
+    def __init__(self, loads: dict[str, WorkerLoad], interval_s: float, timeout_s: float,
+                 on_death: Callable[[str, str], None] | None = None,
+                 on_revival: Callable[[str], None] | None = None):
+        if not (interval_s > 0 and timeout_s > 0):
+            raise ValueError("heartbeat interval and timeout must be > 0")
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.on_death = on_death
+        self.on_revival = on_revival
+        self.workers = {wid: Liveness(load) for wid, load in loads.items()}
+
+    def __getitem__(self, wid: str) -> Liveness:
+        return self.workers[wid]
+
+    def is_alive(self, wid: str) -> bool:
+        return self.workers[wid].load.healthy
+
+    def mark_dead(self, wid: str, why: str) -> None:
+        w = self.workers[wid]
+        if w.dead.is_set():
+            return
+        w.deaths += 1
+        w.load.healthy = False
+        w.alive.clear()
+        w.dead.set()
+        log.error("worker %s is down (%s)", wid, why)
+        if self.on_death is not None:
+            self.on_death(wid, why)
+
+    def mark_alive(self, wid: str) -> None:
+        w = self.workers[wid]
+        if not w.dead.is_set():
+            return
+        w.dead = asyncio.Event()
+        w.load.healthy = True
+        w.alive.set()
+        log.warning("worker %s is back", wid)
+        if self.on_revival is not None:
+            self.on_revival(wid)
+
+    async def watch(self, wid: str, ping: Callable[[], Awaitable[object]],
+                    on_stats: Callable[[str, object], None] | None = None) -> None:
+        while True:
+            try:
+                stats = await asyncio.wait_for(ping(), self.timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except TimeoutError:
+                self.mark_dead(wid, f"no heartbeat for {self.timeout_s:g}s")
+            except Exception as exc:  # WorkerGone, or a worker that errors on stats
+                self.mark_dead(wid, f"{type(exc).__name__}: {exc}"[:200])
+            else:
+                self.mark_alive(wid)
+                if on_stats is not None:
+                    on_stats(wid, stats)
+            await asyncio.sleep(self.interval_s)
