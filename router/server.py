@@ -26,12 +26,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdserve.engine.tokenizer import Tokenizer
-from pdserve.protos import pdserve_pb2, pdserve_pb2_grpc
+from pdserve.protos import pdserve_pb2
 from pdserve.router.auth import BearerTokenInterceptor, validate_token
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.metrics_server import MetricsAggregator, serve_metrics
 from pdserve.router.orchestrator import Orchestrator
-from pdserve.router.service import GenerationService
+from pdserve.router.service import GenerationService, add_generation_service
 from pdserve.router.validation import ValidationLimits
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,9 @@ class RouterServer:
                 ("grpc.max_send_message_length", cfg.max_message_bytes)]
         interceptors = [BearerTokenInterceptor(cfg.auth_tokens)] if cfg.auth_tokens else []
         server = grpc.aio.server(options=opts, interceptors=interceptors)
-        pdserve_pb2_grpc.add_GenerationServicer_to_server(
+        # (not the generated add_GenerationServicer_to_server: its parser makes gRPC answer
+        # UNKNOWN to bytes that are no GenerateRequest; this one answers INVALID_ARGUMENT)
+        add_generation_service(
             GenerationService(self.orchestrator, self.tokenizer, self.limits, self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

@@ -7,6 +7,11 @@ and stop strings happen here, next to the client), and on the last message the f
 reason and usage. When the client cancels or the deadline passes, grpc.aio cancels
 this coroutine; closing the orchestrator's generator then releases the request's KV on
 both workers. A stop string found here ends the stream the same way.
+
+Register the servicer with ``add_generation_service`` rather than the generated
+``add_GenerationServicer_to_server``: the generated handler parses requests with
+``GenerateRequest.FromString``, and gRPC answers a deserializer that raises (corrupt
+bytes, invalid UTF-8 in a string field) with UNKNOWN and the exception's text.
 """
 
 from __future__ import annotations
@@ -23,7 +28,12 @@ from pdserve.protos import pdserve_pb2, pdserve_pb2_grpc
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.orchestrator import Orchestrator, TokenEvent
 from pdserve.router.status import ServingError, abort_with, as_serving_error
-from pdserve.router.validation import RequestValidationError, ValidationLimits, validate_request
+from pdserve.router.validation import (
+    RequestValidationError,
+    ValidationLimits,
+    parse_request,
+    validate_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +42,27 @@ _FINISH = {
     "length": pdserve_pb2.FINISH_REASON_LENGTH,
     "abort": pdserve_pb2.FINISH_REASON_ABORT,
 }
+
+
+SERVICE_NAME = pdserve_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+def _deserialize(data: bytes) -> pdserve_pb2.GenerateRequest | RequestValidationError:
+    # Never raise here (gRPC would answer UNKNOWN): hand the error to Generate instead.
+    try:
+        return parse_request(data)
+    except RequestValidationError as exc:
+        return exc
+
+
+def add_generation_service(service: GenerationService, server: grpc.aio.Server) -> None:
+    """Register ``service`` on ``server`` like ``add_GenerationServicer_to_server`` does, except
+    that unparsable request bytes reach ``Generate`` and get INVALID_ARGUMENT."""
+    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
+        service.Generate, request_deserializer=_deserialize,
+        response_serializer=pdserve_pb2.GenerateResponse.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class GenerationService(pdserve_pb2_grpc.GenerationServicer):
@@ -45,10 +76,17 @@ class GenerationService(pdserve_pb2_grpc.GenerationServicer):
     async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
         t0 = time.monotonic()
         try:
+            if isinstance(request, RequestValidationError):  # unparsable, see _deserialize
+                raise request
             req = validate_request(request, self.tokenizer, self.limits)
         except RequestValidationError as exc:
             if self.metrics is not None:
                 self.metrics.requests.labels(self.metrics.model, "INVALID_ARGUMENT").inc()
+            await abort_with(context, as_serving_error(exc))
+        except Exception as exc:  # the tokenizer or a chat template failing: a server fault
+            log.exception("validating a request failed")
+            if self.metrics is not None:
+                self.metrics.requests.labels(self.metrics.model, "INTERNAL").inc()
             await abort_with(context, as_serving_error(exc))
         timeline = None
         if self.metrics is not None:

@@ -21,7 +21,15 @@ Contract:
 * Temperatures in ``(0, 1e-5)`` are snapped to 0 (greedy): dividing logits by such a
   value overflows float32 to inf and the softmax turns into NaN.
 * Cheap scalar checks run before tokenization, so a malformed request never pays for
-  (or makes the server pay for) tokenizing a large prompt.
+  (or makes the server pay for) tokenizing a large prompt; repeated fields are
+  count-checked before their elements are copied or scanned.
+* Error messages echo at most ``MAX_ECHO_CHARS`` characters of any client-chosen string:
+  the message travels as the ``grpc-message`` trailer, and one longer than the client's
+  metadata limit (16 KiB by default) replaces INVALID_ARGUMENT with a transport error.
+* ``parse_request(data)`` is the wire-level half: bytes that are not a
+  ``GenerateRequest`` (corrupt wire format, string fields that are not valid UTF-8, as
+  proto3 requires) raise ``RequestValidationError`` too, so they can be answered with
+  INVALID_ARGUMENT instead of the UNKNOWN status gRPC gives a failing deserializer.
 
 Pure Python plus the generated protobuf module: no gRPC server, no Ray, no torch.
 """
@@ -34,6 +42,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from google.protobuf.message import DecodeError
 
 from pdserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from pdserve.protos import pdserve_pb2
@@ -56,6 +66,8 @@ GREEDY_TEMPERATURE_EPS = 1e-5
 # torch.Generator.manual_seed takes a signed 64-bit value.
 MAX_SEED = 2**63 - 1
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+# Longest client-chosen string (or exception text) quoted back in an error message.
+MAX_ECHO_CHARS = 200
 
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]+")
 
@@ -72,6 +84,34 @@ class PromptTokenizer(Protocol):
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
     ) -> list[int]: ...
+
+
+def _clip(value: object) -> str:
+    """``str(value)`` shortened to about ``MAX_ECHO_CHARS`` characters for an error message."""
+    text = str(value)
+    if len(text) <= MAX_ECHO_CHARS:
+        return text
+    return f"{text[:MAX_ECHO_CHARS]}... ({len(text)} characters)"
+
+
+def _quote(text: str) -> str:
+    """``repr(text)`` of a client string, shortened like ``_clip``."""
+    if len(text) <= MAX_ECHO_CHARS:
+        return repr(text)
+    return f"{text[:MAX_ECHO_CHARS]!r}... ({len(text)} characters)"
+
+
+def parse_request(data: bytes) -> pdserve_pb2.GenerateRequest:
+    """Parse a serialized ``GenerateRequest``; raises ``RequestValidationError`` if it is not one.
+
+    For use as the gRPC request deserializer (see ``pdserve.router.service``).
+    """
+    try:
+        return pdserve_pb2.GenerateRequest.FromString(data)
+    except DecodeError as exc:
+        # upb's message names the message type and the problem ("String field had bad
+        # UTF-8", "Wire format was corrupt"): nothing internal, and useful to the client.
+        raise RequestValidationError(f"malformed GenerateRequest: {_clip(exc)}") from exc
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -279,11 +319,17 @@ def _sampling(sp: pdserve_pb2.SamplingParams, limits: ValidationLimits) -> dict[
 def _stop(
     sc: pdserve_pb2.StopConditions, limits: ValidationLimits
 ) -> tuple[tuple[str, ...], tuple[int, ...], bool]:
-    stop = tuple(sc.stop)
-    if len(stop) > limits.max_stop_strings:
+    # Counts first: a 16 MiB message holds millions of empty strings or ids.
+    if len(sc.stop) > limits.max_stop_strings:
         raise RequestValidationError(
-            f"stop has {len(stop)} strings; at most {limits.max_stop_strings} are allowed"
+            f"stop has {len(sc.stop)} strings; at most {limits.max_stop_strings} are allowed"
         )
+    if len(sc.stop_token_ids) > limits.max_stop_token_ids:
+        raise RequestValidationError(
+            f"stop_token_ids has {len(sc.stop_token_ids)} ids; "
+            f"at most {limits.max_stop_token_ids} are allowed"
+        )
+    stop = tuple(sc.stop)
     for i, s in enumerate(stop):
         if s == "":
             raise RequestValidationError(f"stop string at position {i} is empty")
@@ -294,11 +340,6 @@ def _stop(
             )
 
     stop_token_ids = tuple(int(t) for t in sc.stop_token_ids)
-    if len(stop_token_ids) > limits.max_stop_token_ids:
-        raise RequestValidationError(
-            f"stop_token_ids has {len(stop_token_ids)} ids; "
-            f"at most {limits.max_stop_token_ids} are allowed"
-        )
     for i, t in enumerate(stop_token_ids):
         if t >= limits.vocab_size:
             raise RequestValidationError(
@@ -335,6 +376,8 @@ def _prompt(
         raise RequestValidationError("prompt is empty: set one of text, token_ids or chat")
 
     if kind == "token_ids":
+        if len(req.token_ids.ids) >= limits.max_model_len:  # before copying millions of ids
+            raise _no_room(len(req.token_ids.ids), limits)
         ids = tuple(int(t) for t in req.token_ids.ids)
         if not ids:
             raise RequestValidationError("prompt is empty")
@@ -364,11 +407,15 @@ def _prompt(
                 f"token id {t} at position {i} is outside the vocabulary [0, {limits.vocab_size})"
             )
     if len(ids) >= limits.max_model_len:
-        raise RequestValidationError(
-            f"prompt has {len(ids)} tokens; the model's context is {limits.max_model_len} "
-            "tokens, which leaves no room to generate"
-        )
+        raise _no_room(len(ids), limits)
     return ids, prompt_text
+
+
+def _no_room(prompt_len: int, limits: ValidationLimits) -> RequestValidationError:
+    return RequestValidationError(
+        f"prompt has {prompt_len} tokens; the model's context is {limits.max_model_len} "
+        "tokens, which leaves no room to generate"
+    )
 
 
 def _chat_prompt(
@@ -387,7 +434,7 @@ def _chat_prompt(
     for i, m in enumerate(messages):
         if m.role not in CHAT_ROLES:
             raise RequestValidationError(
-                f"chat message {i} has role {m.role!r}; expected one of "
+                f"chat message {i} has role {_quote(m.role)}; expected one of "
                 f"{', '.join(sorted(CHAT_ROLES))}"
             )
         total_chars += len(m.content)
@@ -407,7 +454,7 @@ def _chat_prompt(
     except _TEMPLATE_ERRORS as exc:
         # No template, or the template itself rejected the conversation (e.g. roles
         # that do not alternate); both are the client's to fix.
-        raise RequestValidationError(f"chat prompt rejected: {exc}") from exc
+        raise RequestValidationError(f"chat prompt rejected: {_clip(exc)}") from exc
     ids = tuple(int(t) for t in rendered)
     if not ids:
         raise RequestValidationError("prompt is empty after applying the chat template")

@@ -16,11 +16,13 @@ from pdserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router import status
 from pdserve.router.validation import (
+    MAX_ECHO_CHARS,
     MAX_SEED,
     RequestValidationError,
     SloTargets,
     ValidatedRequest,
     ValidationLimits,
+    parse_request,
     validate_request,
 )
 
@@ -263,6 +265,25 @@ def test_chat_bad_role(role):
     rejects(pb.GenerateRequest(chat=pb.ChatPrompt(messages=msgs)), "chat message 1 has role")
 
 
+def test_long_role_is_quoted_shortened():
+    # The message travels as a gRPC trailer; the client drops trailers over 16 KiB.
+    msgs = [pb.ChatMessage(role="r" * 100_000, content="b")]
+    err = rejects(pb.GenerateRequest(chat=pb.ChatPrompt(messages=msgs)), "chat message 0 has role")
+    assert len(str(err)) < 2 * MAX_ECHO_CHARS + 200
+    assert "(100000 characters)" in str(err)
+
+
+def test_long_template_error_is_shortened():
+    class Verbose(FakeTokenizer):
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            raise ValueError("bad conversation: " + messages[0]["content"])
+
+    msgs = [pb.ChatMessage(role="user", content="x" * 50_000)]
+    err = rejects(pb.GenerateRequest(chat=pb.ChatPrompt(messages=msgs)), "chat prompt rejected",
+                  Verbose())
+    assert len(str(err)) < 2 * MAX_ECHO_CHARS + 200
+
+
 def test_chat_too_many_messages():
     limits = ValidationLimits(vocab_size=VOCAB, max_model_len=4096, max_chat_messages=3)
     msgs = [pb.ChatMessage(role="user", content="a")] * 4
@@ -380,6 +401,15 @@ def test_stop_strings():
     ).params.stop == ("abc",)
 
 
+def test_huge_repeated_fields_are_rejected_on_their_count():
+    # Counts are checked before the elements are looked at (a 16 MiB message holds
+    # millions of them); so the out-of-vocabulary ids here are never reported.
+    n = 1_000_000
+    rejects(ids_request(ids=[VOCAB] * n), f"prompt has {n} tokens")
+    rejects(ids_request(stop=pb.StopConditions(stop_token_ids=[VOCAB] * n)), f"has {n} ids")
+    rejects(ids_request(stop=pb.StopConditions(stop=[""] * n)), f"stop has {n} strings")
+
+
 def test_stop_token_ids():
     limits = ValidationLimits(vocab_size=VOCAB, max_model_len=64, max_stop_token_ids=2)
     rejects(ids_request(stop=pb.StopConditions(stop_token_ids=[1, 2, 3])), "3 ids", None, limits)
@@ -414,6 +444,36 @@ def test_request_id(request_id, match):
 
 def test_request_id_max_length_ok():
     assert validate(ids_request(request_id="a" * 128)).request_id == "a" * 128
+
+
+# ---------------------------------------------------------------- wire format
+
+
+def test_parse_request_round_trip():
+    req = ids_request(request_id="r1", sampling=pb.SamplingParams(max_tokens=3))
+    assert parse_request(req.SerializeToString()) == req
+    assert parse_request(b"") == pb.GenerateRequest()  # parses; validation rejects it
+
+
+@pytest.mark.parametrize("data, match", [
+    (b"\x12\x02\xc3\x28", "UTF-8"),  # text (field 2) that is not UTF-8
+    (b"\x32\x03\x0a\x01\xff", "UTF-8"),  # a stop string that is not UTF-8
+    (b"\x12\x7fabc", "malformed"),  # length past the end
+    (b"\xff\xff\xff", "malformed"),
+])
+def test_parse_request_rejects_malformed_bytes(data, match):
+    with pytest.raises(RequestValidationError, match=match) as info:
+        parse_request(data)
+    assert str(info.value).startswith("malformed GenerateRequest: ")
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=64))
+def test_property_parse_request(data):
+    try:
+        assert isinstance(parse_request(data), pb.GenerateRequest)
+    except RequestValidationError as exc:
+        assert str(exc)
 
 
 # ---------------------------------------------------------------- dataclasses
