@@ -12,6 +12,7 @@ router actor with handles to both pools and starts its gRPC server. The returned
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -34,15 +35,21 @@ class PoolSpec:
     num_gpus: float = 0.0
     resources: tuple[tuple[str, float], ...] = ()
     label_selector: tuple[tuple[str, str], ...] = ()
+    # Ray restarts a worker whose process dies this many times (-1: always); the router's
+    # heartbeat sees it back and returns it to the pool. 0 leaves a dead worker dead.
+    max_restarts: int = 10
 
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ValueError("a pool needs at least one worker")
+        if self.max_restarts < -1:
+            raise ValueError("max_restarts must be >= -1")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("num_cpus and num_gpus must be >= 0")
 
     def actor_options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                                "max_restarts": self.max_restarts}
         if self.resources:
             opts["resources"] = dict(self.resources)
         if self.label_selector:
@@ -128,12 +135,11 @@ class Cluster:
 
 def unlink_shm_segments(names: list[str]) -> None:
     """Remove leftover shared-memory segments on this host (others' nodes are theirs)."""
-    import contextlib
-    import os
+    from pdserve.kv_transfer.shm_segment import unlink_by_name
 
     for name in names:
         with contextlib.suppress(OSError):
-            os.unlink(f"/dev/shm/{name}")
+            unlink_by_name(name)
 
 
 def shm_segments_of(decodes: list[tuple[str, Any]]) -> list[str]:

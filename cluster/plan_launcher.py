@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from pdserve.cluster.launcher import Cluster, ClusterSpec, init_ray, shm_segments_of
+from pdserve.cluster.launcher import Cluster, ClusterSpec, PoolSpec, init_ray, shm_segments_of
 from pdserve.cluster.plan import Plan
 from pdserve.engine.config import EngineConfig
 from pdserve.kv_transfer.backend_config import KVTransferConfig
@@ -65,7 +65,9 @@ def launch_plan(plan: Plan, engine: EngineConfig, kv: KVTransferConfig, router: 
     for pg, spec in zip(pgs, pg_specs, strict=True):
         for bundle, (role, instance, _stage) in enumerate(spec.roles):
             gpus = dict(spec.bundles[bundle]).get("GPU", 0.0)
+            # restarted in place after a crash, like the launcher's pools (PoolSpec)
             opts = dict(num_cpus=cpus_per_bundle, num_gpus=gpus,
+                        max_restarts=PoolSpec().max_restarts,
                         scheduling_strategy=PlacementGroupSchedulingStrategy(
                             pg, placement_group_bundle_index=bundle))
             wid = f"{role}-{instance}"

@@ -14,6 +14,12 @@ class WorkerActorMixin:
     async def ready(self) -> str:
         return self.host.worker.worker_id
 
+    def pid(self) -> int:
+        """This worker's process id (chaos tests kill it)."""
+        import os
+
+        return os.getpid()
+
     def node_id(self) -> str:
         import ray
 

@@ -20,8 +20,9 @@ from pdserve.kv_transfer.backend_config import KVTransferConfig
 
 
 def build_decode_host(worker_id: str, engine: EngineConfig, kv: KVTransferConfig,
-                      torch_threads: int | None = None) -> DecodeHost:
-    """Used by the actor and by Ray-less hosts (GPU benchmarks, tests)."""
+                      torch_threads: int | None = None, instance_key: str = "") -> DecodeHost:
+    """Used by the actor and by Ray-less hosts (GPU benchmarks, tests). ``instance_key``
+    (the Ray actor id) names the shm segment stably across restarts of the worker."""
     import torch
 
     from pdserve.kv_transfer.registry import create_receiver
@@ -30,9 +31,12 @@ def build_decode_host(worker_id: str, engine: EngineConfig, kv: KVTransferConfig
         torch.set_num_threads(torch_threads)
     device = engine.resolve_device()
 
+    # only the shm backend names anything after the worker instance
+    extra = {"instance_key": instance_key} if kv.backend == "shm" and instance_key else {}
+
     def receiver_factory(spec):
         return create_receiver(kv.backend, spec, worker_id, device, bind_host=kv.bind_host,
-                               auth_token=kv.auth_token)
+                               auth_token=kv.auth_token, **extra)
 
     worker = DecodeWorker.from_config(worker_id, engine, receiver_factory)
     worker.metrics = WorkerMetrics(model_label(engine.model), "decode", worker_id, node_label())
@@ -68,7 +72,8 @@ class DecodeWorkerActor(WorkerActorMixin):
             import dataclasses
 
             kv = dataclasses.replace(kv, bind_host=ray.util.get_node_ip_address())
-        self.host = build_decode_host(worker_id, engine, kv, torch_threads)
+        self.host = build_decode_host(worker_id, engine, kv, torch_threads,
+                                      ray.get_runtime_context().get_actor_id())
 
     async def reserve(self, msg: ReserveRequest) -> Reservation:
         return await self.host.reserve(msg)

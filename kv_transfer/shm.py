@@ -15,6 +15,7 @@ that, not a token, is the access control here.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import uuid
@@ -25,13 +26,19 @@ from pdserve.engine.kv_cache import KVCache, KVCacheSpec
 from pdserve.kv_transfer.base import KVReceiver, KVSender, Transfer, TransferError
 from pdserve.kv_transfer.block_copy import BlockWriter
 from pdserve.kv_transfer.messages import KVCacheSpecMsg, KVEndpoint
-from pdserve.kv_transfer.shm_segment import ShmSegment
+from pdserve.kv_transfer.shm_segment import ShmSegment, unlink_by_name
+
+log = logging.getLogger(__name__)
 
 
-def segment_name(worker_id: str) -> str:
+def segment_name(worker_id: str, instance_key: str = "") -> str:
+    """``instance_key`` (a Ray actor id: the same across the actor's restarts, unique in
+    the cluster) makes the name stable, so a restarted worker finds and replaces the
+    segment its killed predecessor left; without one the name is random."""
     # POSIX allows ~255 chars and only one leading '/'; keep it short and filename-safe.
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", worker_id)[:40]
-    return f"pdserve-kv-{safe}-{uuid.uuid4().hex[:8]}"
+    key = re.sub(r"[^A-Za-z0-9]", "", instance_key)[:16] or uuid.uuid4().hex[:8]
+    return f"pdserve-kv-{safe}-{key}"
 
 
 class ShmReceiver(KVReceiver):
@@ -45,12 +52,17 @@ class ShmReceiver(KVReceiver):
     @classmethod
     def create(cls, cache_spec: KVCacheSpec, worker_id: str, device: torch.device | str = "cpu",
                *, prefault: bool = True, bind_host: str = "",
-               auth_token: str = "") -> tuple[ShmReceiver, KVCache]:
+               auth_token: str = "", instance_key: str = "") -> tuple[ShmReceiver, KVCache]:
         """``prefault`` touches every page now, so a host short of memory fails at startup
-        rather than mid-transfer. ``bind_host``/``auth_token`` are accepted and unused."""
+        rather than mid-transfer. ``instance_key``: see ``segment_name``; a segment of that
+        name can only be a killed predecessor's, and is replaced. ``bind_host`` and
+        ``auth_token`` are accepted and unused."""
         if torch.device(device).type != "cpu":
             raise ValueError(f"the shm backend keeps the KV cache in host memory, not {device}")
-        segment = ShmSegment.create(segment_name(worker_id), cache_spec.nbytes)
+        name = segment_name(worker_id, instance_key)
+        if instance_key and unlink_by_name(name):
+            log.warning("replaced the shared-memory KV segment %s of a dead worker", name)
+        segment = ShmSegment.create(name, cache_spec.nbytes)
         try:
             data = segment.tensor(cache_spec.shape, cache_spec.dtype)
             if prefault:

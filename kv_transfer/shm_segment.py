@@ -123,6 +123,19 @@ class ShmSegment:
             self.unlink()
 
 
+def unlink_by_name(name: str) -> bool:
+    """Destroy the segment ``name`` whoever made it; False if there was none. For segments
+    of dead processes (a SIGKILL skips all cleanup): the owner's mappings stay valid."""
+    try:
+        if _posixshmem is not None:
+            _posixshmem.shm_unlink("/" + name)
+        else:
+            os.unlink(os.path.join(_DEV_SHM, name))
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _check_free_space(size: int) -> None:
     # tmpfs accepts a segment bigger than its free space and then kills the first writer
     # past the limit with SIGBUS; refuse up front with a readable error instead.

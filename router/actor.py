@@ -97,3 +97,8 @@ class RouterActor:
 
     async def in_flight(self) -> int:
         return self.server.orchestrator.in_flight()
+
+    async def reliability(self) -> dict:
+        """Retries so far, requests failed after spending their retries, and each
+        worker's health (alive, deaths seen)."""
+        return self.server.orchestrator.reliability_report()

@@ -421,6 +421,11 @@ class Orchestrator:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.decodes[decode_id].release(rid), timeout)
 
+    def reliability_report(self) -> dict:
+        return {"retries": self.retries, "failed_after_retries": self.failed_after_retries,
+                "workers": {wid: {"alive": w.load.healthy, "deaths": w.deaths}
+                            for wid, w in self.health.workers.items()}}
+
     def in_flight(self) -> int:
         return len(self._queues)
 
