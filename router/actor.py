@@ -98,6 +98,11 @@ class RouterActor:
     async def in_flight(self) -> int:
         return self.server.orchestrator.in_flight()
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     async def reliability(self) -> dict:
         """Retries so far, requests failed after spending their retries, and each
         worker's health (alive, deaths seen)."""
