@@ -76,6 +76,7 @@ def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
     orch = Orchestrator(pclients, dclients, policy, config.slo, config.admission,
                         units=dict(config.units), reliability=config.reliability)
     metrics = RouterMetrics(model_label(config.model), config.slo)
+    orch.on_retry = lambda cause: metrics.retries.labels(metrics.model, cause).inc()
     aggregator = MetricsAggregator({c.worker_id: c.metrics_text for c in (*pclients, *dclients)})
     return RouterServer(config.server, orch, tokenizer, limits, metrics, aggregator)
 

@@ -43,6 +43,8 @@ class RouterMetrics:
                                   ("model", "slo_class", "reason"), registry=r)
         self.rejected = Counter("pdserve_admission_rejected", "Rejected at admission",
                                 ("model", "reason"), registry=r)
+        self.retries = Counter("pdserve_request_retries", "Attempts beyond a request's first, "
+                               "by what failed", ("model", "cause"), registry=r)
         self.in_flight = Gauge("pdserve_router_requests_in_flight", "Requests being streamed", m,
                                registry=r).labels(model)
         for name, value in (("pdserve_slo_ttft_target_seconds", slo.ttft_s),
@@ -55,8 +57,10 @@ class RouterMetrics:
             for reason in ("ttft", "tpot", "error", "rejected"):
                 self.slo_missed.labels(model, cls, reason)
         self.requests.labels(model, "OK")
-        for reason in ("ttft_slo", "kv_full"):
+        for reason in ("ttft_slo", "kv_full", "queue_full"):
             self.rejected.labels(model, reason)
+        for cause in ("prefill_failed", "decode_failed", "transfer_failed"):
+            self.retries.labels(model, cause)
 
     def timeline(self, slo: SloConfig, custom: bool) -> RequestTimeline:
         self.in_flight.inc()

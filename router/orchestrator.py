@@ -30,7 +30,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from pdserve.decode_worker.messages import ReserveRequest, StartDecode, TokenBatch, TokenDelta
@@ -65,7 +65,12 @@ class TokenEvent:
 
 class _Retry(Exception):
     """This attempt failed in a way another attempt can fix (a worker died or hung, a KV
-    transfer broke); what was already sent to the client stays sent."""
+    transfer broke); what was already sent to the client stays sent. ``cause`` is a
+    metrics label: prefill_failed, decode_failed or transfer_failed."""
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause
 
 
 class Orchestrator:
@@ -87,6 +92,7 @@ class Orchestrator:
         self.rejected = 0
         self.retries = 0  # attempts beyond the first, over the router's life
         self.failed_after_retries = 0
+        self.on_retry: Callable[[str], None] | None = None  # metrics hook: the cause
         self.colocated = not self.prefills
         self.units = units or {}
         self.prefill_load = {w: WorkerLoad(w) for w in self.prefills}
@@ -157,6 +163,7 @@ class Orchestrator:
         for aid, q in self._routes.items():
             if getattr(q, "decode_worker", None) == wid:
                 q.put_nowait(TokenDelta(aid, (), (), "abort", error=f"decode worker {wid} died"))
+                q.died = True  # type: ignore[attr-defined]
 
     def _on_decode_stats(self, wid: str, s) -> None:
         load = self.decode_load[wid]
@@ -203,6 +210,8 @@ class Orchestrator:
                         raise NoWorkerAvailable(
                             f"request failed after {failures} attempts; last: {exc}") from exc
                     self.retries += 1
+                    if self.on_retry is not None:
+                        self.on_retry(exc.cause)
                     log.warning("request %s: attempt %d failed (%s); %s", rid, failures, exc,
                                 f"resuming after {len(sent)} tokens" if sent else "retrying")
                     await asyncio.sleep(failures * self.reliability.retry_backoff_s)
@@ -234,6 +243,7 @@ class Orchestrator:
         while not queue.empty():  # what a failed attempt's worker said last
             queue.get_nowait()
         queue.decode_worker = None  # type: ignore[attr-defined]
+        queue.died = False  # type: ignore[attr-defined]
         self._routes[rid] = queue
         try:
             destination = None
@@ -252,13 +262,13 @@ class Orchestrator:
                 result = await self._unless_dead(prefill_task, prefill_id)
             except WorkerGone as exc:
                 self.health.mark_dead(prefill_id, str(exc)[:200])
-                raise _Retry(f"prefill worker {prefill_id} failed") from exc
+                raise _Retry(f"prefill worker {prefill_id} failed", "prefill_failed") from exc
             finally:
                 pl.in_flight -= 1
                 pl.queued_tokens -= len(prompt)
                 pl.prefill_queue.pop(rid, None)
             if not result.ok:
-                raise _Retry(result.error or "prefill failed")
+                raise _Retry(result.error or "prefill failed", "transfer_failed")
             first = result.token
             done = result.finish_reason is not None or not needs_decode
             reason = result.finish_reason or ("length" if done else None)
@@ -273,12 +283,13 @@ class Orchestrator:
                 await self.decodes[decode_id].start(StartDecode(rid, prompt, params, first))
             except WorkerGone as exc:
                 self.health.mark_dead(decode_id, str(exc)[:200])
-                raise _Retry(f"decode worker {decode_id} failed") from exc
+                raise _Retry(f"decode worker {decode_id} failed", "decode_failed") from exc
             first_decode = True
             while True:
                 delta = await queue.get()
                 if delta.error:
-                    raise _Retry(delta.error)
+                    died = getattr(queue, "died", False)
+                    raise _Retry(delta.error, "decode_failed" if died else "transfer_failed")
                 if delta.finish_reason is not None:
                     finished = True
                 yield TokenEvent(delta.token_ids, delta.logprobs, delta.finish_reason,

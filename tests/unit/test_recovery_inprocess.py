@@ -147,3 +147,23 @@ def test_retry_budget_spent_gives_unavailable_and_frees_everything(cluster):
     with Client(cluster.address, timeout_s=30) as client:
         assert len(client.generate(build_request([3] * 10, max_tokens=8)).token_ids) == 8
     assert wait_until(lambda: idle(cluster))
+
+
+def test_deadline_is_honoured_and_the_work_stops_early(cluster):
+    steps0 = sum(s.steps for s in cluster.decode_stats())
+    max_tokens = 4000
+    with Client(cluster.address, timeout_s=0.5) as client, pytest.raises(grpc.RpcError) as err:
+        client.generate(build_request([4] * 16, max_tokens=max_tokens))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until(lambda: idle(cluster)), cluster.decode_stats()
+    # the decode worker dropped the request instead of generating all its tokens
+    assert sum(s.steps for s in cluster.decode_stats()) - steps0 < max_tokens // 2
+
+
+def test_reliability_config_is_validated():
+    with pytest.raises(ValueError, match="max_retries"):
+        ReliabilityConfig(max_retries=-1)
+    with pytest.raises(ValueError, match="heartbeat"):
+        ReliabilityConfig(heartbeat_timeout_s=0)
+    with pytest.raises(ValueError, match="max_in_flight"):
+        ReliabilityConfig(max_in_flight=0)
