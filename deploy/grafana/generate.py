@@ -307,13 +307,18 @@ def slo_dashboard() -> dict:
             (f"pdserve:requests_admitted:rate5m{{{M}}}", "{{model}} admitted"),
             (f"pdserve:admission_rejected:rate5m{{{M}}}", "{{model}} rejected: {{reason}}"),
         ], "reqps", "Requests admitted, and answered RESOURCE_EXHAUSTED at admission by "
-            "reason (ttft_slo: the TTFT target cannot be met; kv_full).", w=8, stack=True),
+            "reason (ttft_slo: the TTFT target cannot be met; kv_full; queue_full: the router's bounded queues).", w=8, stack=True),
         timeseries("Requests by gRPC status", [
             (f"sum by (code) (rate(pdserve_requests_total{{{M}}}[{RI}]))", "{{code}}"),
         ], "reqps", "Finished requests per second by gRPC status code.", w=8, stack=True),
         timeseries("Requests in flight", [
             (f"sum by (model) (pdserve_router_requests_in_flight{{{M}}})", "{{model}}"),
         ], "short", "Requests the router is streaming right now."),
+        timeseries("Retries after failures", [
+            (f"sum by (cause) (rate(pdserve_request_retries_total{{{M}}}[{RI}]))", "{{cause}}"),
+        ], "reqps", "Attempts beyond a request's first: a prefill or decode worker died or "
+            "missed its heartbeats, or a KV transfer broke. Resumed requests lose no token.",
+            stack=True),
         timeseries("Prompt and generated tokens", [
             (f"histogram_quantile(0.5, sum by (le) "
              f"(rate(pdserve_request_prompt_tokens_bucket{{{M}}}[{RI}])))", "prompt p50"),
