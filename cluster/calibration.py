@@ -7,13 +7,11 @@ model step alone on an idle machine; in a cluster the same step pays per-step co
 profiler leaves out, and may share the host with the other pool, the router and the
 clients. Calibrate on a workload separate from the one being predicted.
 
-``calibrate`` separates the two effects when the pools share a host: a step *overlaps*
-when the other pool was busy for more than half of it (from the records' wall-clock
-start times). The observed/predicted time of the steps that ran alone corrects the
-profile (a duration-weighted median for prefill, the ratio of totals for decode: see the
-estimators below); that of the overlapping ones over it gives ``HostContention``, the slow-down the
-simulator applies while both pools are busy (measured on the 2-core demo host: about
-1.2-1.4x, against 1.0-1.2x alone).
+``calibrate`` separates the two effects when the pools share a host. From the records'
+wall-clock start times it finds the share of each step during which the other pool was
+busy. Steps run (almost) alone correct the profile; the overlapped ones give
+``HostContention``, the slow-down the simulator applies while both pools are busy. On the
+2-core demo host that is about 1.3-1.5x, against 1.0-1.2x alone.
 """
 
 from __future__ import annotations
@@ -94,32 +92,51 @@ class _Busy:
         return busy / (b - a)
 
 
-def _weighted_median_ratio(pairs: list[tuple[float, float]]) -> float | None:
-    """The median observed/predicted ratio, each step weighted by its predicted time.
-
-    For prefill: the long steps are the ones that build TTFT queues (small steps stretch
-    more under contention, by a fixed cost that hardly matters to queueing), and a median
-    keeps the few steps stalled by the OS from dominating."""
-    pts = sorted((o / p, p) for o, p in pairs if p > 0)
+def _weighted_median(values: list[tuple[float, float]]) -> float | None:
+    """The median of ``(value, weight)`` pairs."""
+    pts = sorted((v, w) for v, w in values if w > 0)
     total = sum(w for _, w in pts)
-    if not pts or total <= 0:
+    if not pts:
         return None
     acc = 0.0
-    for ratio, w in pts:
+    for v, w in pts:
         acc += w
         if acc >= total / 2:
-            return ratio
+            return v
     return pts[-1][0]
 
 
-def _total_ratio(pairs: list[tuple[float, float]]) -> float | None:
-    """Total observed over total predicted time. For decode: a request's TPOT is the mean
-    of the loop cycles it waits through, stalls included, so the mean is what to match."""
-    predicted = sum(p for _, p in pairs)
-    return sum(o for o, _ in pairs) / predicted if predicted > 0 else None
+# How each phase's factors are estimated from (observed, predicted[, overlap]) steps.
+# Prefill: medians weighted by predicted time. The long steps are the ones that build
+# TTFT queues (small ones stretch more under contention, by a fixed cost that hardly
+# matters to queueing), and a median keeps the few steps stalled by the OS from
+# dominating. Decode: ratios of totals. A request's TPOT is the mean of the loop cycles
+# it waits through, stalls included, so the mean is what to match.
+def _alone_prefill(steps: list[tuple[float, float]]) -> float | None:
+    return _weighted_median([(o / p, p) for o, p in steps if p > 0])
 
 
-_ESTIMATORS = {"prefill": _weighted_median_ratio, "decode": _total_ratio}
+def _alone_decode(steps: list[tuple[float, float]]) -> float | None:
+    predicted = sum(p for _, p in steps)
+    return sum(o for o, _ in steps) / predicted if predicted > 0 else None
+
+
+def _contention_prefill(steps: list[tuple[float, float, float]], alone: float) -> float | None:
+    # each step: o = p * alone * (1 + (k - 1) * f), solved for k, weighted by p * f
+    return _weighted_median([(1 + (o / (p * alone) - 1) / f, p * f) for o, p, f in steps])
+
+
+def _contention_decode(steps: list[tuple[float, float, float]], alone: float) -> float | None:
+    exposed = sum(p * alone * f for _, p, f in steps)
+    if exposed <= 0:
+        return None
+    return 1 + (sum(o for o, _, _ in steps) - sum(p * alone for _, p, _ in steps)) / exposed
+
+
+_ALONE = {"prefill": _alone_prefill, "decode": _alone_decode}
+_CONTENTION = {"prefill": _contention_prefill, "decode": _contention_decode}
+# A step the other pool overlapped for less than this counts as run alone.
+ALONE_BELOW = 0.1
 
 
 @dataclass(frozen=True)
@@ -133,23 +150,35 @@ class Calibration:
 
 def calibrate(profile: LatencyProfile, prefill_records: Sequence[StepRecord],
               decode_records: Sequence[StepRecord], tp: int = 1, pp: int = 1) -> Calibration:
-    """Split each pool's steps by whether the other pool was busy for most of the step.
+    """Fit each phase's lone-step correction and its contention factor ``k``.
 
-    A phase with no overlapping steps gets contention 1.0; one with no lone steps takes
-    its correction from all its steps (and contention 1.0), so sparse data degrades to
-    ``correction_factors``.
+    A step that the other pool overlapped for a fraction ``f`` of its duration is
+    modelled as taking ``predicted * alone * (1 + (k - 1) * f)``, which is what the
+    simulator applies (``HostContention``). Steps with ``f`` under ``ALONE_BELOW`` fit
+    ``alone``; the others fit ``k``. A phase with no overlapped steps gets ``k`` = 1; one
+    with no lone steps takes its correction from all its steps (and ``k`` = 1), so sparse
+    data degrades to ``correction_factors``.
     """
     busy = {"prefill": _Busy(decode_records), "decode": _Busy(prefill_records)}
-    split: dict[str, dict[str, list[tuple[float, float]]]] = {
-        k: {"alone": [], "overlap": []} for k in PHASES}
+    alone_steps: dict[str, list[tuple[float, float]]] = {k: [] for k in PHASES}
+    over_steps: dict[str, list[tuple[float, float, float]]] = {k: [] for k in PHASES}
     for r, x in _ratios(profile, [*prefill_records, *decode_records], tp, pp):
-        over = busy[r.kind].fraction(r.start_s, r.start_s + r.duration_s) > 0.5
-        split[r.kind]["overlap" if over else "alone"].append((r.duration_s, r.duration_s / x))
+        f = busy[r.kind].fraction(r.start_s, r.start_s + r.duration_s)
+        predicted = r.duration_s / x
+        if f < ALONE_BELOW:
+            alone_steps[r.kind].append((r.duration_s, predicted))
+        else:
+            over_steps[r.kind].append((r.duration_s, predicted, f))
     factors, slow = {}, {}
     for k in PHASES:
-        est = _ESTIMATORS[k]
-        alone, over = est(split[k]["alone"]), est(split[k]["overlap"])
-        factors[k] = alone or over or 1.0
-        slow[k] = over / alone if (alone and over) else 1.0
-    steps = {f"{k}_{w}": len(v) for k in PHASES for w, v in split[k].items()}
+        alone = _ALONE[k](alone_steps[k])
+        if alone is None:
+            everything = [(o, p) for o, p, _ in over_steps[k]]
+            factors[k], slow[k] = _ALONE[k](everything) or 1.0, 1.0
+            continue
+        factors[k] = alone
+        kf = _CONTENTION[k](over_steps[k], alone) if over_steps[k] else None
+        slow[k] = max(kf, 1e-3) if kf is not None else 1.0
+    steps = {f"{k}_{w}": len(v) for k in PHASES
+             for w, v in (("alone", alone_steps[k]), ("overlap", over_steps[k]))}
     return Calibration(factors, HostContention(**slow), steps)

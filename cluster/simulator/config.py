@@ -26,11 +26,11 @@ class HostContention:
     When prefill and decode instances run on the same cores and memory bandwidth (the
     CPU demo: one prefill and one decode worker on a 2-core machine), a step that runs
     while the other pool is busy takes longer than the same step alone, which is what the
-    profile measured. A prefill batch that starts while any decode lane has a step in
-    flight is stretched by ``prefill``; a decode step that starts while any prefill
-    instance is mid-batch by ``decode``. Both 1.0 (or ``contention=None``) is the usual
-    case of pools on separate GPUs. ``cluster/calibration.py`` measures them from the
-    workers' step logs.
+    profile measured. A step of either phase that the other pool overlaps for a share
+    ``f`` of its duration is stretched by ``1 + (k - 1) * f``, with ``k`` = ``prefill`` or
+    ``decode`` (``disagg.py`` says how ``f`` is predicted). Both 1.0 (or
+    ``contention=None``) is the usual case of pools on separate GPUs.
+    ``cluster/calibration.py`` measures them from the workers' step logs.
     """
 
     prefill: float = 1.0

@@ -23,9 +23,11 @@ Request lifecycle (times are virtual seconds):
    admission control that never needs preemption. The step time uses the live contexts
    (prompt + tokens generated so far). TPOT = (last - first token) / (output - 1).
 
-*Shared host* (``SimConfig.contention``): a prefill batch starting while a decode step is
-in flight, or a decode step starting while a prefill batch is, is stretched by the
-measured factor (pools on one CPU host slow each other down; see ``HostContention``).
+*Shared host* (``SimConfig.contention``): pools on one CPU host slow each other down. A
+step is stretched by ``1 + (k - 1) * f``, where ``f`` is the share of it during which the
+other pool stays busy: for a decode step, the running prefill batch's remaining time;
+for a prefill batch, how long the decode lanes keep running their current requests.
+``k`` is the measured factor (``HostContention``, from ``cluster/calibration.py``).
 
 Requests with one output token finish at prefill. Phase ``"prefill"`` stops after step 2;
 phase ``"decode"`` starts at step 4 with the KV present at arrival (first token = arrival).
@@ -109,6 +111,22 @@ def run_disagg(plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload, cfg: 
     def batch_s(lens: list[int]) -> float:
         return pc.stage_s(sum(lens), sum(x * x for x in lens)) * pp + step_oh
 
+    def overlap(other_busy_s: float, dur: float) -> float:
+        """The share of a step of ``dur`` during which the other pool stays busy."""
+        return min(1.0, other_busy_s / dur) if other_busy_s > 0 else 0.0
+
+    def decode_busy_for(now: float) -> float:
+        """How long the decode pool stays busy with what it runs now: each lane until its
+        longest request finishes (the simulator knows output lengths), at its current
+        step time. Requests still waiting to join are left out."""
+        longest = 0.0
+        for lane in range(n_lanes):
+            if d_n[lane]:
+                steps_left = max(d_finish[lane]) - d_steps[lane]
+                step = dc.lane_ms(d_ctx[lane], d_n[lane]) / 1e3 + step_oh
+                longest = max(longest, steps_left * step)
+        return longest
+
     def predicted_ttft(p: int, p_len: int, now: float) -> float:
         """The router's SloAware prediction (same function), from the simulator's state."""
         queue = [prompt[r] - p_done[r] for r in p_queue[p]]
@@ -146,8 +164,8 @@ def run_disagg(plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload, cfg: 
                 p_done[rid] = end
         p_outstanding[p] -= tokens
         dur = pc.stage_s(tokens, sq) + step_oh
-        if p_slow != 1.0 and any(d_busy):
-            dur *= p_slow
+        if p_slow != 1.0:
+            dur *= 1 + (p_slow - 1) * overlap(decode_busy_for(now), dur)
         t = now
         for s in range(pp):
             start = sf[s] if sf[s] > t else t
@@ -186,8 +204,9 @@ def run_disagg(plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload, cfg: 
         d_busy[lane] = True
         seq += 1
         dur = dc.lane_ms(d_ctx[lane], k) / 1e3 + step_oh
-        if d_slow != 1.0 and any(sf[-1] > now for sf in p_stage_free):
-            dur *= d_slow
+        if d_slow != 1.0:
+            prefill_left = max(sf[-1] for sf in p_stage_free) - now
+            dur *= 1 + (d_slow - 1) * overlap(prefill_left, dur)
         push(heap, (now + dur, seq, _DSTEP, lane, None, 0.0))
 
     def pick_lane(f: int, lanes: range) -> int:

@@ -40,23 +40,40 @@ def test_calibrate_separates_lone_steps_from_steps_under_contention():
     inst = PROFILE.instance()
     p300 = inst.prefill_s([300])
     d = inst.decode_s([40])
-    # Prefill steps at t=0 (alone, x1.2) and t=10 (overlapping decode, x1.8); decode
-    # steps fill [10, 10.1] (overlapping the second prefill, x3.0) and [20, 20.1] (alone,
-    # x1.5).
+    # A lone prefill step at t=0 (x1.2), and one at t=10 (duration 36 d) during which 12
+    # decode steps of 3 d run; around it, decode steps of 1.5 d run alone.
+    overlapped = 36 * d
     prefill = [StepRecord("prefill", (300,), 1.2 * p300, 0.0),
-               StepRecord("prefill", (300,), 1.8 * p300, 10.0)]
-    n = 15
-    decode = [StepRecord("decode", (40,), 3.0 * d, 10.0 + i * 3.0 * d) for i in range(n)] + \
-             [StepRecord("decode", (40,), 1.5 * d, 20.0 + i * 1.5 * d) for i in range(n)]
-    assert 1.8 * p300 > n * 3.0 * d  # the second prefill covers the first decode burst
+               StepRecord("prefill", (300,), overlapped, 10.0)]
+    decode = [StepRecord("decode", (40,), 1.5 * d, 10.0 - (10 - i) * 1.5 * d) for i in range(10)]
+    decode += [StepRecord("decode", (40,), 3.0 * d, 10.0 + i * 3.0 * d) for i in range(12)]
+    decode += [StepRecord("decode", (40,), 1.5 * d, 10.0 + overlapped + i * 1.5 * d)
+               for i in range(10)]
     cal = calibrate(PROFILE, prefill, decode)
     assert cal.factors["prefill"] == pytest.approx(1.2)
     assert cal.factors["decode"] == pytest.approx(1.5)
-    assert cal.contention.prefill == pytest.approx(1.5)
+    assert cal.contention.prefill == pytest.approx(overlapped / p300 / 1.2)
     assert cal.contention.decode == pytest.approx(2.0)
     assert cal.steps == {"prefill_alone": 1, "prefill_overlap": 1,
-                         "decode_alone": n, "decode_overlap": n}
+                         "decode_alone": 20, "decode_overlap": 12}
+
+
+def test_calibrate_scales_contention_by_the_share_overlapped():
+    inst = PROFILE.instance()
+    p = inst.prefill_s([300])
+    d = inst.decode_s([40])
+    # the decode pool is busy for the first half of an overlapped prefill step that took
+    # 1.5x its lone time: k = 1 + 0.5 / 0.5 = 2
+    prefill = [StepRecord("prefill", (300,), p, 0.0),
+               StepRecord("prefill", (300,), 1.5 * p, 10.0)]
+    n = 50
+    decode = [StepRecord("decode", (40,), 0.75 * p / n, 10.0 + i * 0.75 * p / n)
+              for i in range(n)]
+    assert decode[0].duration_s != d  # (these decode steps' own ratios do not matter here)
+    cal = calibrate(PROFILE, prefill, decode)
+    assert cal.factors["prefill"] == pytest.approx(1.0)
+    assert cal.contention.prefill == pytest.approx(2.0)
     # No lone steps: the correction comes from all of them and there is no contention.
-    only = calibrate(PROFILE, prefill[1:], decode[:n])
-    assert only.factors["prefill"] == pytest.approx(1.8)
+    only = calibrate(PROFILE, prefill[1:], decode)
+    assert only.factors["prefill"] == pytest.approx(1.5)
     assert only.contention.prefill == 1.0
