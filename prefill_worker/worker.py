@@ -121,8 +121,10 @@ class PrefillWorker:
                 p.scheduled = now
         completing = [self._pending[c.request.request_id] for c in sched.chunks if c.samples]
         sending = [p for p in completing if self._begin_transfer(p)]
+        # on the cache's device: the layer hook index_selects the (GPU) cache with it
         src_tables = {p.msg.request_id: torch.tensor(self.blocks.block_table(p.msg.request_id),
-                                                     dtype=torch.long) for p in sending}
+                                                     dtype=torch.long, device=self.runner.device)
+                      for p in sending}
         inputs = [ModelInput(c.token_ids, c.start, self.blocks.block_table(c.request.request_id),
                              c.samples) for c in sched.chunks]
         hook = self._layer_hook(sending, src_tables) if sending else None

@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
 
         layouts, dtypes = [(32, 8, 128), (32, 8, 64)], [torch.bfloat16, torch.float16]
         cases = gpu_cases(random.Random(args.seed))
-        backend = "flashinfer"
+        from pdserve.engine.attention.flashinfer_backend import prefill_backend
+
+        backend = f"flashinfer (prefill kernels: {prefill_backend()})"
     rows = []
     for ci, case in enumerate(cases):
         for layout in layouts:

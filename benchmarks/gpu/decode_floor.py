@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     write_result(args.out, TAG, device, {
         "dry_run": args.dry_run, "shape": shape, "checkpoint": str(ckpt),
         "attention_backend": runner.attn.name, "cuda_graphs": False,
+        "prefill_backend": getattr(runner.attn, "prefill_backend", None),
         "kv_bytes_per_token": kv_per_token, "copy_bandwidth": bw, "rows": rows,
         "acceptance": {
             "goal": f"fraction_of_floor >= {GOAL:.0%} at batch {GOAL_BATCH}, context {context}",

@@ -21,12 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from attention_correctness import Case, metadata, model_config
+from flashinfer_aot import VARIANTS as AOT_VARIANTS
 from gpu_common import common_args, log, pick_device, write_result
 
 TAG = "jit_warmup"
-# (dtype, heads, kv_heads, head_dim, window): the tests' and benchmarks' variants.
-VARIANTS = [(dt, 32, 8, d, w) for dt in (torch.bfloat16, torch.float16) for d in (128, 64)
-            for w in (None, 64)]
+# (dtype, heads, kv_heads, head_dim, window): the tests' and benchmarks' variants, the
+# same list flashinfer_aot.py builds ahead of time (carried modules load in a second).
+VARIANTS = [(getattr(torch, dt), h, kvh, d, w) for dt, h, kvh, d, w in AOT_VARIANTS]
 
 
 def warm(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, window: int | None,
@@ -75,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         log(TAG, str(row))
     total = time.perf_counter() - t0
     log(TAG, f"all variants in {total:.0f}s")
-    write_result(args.out, TAG, device, {"variants": rows, "total_s": total, "passed": ok})
+    from pdserve.engine.attention.flashinfer_backend import prefill_backend
+
+    write_result(args.out, TAG, device, {"variants": rows, "total_s": total, "passed": ok,
+                                         "prefill_backend": prefill_backend()})
     return 0 if ok else 1
 
 

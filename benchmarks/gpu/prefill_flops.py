@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--compare-backends", default="",
+                    help="also time FlashInfer prefill kernel families (e.g. 'fa3'), reported "
+                         "beside the main rows (not in the acceptance)")
     args = ap.parse_args(argv)
     device = pick_device(args.dry_run)
     shape = "tiny" if args.dry_run else args.shape
@@ -68,24 +71,50 @@ def main(argv: list[str] | None = None) -> int:
     peak = matmul_flops(device)
     log(TAG, f"bf16 matmul ceiling {peak['flop_per_s'] / 1e12:.1f} TFLOP/s")
     timer = StepTimer(runner, mc.vocab_size, seed=0)
-    rows = []
-    for name, lens in cases.items():
-        inputs = timer.prefill_inputs(lens)
-        for _ in range(args.warmup):
-            timer.time_ms(inputs)
-        step_s = [timer.time_ms(inputs) / 1e3 for _ in range(reps)]
-        t = statistics.median(step_s)
-        fl = step_flops(mc, lens)
-        row = {"case": name, "prompt_lens": lens, "tokens": sum(lens), "step_s": summary(step_s),
-               "flops": fl, "achieved_flop_per_s": fl["total"] / t,
-               "fraction_of_matmul": fl["total"] / t / peak["flop_per_s"],
-               "tokens_per_s": sum(lens) / t}
-        rows.append(row)
-        log(TAG, f"{name}: {t * 1e3:.1f} ms, {row['achieved_flop_per_s'] / 1e12:.1f} TFLOP/s "
-            f"= {row['fraction_of_matmul']:.1%} of the matmul ceiling")
+
+    def measure(label: str) -> list[dict]:
+        out = []
+        for name, lens in cases.items():
+            inputs = timer.prefill_inputs(lens)
+            for _ in range(args.warmup):
+                timer.time_ms(inputs)
+            step_s = [timer.time_ms(inputs) / 1e3 for _ in range(reps)]
+            t = statistics.median(step_s)
+            fl = step_flops(mc, lens)
+            row = {"case": name, "prompt_lens": lens, "tokens": sum(lens),
+                   "prefill_backend": getattr(runner.attn, "prefill_backend", None),
+                   "step_s": summary(step_s), "flops": fl, "achieved_flop_per_s": fl["total"] / t,
+                   "fraction_of_matmul": fl["total"] / t / peak["flop_per_s"],
+                   "tokens_per_s": sum(lens) / t}
+            out.append(row)
+            log(TAG, f"{label}{name}: {t * 1e3:.1f} ms, {row['achieved_flop_per_s'] / 1e12:.1f} "
+                f"TFLOP/s = {row['fraction_of_matmul']:.1%} of the matmul ceiling")
+        return out
+
+    rows = measure("")
+    comparison = []
+    if args.compare_backends and not args.dry_run:
+        import os
+
+        from pdserve.engine.attention import flashinfer_backend as fb
+
+        main_attn, saved = runner.attn, os.environ.get(fb.PREFILL_BACKEND_ENV)
+        try:
+            for b in args.compare_backends.split(","):
+                os.environ[fb.PREFILL_BACKEND_ENV] = b
+                runner.attn = fb.FlashInferAttention(mc, loaded.device, loaded.dtype)
+                comparison += measure(f"[prefill kernels {b}] ")
+        finally:
+            runner.attn = main_attn
+            if saved is None:
+                os.environ.pop(fb.PREFILL_BACKEND_ENV, None)
+            else:
+                os.environ[fb.PREFILL_BACKEND_ENV] = saved
     write_result(args.out, TAG, device, {
         "dry_run": args.dry_run, "shape": shape, "checkpoint": str(ckpt),
-        "attention_backend": runner.attn.name, "matmul_ceiling": peak, "rows": rows,
+        "attention_backend": runner.attn.name,
+        "prefill_backend": getattr(runner.attn, "prefill_backend", None), "matmul_ceiling": peak, "rows": rows,
+        "comparison_rows": comparison,
         "acceptance": {"goal": f"fraction_of_matmul >= {GOAL:.0%} for each case",
                        "fractions": {r["case"]: r["fraction_of_matmul"] for r in rows},
                        "passed": all(r["fraction_of_matmul"] >= GOAL for r in rows)},

@@ -178,10 +178,16 @@ def markdown(benches: dict[str, dict], accept: list[dict]) -> str:
         peak = f["matmul_ceiling"]["flop_per_s"]
         out += ["", f"## Prefill ({f['shape']})", "",
                 f"bf16 {f['matmul_ceiling']['n']}^3 matmul ceiling, same run: {peak / 1e12:.0f} "
-                "TFLOP/s.", "", "| case | tokens | step ms | TFLOP/s | of ceiling | tokens/s |",
-                "|---|---:|---:|---:|---:|---:|"]
-        for r in f["rows"]:
-            out.append(f"| {r['case']} | {r['tokens']} | {r['step_s']['median'] * 1e3:.1f} | "
+                "TFLOP/s.", "",
+                "| case | prefill kernels | tokens | step ms | TFLOP/s | of ceiling | tokens/s |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        main_backend = f.get("prefill_backend") or "?"
+        for r in f["rows"] + f.get("comparison_rows", []):
+            label = r.get("prefill_backend") or main_backend
+            if r in f.get("comparison_rows", []):
+                label += " (comparison, not in the acceptance)"
+            out.append(f"| {r['case']} | {label} | {r['tokens']} | "
+                       f"{r['step_s']['median'] * 1e3:.1f} | "
                        f"{r['achieved_flop_per_s'] / 1e12:.0f} | {r['fraction_of_matmul']:.1%} | "
                        f"{r['tokens_per_s']:.0f} |")
     h = benches.get("vs_hf_generate")
@@ -205,6 +211,18 @@ def markdown(benches: dict[str, dict], accept: list[dict]) -> str:
             out.append(f"| {r['tokens']} | {r['bytes'] / 2**20:.0f} | {r['median_s'] * 1e3:.2f} | "
                        f"{r['bytes_per_s'] / 1e9:.0f} | {r['fraction_of_copy']:.1%} | "
                        f"{r['in_process_scatter_bytes_per_s'] / 1e9:.0f} |")
+        variants = [r for r in c["rows"] if isinstance(r.get("in_process"), dict)]
+        if variants:
+            names = [k for k, v in variants[0]["in_process"].items() if isinstance(v, dict)]
+            out += ["", "The same per-layer copies inside one process (device time, GB/s):", "",
+                    "| tokens | " + " | ".join(names) + " |",
+                    "|---:|" + "---:|" * len(names)]
+            for r in variants:
+                ip = r["in_process"]
+                out.append(f"| {r['tokens']} | " + " | ".join(
+                    f"{ip[n]['bytes_per_s'] / 1e9:.0f}" + (f" ({ip[n]['dtype']})"
+                                                            if ip[n].get("dtype") else "")
+                    for n in names) + " |")
     p = benches.get("pd_vs_colocated")
     if p:
         tr = p["trace"]

@@ -13,6 +13,7 @@
 #   correctness  attention_correctness.py, model_vs_hf.py (Llama-3.2-1B shape)
 #   micro        cuda_ipc_bandwidth.py (8B KV, two processes)
 #   model        make_checkpoint.py (8B), decode_floor.py, prefill_flops.py
+#   prefill      make_checkpoint.py (8B), prefill_flops.py (only)
 #   hf           vs_hf_generate.py (8B)
 #   serve        pd_vs_colocated.py (8B, Azure trace, separate processes vs colocated)
 #   all          every stage above
@@ -26,7 +27,8 @@
 #   run(command="bash benchmarks/gpu/run.sh model hf")
 #   run(command="bash benchmarks/gpu/run.sh serve")
 #
-# Environment: OUT (default ./gpu-results), PDSERVE_GPU_WORK (default /tmp/pdserve-gpu:
+# Environment: GPU_TESTS (test files/ids under tests/gpu to run instead of all of them),
+# OUT (default ./gpu-results), PDSERVE_GPU_WORK (default /tmp/pdserve-gpu:
 # site packages, shim, checkpoints, FlashInfer JIT cache, per-benchmark JSON), PYTHON
 # (default python3), BUDGET_S, DRY_RUN=1 (CPU smoke test of this script: no wheels, every
 # benchmark with --dry-run).
@@ -51,6 +53,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PAR
 export PDSERVE_GPU_WORK="$WORK"
 export FLASHINFER_CUDA_ARCH_LIST="${FLASHINFER_CUDA_ARCH_LIST:-9.0a}"   # H100 and H200: SM90
 export FLASHINFER_WORKSPACE_BASE="${FLASHINFER_WORKSPACE_BASE:-$WORK/flashinfer-jit}"
+# FlashInfer's prefill kernels: "fa2" unless told otherwise. On Hopper FlashInfer's "auto"
+# picks FA3, whose modules take nvcc minutes of CPU per kernel file (8 variants x 10 files:
+# more than one 10-minute call); FA2 modules build in about a minute each, here or ahead of
+# time (flashinfer_aot.py). Set PDSERVE_FLASHINFER_PREFILL_BACKEND=auto or fa3 to compare.
+export PDSERVE_FLASHINFER_PREFILL_BACKEND="${PDSERVE_FLASHINFER_PREFILL_BACKEND:-fa2}"
 DRY=()
 [ "$DRY_RUN" = 1 ] && DRY=(--dry-run)
 
@@ -135,6 +142,12 @@ setup() {
   echo "== setup (repo $REPO, work $WORK, out $OUT)"
   if [ "$DRY_RUN" != 1 ]; then
     install_wheels || { note "setup: wheel install FAILED"; return 1; }
+    # FlashInfer modules built ahead of time here (flashinfer_aot.py build), carried in
+    # wheels/: loaded as they are, so no call pays nvcc for them.
+    if ls "$REPO"/wheels/flashinfer_aot/*.so >/dev/null 2>&1; then
+      "$PY" benchmarks/gpu/flashinfer_aot.py install --src "$REPO/wheels/flashinfer_aot" \
+        --site "$SITE" || echo "WARNING: AOT install failed; FlashInfer will compile on use"
+    fi
   fi
   export PATH="$SITE/bin:$PATH"
   export PYTHONPATH="$SHIM:$SITE${PYTHONPATH:+:$PYTHONPATH}"
@@ -181,14 +194,18 @@ echo "pdserve GPU run: stages [$STAGES], budget ${BUDGET_S}s, dry run $DRY_RUN, 
 
 G=benchmarks/gpu
 if setup; then
-  if [ "$DRY_RUN" != 1 ] && { want tests || want correctness || want model || want hf || want serve; }; then
+  if [ "$DRY_RUN" != 1 ] && { want tests || want correctness || want model || want prefill || want hf || want serve; }; then
     # Compile every FlashInfer variant at once (parallel ninja runs); cached afterwards.
     bench jit_warmup 60 "$PY" $G/jit_warmup.py --out "$RESULTS"
   fi
   if want tests; then
     # Run from $WORK for the same reason as the import check in setup.
+    # GPU_TESTS="test_a.py test_b.py::name" runs only those (files under tests/gpu/).
+    TEST_ARGS=()
+    for t in ${GPU_TESTS:-}; do TEST_ARGS+=("$REPO/tests/gpu/$t"); done
+    [ "${#TEST_ARGS[@]}" -gt 0 ] || TEST_ARGS=("$REPO/tests/gpu")
     bench tests 240 bash -c 'cd "$0" && exec "$@"' "$WORK" "$PY" -m pytest -q -m gpu \
-      "$REPO/tests/gpu" --rootdir "$REPO" -c "$REPO/pyproject.toml" -p no:cacheprovider \
+      "${TEST_ARGS[@]}" --rootdir "$REPO" -c "$REPO/pyproject.toml" -p no:cacheprovider \
       --junitxml="$RESULTS/pytest.xml"
   fi
   if want correctness; then
@@ -198,16 +215,36 @@ if setup; then
   if want micro; then
     bench cuda_ipc_bandwidth 90 "$PY" $G/cuda_ipc_bandwidth.py --out "$RESULTS" "${DRY[@]}"
   fi
-  if want model; then
+  if want model || want prefill; then
     bench make_checkpoint_8b 150 "$PY" $G/make_checkpoint.py --shape llama3-8b "${DRY[@]}"
+  fi
+  if want model; then
     bench decode_floor 120 "$PY" $G/decode_floor.py --out "$RESULTS" "${DRY[@]}"
-    bench prefill_flops 90 "$PY" $G/prefill_flops.py --out "$RESULTS" "${DRY[@]}"
+  fi
+  if want model || want prefill; then
+    # FA3 beside FA2 where its 8B module was carried (compiling it here takes minutes).
+    CMP=()
+    if [ "$DRY_RUN" != 1 ] && [ "$PDSERVE_FLASHINFER_PREFILL_BACKEND" = fa2 ] && ls \
+        "$REPO"/wheels/flashinfer_aot/*dtype_q_bf16_*head_dim_qk_128_*_sm90.so >/dev/null 2>&1; then
+      CMP=(--compare-backends fa3)
+    fi
+    bench prefill_flops 90 "$PY" $G/prefill_flops.py --out "$RESULTS" "${CMP[@]}" "${DRY[@]}"
   fi
   if want hf; then
     bench vs_hf_generate 200 "$PY" $G/vs_hf_generate.py --out "$RESULTS" "${DRY[@]}"
   fi
   if want serve; then
     bench pd_vs_colocated 300 "$PY" $G/pd_vs_colocated.py --out "$RESULTS" "${DRY[@]}"
+  fi
+fi
+
+# Modules FlashInfer compiled here (none were carried for them): send them back, so that
+# they can be added to wheels/flashinfer_aot/ for the next call.
+if [ "$DRY_RUN" != 1 ] && [ -d "$FLASHINFER_WORKSPACE_BASE" ]; then
+  mapfile -t NEW_SO < <(find "$FLASHINFER_WORKSPACE_BASE" -path '*cached_ops*' -name '*.so' 2>/dev/null)
+  if [ "${#NEW_SO[@]}" -gt 0 ]; then
+    tar -cf "$OUT/flashinfer_jit_built.tar" -C / "${NEW_SO[@]#/}" 2>/dev/null
+    echo "== ${#NEW_SO[@]} FlashInfer module(s) compiled on this host: $OUT/flashinfer_jit_built.tar ($(du -m "$OUT/flashinfer_jit_built.tar" | cut -f1) MiB)"
   fi
 fi
 

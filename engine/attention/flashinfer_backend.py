@@ -11,9 +11,17 @@ decode step uses ``BatchDecodeWithPagedKVCacheWrapper``. RoPE is applied by the 
 reference backend does and blocks move between backends and workers unchanged.
 Layers with different sliding windows get their own wrapper, since ``window_left`` is
 a planning argument.
+
+The prefill wrapper's kernel family is FlashInfer's choice ("auto": FA3 on Hopper, FA2
+elsewhere) unless ``PDSERVE_FLASHINFER_PREFILL_BACKEND`` names one ("fa2" or "fa3"). An
+FA3 module (one per dtype x head_dim x sliding window) takes nvcc minutes of CPU per
+kernel file to JIT-compile, an FA2 one seconds; the GPU benchmarks pin "fa2" for that
+reason (``benchmarks/gpu/run.sh``). The tensor-core decode wrapper always uses FA2.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -21,6 +29,15 @@ from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata, w
 
 # FlashInfer recommends a 128 MiB float workspace, zeroed before first use.
 WORKSPACE_BYTES = 128 << 20
+PREFILL_BACKEND_ENV = "PDSERVE_FLASHINFER_PREFILL_BACKEND"
+PREFILL_BACKENDS = ("auto", "fa2", "fa3")
+
+
+def prefill_backend() -> str:
+    name = os.environ.get(PREFILL_BACKEND_ENV, "auto") or "auto"
+    if name not in PREFILL_BACKENDS:
+        raise ValueError(f"{PREFILL_BACKEND_ENV}={name!r}: expected one of {PREFILL_BACKENDS}")
+    return name
 
 
 class FlashInferAttention(AttentionBackend):
@@ -33,8 +50,9 @@ class FlashInferAttention(AttentionBackend):
         self._fi = flashinfer
         self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self._windows = sorted(set(config.sliding_windows), key=lambda w: -1 if w is None else w)
-        self._prefill = {w: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
-                         for w in self._windows}
+        self.prefill_backend = prefill_backend()
+        self._prefill = {w: flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self._workspace, "NHD", backend=self.prefill_backend) for w in self._windows}
         self._decode = {w: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self._workspace, "NHD", use_tensor_cores=True) for w in self._windows}
 
