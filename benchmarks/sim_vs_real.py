@@ -11,7 +11,8 @@ Calibration, done before and apart from the replays (nothing is fitted to them):
 - the per-request fixed cost outside the model (gRPC, router, Ray calls), from
   sequential requests: client TTFT minus the prefill worker's compute time;
 - from the workers' step logs over a separate calibration replay (a different window of
-  the trace at the middle load), ``cluster/calibration.py`` measures per phase the ratio
+  the trace, replayed at each load level just before that level's evaluation replay),
+  ``cluster/calibration.py`` measures per phase the ratio
   of logged to predicted step time for steps that ran alone (the profile's correction),
   and the extra slow-down of steps that ran while the other pool was busy
   (``HostContention``): the profiler times a step alone on an idle machine, while in this
@@ -135,18 +136,27 @@ def main(argv=None) -> int:
     try:
         overhead = calibrate_overhead(cluster.address, mean_prompt)
         print(f"per-request overhead outside the model: {overhead * 1e3:.1f} ms", file=sys.stderr)
-        calib = calibration_window(azure, args).at_rate(statistics.fmean(rates))
-        t_calib = time.time()
-        run_trace(cluster.address, calib, LoadGenConfig(vocab_size=900, seed=1, quiet=True))
+        window = calibration_window(azure, args)
 
-        def steps(pool):
-            return [rec for _, h in pool for rec in ray.get(h.step_log.remote())
-                    if rec.start_s >= t_calib]
+        def calibrate_at(rate: float):
+            """Replay the calibration window at ``rate`` and calibrate on its steps only."""
+            t_calib = time.time()
+            run_trace(cluster.address, window.at_rate(rate),
+                      LoadGenConfig(vocab_size=900, seed=1, quiet=True))
 
-        cal = calibrate(profile, steps(cluster.prefills), steps(cluster.decodes))
-        factors, fixed = cal.factors, corrected(profile, cal.factors)
-        print(f"calibration: {cal}", file=sys.stderr)
+            def steps(pool):
+                return [rec for _, h in pool for rec in ray.get(h.step_log.remote())
+                        if rec.start_s >= t_calib]
+
+            cal = calibrate(profile, steps(cluster.prefills), steps(cluster.decodes))
+            print(f"calibration at {rate:g} req/s: {cal}", file=sys.stderr)
+            return cal
+
         for rate in rates:
+            # Per load level: the router's and the client's share of the 2 cores grows
+            # with the token rate, and so do both factors.
+            cal = calibrate_at(rate)
+            fixed = corrected(profile, cal.factors)
             trace = base.at_rate(rate)
             run = run_trace(cluster.address, trace, LoadGenConfig(vocab_size=900, quiet=False))
             ok = [r for r in run.records if r.outcome == "ok"]
@@ -157,7 +167,10 @@ def main(argv=None) -> int:
             bw = profile.bandwidth("shm") or 5e9
             plan = DisaggPlanSpec(InstanceSpec(), InstanceSpec(), bw)
             real = {"ttft": [r.ttft_s for r in ok], "tpot": [r.tpot_s for r in ok]}
-            row = {"rate": rate, "requests": len(trace), "ok": len(ok)}
+            row = {"rate": rate, "requests": len(trace), "ok": len(ok),
+                   "correction_factors": cal.factors,
+                   "contention": dataclasses.asdict(cal.contention),
+                   "calibration_steps": cal.steps}
             variants = (("sim", fixed, shared_host), ("sim_uncorrected", profile, sim_cfg),
                         ("sim_no_contention", fixed, sim_cfg))
             for tag, prof, cfg in variants:
@@ -180,8 +193,6 @@ def main(argv=None) -> int:
     result = {"benchmark": "sim_vs_real", "model": model, "trace": args.trace,
               "requests": args.requests, "length_scale": args.length_scale,
               "request_overhead_s": overhead, "profile": profile.model,
-              "correction_factors": factors,
-              "contention": dataclasses.asdict(cal.contention), "calibration_steps": cal.steps,
               "profile_fit_error": dict(profile.fit_error), "rows": rows,
               "all_within_25pct": ok_all, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     out = Path(args.out_dir)
@@ -191,10 +202,13 @@ def main(argv=None) -> int:
              f"Azure conversation slice of {args.requests} requests, lengths x{args.length_scale}, "
              f"time-scaled to each rate; per-request overhead {overhead * 1e3:.1f} ms "
              "(measured in the same run).", "",
-             "From a separate calibration replay (another window of the trace): profile "
-             f"correction x{factors['prefill']:.2f} prefill, x{factors['decode']:.2f} decode "
-             "(steps run alone); shared-host contention while both pools are busy "
-             f"x{cal.contention.prefill:.2f} prefill, x{cal.contention.decode:.2f} decode.",
+             "Calibrated just before each load level on a separate replay (another window of "
+             "the trace, same rate): profile correction for steps run alone, and shared-host "
+             "contention k while the other pool is busy:", "",
+             *(f"- {r['rate']:g} req/s: alone x{r['correction_factors']['prefill']:.2f} "
+               f"prefill, x{r['correction_factors']['decode']:.2f} decode; k "
+               f"{r['contention']['prefill']:.2f} prefill, {r['contention']['decode']:.2f} "
+               "decode" for r in rows),
              "",
              "| rate (req/s) | metric | real (ms) | simulated (ms) | difference | "
              "uncorrected profile | no contention |", "|---|---|---:|---:|---:|---:|---:|"]
