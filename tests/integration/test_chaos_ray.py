@@ -22,13 +22,14 @@ import pytest
 
 from pdserve.cluster.client import Client, build_request
 from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
-from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.router.actor import RouterConfig
 from pdserve.router.reliability import ReliabilityConfig
 from pdserve.router.server import ServerConfig
+from tests.cluster_helpers import engine_config, wait_until
+from tests.cluster_helpers import ray_held as held
 
 ray = pytest.importorskip("ray")
 
@@ -36,9 +37,6 @@ N_REQUESTS = 60
 CONCURRENCY = 6
 
 
-def engine_config(model) -> EngineConfig:
-    return EngineConfig(model=str(model), device="cpu", num_kv_blocks=512, block_size=16,
-                        max_num_seqs=32, max_num_batched_tokens=1024)
 
 
 def workload():
@@ -48,21 +46,6 @@ def workload():
     return prompts, [rng.randrange(24, 64) for _ in prompts]
 
 
-def held(cluster) -> int:
-    total = 0
-    for s in cluster.stats().values():
-        total += getattr(s, "num_used_blocks", 0) + getattr(s, "num_reserved", 0)
-        total += getattr(s, "num_running", 0) + getattr(s, "num_waiting", 0)
-    return total
-
-
-def wait_for(pred, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return pred()
 
 
 def test_kill_decode_then_prefill_worker_loses_no_request(ray_cluster, demo_model_dir):
@@ -128,7 +111,7 @@ def test_kill_decode_then_prefill_worker_loses_no_request(ray_cluster, demo_mode
             r = ray.get(cluster.router.reliability.remote())
             return all(w["alive"] for w in r["workers"].values())
 
-        assert wait_for(rejoined, 90), ray.get(cluster.router.reliability.remote())
+        assert wait_until(rejoined, 90, 0.2), ray.get(cluster.router.reliability.remote())
         for kind, (_, h) in victims.items():
             assert ray.get(h.pid.remote()) != pids[kind]
         # ...and serve again: enough requests that both restarted workers get some
@@ -136,7 +119,7 @@ def test_kill_decode_then_prefill_worker_loses_no_request(ray_cluster, demo_mode
             again = list(pool.map(lambda i: _guard(one_now, cluster, prompts[i], max_tokens[i]),
                                   range(8)))
         assert again == want[:8]
-        assert wait_for(lambda: held(cluster) == 0, 30), cluster.stats()
+        assert wait_until(lambda: held(cluster) == 0, 30, 0.2), cluster.stats()
     finally:
         cluster.shutdown()
 

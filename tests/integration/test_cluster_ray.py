@@ -23,13 +23,14 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.router.actor import RouterConfig
 from pdserve.router.server import ServerConfig
+from tests.cluster_helpers import engine_config as small_engine
+from tests.cluster_helpers import ray_held as blocks_held
 
 pytestmark = pytest.mark.integration
 
 
 def engine_config(model) -> EngineConfig:
-    return EngineConfig(model=str(model), device="cpu", num_kv_blocks=512, block_size=16,
-                        max_num_seqs=32, max_num_batched_tokens=2048)
+    return small_engine(model, max_num_batched_tokens=2048)
 
 
 def workload(n=32, seed=0):
@@ -57,12 +58,6 @@ def run_concurrently(address, prompts, max_tokens):
         return list(pool.map(one, range(len(prompts))))
 
 
-def blocks_held(cluster) -> int:
-    total = 0
-    for s in cluster.stats().values():
-        total += getattr(s, "num_used_blocks", 0) + getattr(s, "num_reserved", 0)
-        total += getattr(s, "num_running", 0) + getattr(s, "num_waiting", 0)
-    return total
 
 
 TWO = PoolSpec(2, num_cpus=1)

@@ -23,7 +23,6 @@ import pytest
 
 from pdserve.cluster.client import build_request
 from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
-from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.backend_config import KVTransferConfig
@@ -31,6 +30,7 @@ from pdserve.protos import pdserve_pb2_grpc
 from pdserve.router.actor import RouterConfig
 from pdserve.router.server import ServerConfig
 from pdserve.router.status import RETRY_AFTER_METADATA_KEY
+from tests.cluster_helpers import engine_config
 
 ray = pytest.importorskip("ray")
 
@@ -39,9 +39,6 @@ FACTOR = 5.0
 GROWTH_MARGIN_MIB = 48.0
 
 
-def engine_config(model) -> EngineConfig:
-    return EngineConfig(model=str(model), device="cpu", num_kv_blocks=512, block_size=16,
-                        max_num_seqs=32, max_num_batched_tokens=1024)
 
 
 def rss_mib(pid: int) -> float:

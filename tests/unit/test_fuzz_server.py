@@ -35,6 +35,8 @@ from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router.actor import RouterConfig
 from pdserve.router.server import ServerConfig
 from pdserve.router.validation import CHAT_ROLES, MAX_SEED, ValidationLimits
+from tests.cluster_helpers import engine_config as small_engine
+from tests.cluster_helpers import wait_until
 
 MAX_MODEL_LEN = 128
 # Small, so that oversized messages are cheap to build and send.
@@ -54,8 +56,8 @@ ID_RE = re.compile(r"[A-Za-z0-9._:-]+")
 
 
 def engine_config(model) -> EngineConfig:
-    return EngineConfig(model=str(model), device="cpu", num_kv_blocks=128, block_size=16,
-                        max_num_seqs=16, max_num_batched_tokens=512, max_model_len=MAX_MODEL_LEN)
+    return small_engine(model, num_kv_blocks=128, max_num_seqs=16, max_num_batched_tokens=512,
+                        max_model_len=MAX_MODEL_LEN)
 
 
 @pytest.fixture(scope="module")
@@ -208,18 +210,11 @@ def router_idle(cluster: LocalCluster) -> bool:
                     for w in orch.prefill_load.values()))
 
 
-def wait_until(pred, timeout=20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 def assert_still_serving(cluster: LocalCluster, address: str, reference) -> None:
     req, want = reference
-    assert wait_until(lambda: router_idle(cluster)), (
+    assert wait_until(lambda: router_idle(cluster), 20.0), (
         cluster.decode_stats(), cluster.prefill_stats(), cluster.server.orchestrator.in_flight())
     sender = Sender(address, workers=1)
     try:
@@ -228,7 +223,7 @@ def assert_still_serving(cluster: LocalCluster, address: str, reference) -> None
         sender.close()
     assert out.code == grpc.StatusCode.OK, out.details
     assert [t for m in out.messages for t in m.token_ids] == want
-    assert wait_until(lambda: router_idle(cluster))
+    assert wait_until(lambda: router_idle(cluster), 20.0)
 
 
 # ------------------------------------------------------------------------- strategies

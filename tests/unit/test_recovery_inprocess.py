@@ -16,24 +16,11 @@ import pytest
 
 from pdserve.cluster.client import Client, build_request
 from pdserve.cluster.local import LocalCluster
-from pdserve.engine.config import EngineConfig
 from pdserve.router.actor import RouterConfig
 from pdserve.router.reliability import ReliabilityConfig
 from pdserve.router.server import ServerConfig
-
-
-def engine_config(model) -> EngineConfig:
-    return EngineConfig(model=str(model), device="cpu", num_kv_blocks=512, block_size=16,
-                        max_num_seqs=32, max_num_batched_tokens=1024)
-
-
-def wait_until(pred, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
+from tests.cluster_helpers import engine_config, wait_until
+from tests.cluster_helpers import local_idle as idle
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +33,6 @@ def cluster(demo_model_dir):
         yield c
 
 
-def idle(c: LocalCluster) -> bool:
-    return (all(s.num_used_blocks == 0 and s.num_reserved == 0 for s in c.decode_stats())
-            and all(s.num_running == 0 and s.num_waiting == 0 for s in c.prefill_stats()))
 
 
 def run_streams(c: LocalCluster, requests, on_tokens=None):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 
 import grpc
 import pytest
@@ -20,25 +19,8 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.base import TransferError
-
-
-def engine_config(model) -> EngineConfig:
-    return EngineConfig(model=str(model), device="cpu", num_kv_blocks=512, block_size=16,
-                        max_num_seqs=32, max_num_batched_tokens=1024)
-
-
-def wait_until(pred, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
-
-
-def no_blocks_held(cluster: LocalCluster) -> bool:
-    return (all(s.num_used_blocks == 0 and s.num_reserved == 0 for s in cluster.decode_stats())
-            and all(s.num_running == 0 and s.num_waiting == 0 for s in cluster.prefill_stats()))
+from tests.cluster_helpers import engine_config, wait_until
+from tests.cluster_helpers import local_idle as no_blocks_held
 
 
 @pytest.fixture(scope="module")
