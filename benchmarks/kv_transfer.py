@@ -22,6 +22,12 @@ request's size each repetition (scattered: the worst case for a paged cache).
   the moment this process's ``receiver.wait`` sees DONE (all bytes received and written),
   both read from ``time.perf_counter`` (CLOCK_MONOTONIC, one clock for every process on
   the host; recorded in the JSON).
+* ``shm+sample``, ``shm+full``, ``tcp+full``: the same transfers with the end-to-end KV
+  checksum on (``kv_transfer/checksum.py``): the sender hashes what it ships, inline in
+  ``send_layer``. Every other transfer case runs with checksums off.
+* ``verify:sample``, ``verify:full``: the decode side's half of the checksum, recomputing
+  the digest over the request's blocks of the receiver's cache (``checksum_blocks``),
+  this process. The checksum's cost per request is the sender's extra time plus this.
 
 The sender's per-layer K/V tensors are made before timing, as a prefill produces them
 (one [2, n_blocks, 16, 8, 64] tensor per layer); gathering them from a prefill cache is
@@ -67,14 +73,17 @@ import torch
 from pdserve.benchmarks.hostinfo import cpu_model
 from pdserve.engine.kv_cache import KVCacheSpec
 from pdserve.kv_transfer.base import KVDestination, KVEndpoint, TransferState
+from pdserve.kv_transfer.checksum import checksum_blocks
 from pdserve.kv_transfer.registry import create_receiver, create_sender
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "results"
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE = 16, 8, 64, 16, torch.bfloat16  # Llama-3.2-1B
 SIZES, QUICK_SIZES = (1024, 8192), (128, 512)
-CASES = ("memcpy", "index_copy_", "inprocess", "shm", "tcp")
+CASES = ("memcpy", "index_copy_", "inprocess", "shm", "shm+sample", "shm+full", "tcp",
+         "tcp+full", "verify:sample", "verify:full")
 CHILD_BACKENDS = ("shm", "tcp")
+CHECKSUM_BACKENDS = ("shm", "tcp")  # each has "<backend>+full" (and maybe "+sample") cases
 
 
 def log(msg: str) -> None:
@@ -101,11 +110,11 @@ def sender_child(backend: str, conn, threads: int) -> None:
     layers: dict[int, list[torch.Tensor]] = {}
     try:
         while (cmd := conn.recv()) is not None:
-            endpoint, tid, dst_ids, tokens = cmd
+            endpoint, tid, dst_ids, tokens, checksum = cmd
             kv = layers.get(tokens) or layers.setdefault(tokens, make_layers(tokens))
             dest = KVDestination(tid, endpoint, tuple(dst_ids), tokens)
             t0 = time.perf_counter()
-            t = sender.begin(dest, endpoint.spec.to_spec())
+            t = sender.begin(dest, endpoint.spec.to_spec(), checksum)
             for layer, x in enumerate(kv):
                 sender.send_layer(t, layer, x)
             sender.finish(t, timeout=120)
@@ -122,8 +131,9 @@ class Child:
                                 daemon=True)
         self.proc.start()
 
-    def send(self, endpoint: KVEndpoint, tid: str, dst_ids: list[int], tokens: int) -> None:
-        self.conn.send((endpoint, tid, dst_ids, tokens))
+    def send(self, endpoint: KVEndpoint, tid: str, dst_ids: list[int], tokens: int,
+             checksum: str) -> None:
+        self.conn.send((endpoint, tid, dst_ids, tokens, checksum))
 
     def result(self, timeout: float = 300) -> tuple[float, float]:
         if not self.conn.poll(timeout):
@@ -173,11 +183,17 @@ class Bench:
             for layer, kv in enumerate(layers):
                 self.local[layer].index_copy_(1, idx, kv)
             return time.perf_counter() - t0
-        receiver, cache = self.receivers[case]
+        if case.startswith("verify:"):
+            _, cache = self.receivers["shm"]
+            t0 = time.perf_counter()
+            checksum_blocks(cache.data, dst_ids, case.split(":")[1])
+            return time.perf_counter() - t0
+        backend, _, checksum = case.partition("+")
+        receiver, cache = self.receivers[backend]
         self._ids += 1
         tid = f"{case}-{tokens}-{self._ids}"
         receiver.expect(tid, dst_ids)
-        if case == "inprocess":
+        if backend == "inprocess":
             dest = KVDestination(tid, receiver.endpoint, tuple(dst_ids), tokens)
             t0 = time.perf_counter()
             t = self.inprocess_sender.begin(dest, cache.spec)
@@ -187,9 +203,9 @@ class Bench:
             seconds = time.perf_counter() - t0
             receiver.mark_delivered(tid)
         else:
-            child = self.children[case]
-            child.send(receiver.endpoint, tid, dst_ids, tokens)
-            if case == "tcp":
+            child = self.children[backend]
+            child.send(receiver.endpoint, tid, dst_ids, tokens, checksum or "off")
+            if backend == "tcp":
                 state = receiver.wait(tid, 300)
                 t_done = time.perf_counter()
                 t0, _ = child.result()
@@ -254,6 +270,26 @@ def summarize(samples: dict[tuple[str, int], list[float]], sizes) -> list[dict]:
     return rows
 
 
+def checksum_cost(results: list[dict], sizes) -> dict:
+    """Per backend and size: transfer ms with the checksum off/sample/full, and the total
+    (sender + decode verify) relative to the transfer with it off."""
+    ms = {(r["case"], r["tokens"]): r["median_seconds"] * 1e3 for r in results}
+    verify = {str(n): {m: ms[(f"verify:{m}", n)] for m in ("sample", "full")} for n in sizes}
+    rows = []
+    for off_case in CHECKSUM_BACKENDS:
+        for n in sizes:
+            off = ms[(off_case, n)]
+            sample = ms.get((f"{off_case}+sample", n))
+            full = ms[(f"{off_case}+full", n)]
+            rows.append({
+                "backend": off_case, "tokens": n, "off_ms": off, "sample_ms": sample,
+                "full_ms": full,
+                "sample_total_ratio": (sample + verify[str(n)]["sample"]) / off
+                if sample is not None else None,
+                "full_total_ratio": (full + verify[str(n)]["full"]) / off})
+    return {"checksum_cost": rows, "verify_ms": verify}
+
+
 def write_markdown(path: Path, report: dict) -> None:
     h, rows, sizes = report["host"], report["results"], report["config"]["sizes"]
     head = " | ".join(f"{n} tok ({n * 32 // 1024} MiB) GB/s | x memcpy" for n in sizes)
@@ -279,7 +315,21 @@ def write_markdown(path: Path, report: dict) -> None:
         lines.append(f"| {case} | {' | '.join(cells)} |")
     ok = report["acceptance"]["shm_at_least_half_memcpy"]
     lines += ["", "Acceptance (shm >= 0.5 x memcpy): " + ", ".join(
-        f"{n} tokens {'PASS' if v else 'FAIL'}" for n, v in ok.items()),
+        f"{n} tokens {'PASS' if v else 'FAIL'}" for n, v in ok.items())]
+    lines += ["", "## What the end-to-end KV checksum costs per request (same run)", "",
+              "Sender: its transfer with the checksum on, against the same transfer with it "
+              "off; decode: recomputing the digest over the request's blocks before "
+              "admitting it. Milliseconds (median).", "",
+              "| transfer | tokens | off ms | sample ms | full ms | sample + verify, "
+              "x off | full + verify, x off |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in report["checksum_cost"]:
+        sample = f"{row['sample_ms']:.2f}" if row["sample_ms"] is not None else "-"
+        sx = f"{row['sample_total_ratio']:.2f}" if row["sample_ms"] is not None else "-"
+        lines.append(f"| {row['backend']} | {row['tokens']} | {row['off_ms']:.2f} | {sample} | "
+                     f"{row['full_ms']:.2f} | {sx} | {row['full_total_ratio']:.2f} |")
+    lines += ["", "Decode-side verify alone: " + "; ".join(
+        f"{n} tokens sample {report['verify_ms'][str(n)]['sample']:.2f} ms, full "
+        f"{report['verify_ms'][str(n)]['full']:.2f} ms" for n in sizes) + ".",
         "", "Generated by `python benchmarks/kv_transfer.py`; per-rep numbers in "
         "`kv_transfer.json`.", ""]
     path.write_text("\n".join(lines))
@@ -334,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             str(r["tokens"]): r["ratio_to_memcpy"] >= 0.5
             for r in results if r["case"] == "shm"}},
     }
+    report.update(checksum_cost(results, sizes))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "kv_transfer.json").write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(out_dir / "kv_transfer.md", report)
@@ -348,6 +399,11 @@ CASE_TIMING = {
     "inprocess": "begin..finish of the inprocess backend, this process",
     "shm": "child sender's begin..finish (synchronous copies into the shared segment)",
     "tcp": "child sender's begin .. receiver.wait()==DONE in this process",
+    "shm+sample": "as shm, sender checksum in sample mode",
+    "shm+full": "as shm, sender checksum in full mode",
+    "tcp+full": "as tcp, sender checksum in full mode",
+    "verify:sample": "checksum_blocks(cache, dst blocks, 'sample'), this process",
+    "verify:full": "checksum_blocks(cache, dst blocks, 'full'), this process",
 }
 
 if __name__ == "__main__":

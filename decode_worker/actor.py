@@ -22,7 +22,8 @@ from pdserve.kv_transfer.backend_config import KVTransferConfig
 def build_decode_host(worker_id: str, engine: EngineConfig, kv: KVTransferConfig,
                       torch_threads: int | None = None, instance_key: str = "") -> DecodeHost:
     """Used by the actor and by Ray-less hosts (GPU benchmarks, tests). ``instance_key``
-    (the Ray actor id) names the shm segment stably across restarts of the worker."""
+    (the Ray actor id) gives the receiver a stable address across restarts of the worker
+    (shm segment, CUDA IPC stamp, in-process key), so a successor replaces it."""
     import torch
 
     from pdserve.kv_transfer.registry import create_receiver
@@ -31,16 +32,14 @@ def build_decode_host(worker_id: str, engine: EngineConfig, kv: KVTransferConfig
         torch.set_num_threads(torch_threads)
     device = engine.resolve_device()
 
-    # only the shm backend names anything after the worker instance
-    extra = {"instance_key": instance_key} if kv.backend == "shm" and instance_key else {}
-
     def receiver_factory(spec):
         return create_receiver(kv.backend, spec, worker_id, device, bind_host=kv.bind_host,
-                               auth_token=kv.auth_token, **extra)
+                               auth_token=kv.auth_token, instance_key=instance_key)
 
     worker = DecodeWorker.from_config(worker_id, engine, receiver_factory)
     worker.metrics = WorkerMetrics(model_label(engine.model), "decode", worker_id, node_label())
     worker.metrics.set_state(0, 0, 0.0, worker.blocks.num_blocks, worker.blocks.block_size)
+    worker.metrics.init_backend(kv.backend)  # checksum mismatches are counted here
     return DecodeHost(worker)
 
 

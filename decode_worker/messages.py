@@ -7,6 +7,13 @@ from dataclasses import dataclass
 from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.base import KVDestination
+from pdserve.kv_transfer.checksum import KVDigest
+
+
+class ReservationLost(RuntimeError):
+    """``start`` names a request this worker holds no reservation for: it was reserved on
+    an earlier incarnation (the worker restarted), or released (lease, cancel). Another
+    attempt, reserved anew, can succeed."""
 
 
 @dataclass(frozen=True)
@@ -28,12 +35,19 @@ class Reservation:
 
 @dataclass(frozen=True)
 class StartDecode:
-    """The prefill worker has written the KV and sampled ``first_token``: decode the rest."""
+    """The prefill worker has written the KV and sampled ``first_token``: decode the rest.
+
+    ``incarnation`` is the decode cache incarnation the blocks were reserved on;
+    ``kv_digest`` what the prefill worker (``prefill_worker``) wrote, verified before the
+    request is admitted (None: checksums off)."""
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     first_token: SampledToken
+    incarnation: str = ""
+    kv_digest: KVDigest | None = None
+    prefill_worker: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,3 +82,4 @@ class DecodeStats:
     num_used_blocks: int
     steps: int
     block_size: int = 16
+    incarnation: str = ""  # of the worker's KV cache: changes when the worker restarts

@@ -4,7 +4,10 @@ Lifecycle of a request: ``reserve`` allocates blocks for the prompt and register
 transfer with the KV receiver, returning where the prefill worker must write (a lease:
 unclaimed reservations are freed after ``lease_s``); ``start`` hands over the first
 token once prefill is done; the request joins the running batch as soon as its
-transfer is DONE (a FAILED transfer ends it with an error and frees its blocks).
+transfer is DONE and, when the prefill worker sent a KV digest, the digest of its own
+blocks matches it (a FAILED transfer or a mismatch ends it with an error and frees its
+blocks; the router retries). A ``start`` for a request reserved on an earlier
+incarnation of this worker's cache (it restarted) raises ``ReservationLost``.
 Each ``step`` decodes one token for every running request and returns one
 ``TokenBatch``. Requests finish on a token-level stop (EOS, stop ids, max_tokens,
 context length) or when ``release`` is called (client cancel, a stop string found by
@@ -14,12 +17,14 @@ request is recomputed here from prompt + generated tokens.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from pdserve.decode_worker.messages import (
     DecodeStats,
     Reservation,
+    ReservationLost,
     ReserveRequest,
     StartDecode,
     TokenBatch,
@@ -36,8 +41,11 @@ from pdserve.engine.sampler import Sampler, next_token_generator
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.engine.step_log import StepLog
 from pdserve.kv_transfer.base import KVDestination, KVReceiver, TransferState
+from pdserve.kv_transfer.checksum import checksum_blocks
 
 DEFAULT_LEASE_S = 120.0
+
+log = logging.getLogger(__name__)
 
 
 class NoCapacityError(RuntimeError):
@@ -107,12 +115,19 @@ class DecodeWorker:
                              block_ids=tuple(alloc.block_ids), num_tokens=msg.num_prompt_tokens)
         self.receiver.expect(rid, alloc.block_ids)
         self._reserved[rid] = _Reserved(dest, time.monotonic())
+        self._refresh_state()
         return Reservation(dest)
 
     def start(self, msg: StartDecode) -> None:
         r = self._reserved.get(msg.request_id)
-        if r is None:
-            raise KeyError(f"request {msg.request_id} has no reservation on {self.worker_id}")
+        mine = self.receiver.endpoint.incarnation
+        if r is None or (msg.incarnation and msg.incarnation != mine):
+            why = (f"it was reserved on incarnation {msg.incarnation[:8]} and this worker "
+                   f"now runs {mine[:8]} (restarted)"
+                   if msg.incarnation and msg.incarnation != mine else
+                   "it was released (cancelled, or its lease expired)")
+            raise ReservationLost(f"request {msg.request_id} holds no reservation on "
+                                  f"{self.worker_id}: {why}")
         self.receiver.mark_delivered(msg.request_id)
         r.start = msg
 
@@ -122,11 +137,13 @@ class DecodeWorker:
             del self._reserved[request_id]
             self.receiver.forget(request_id)
             self.blocks.free(request_id)
+            self._refresh_state()
             return True
         req = self._running.pop(request_id, None)
         if req is None:
             return False
         self.scheduler.finish(req, FinishReason.ABORT)
+        self._refresh_state()
         return True
 
     def has_work(self) -> bool:
@@ -143,20 +160,47 @@ class DecodeWorker:
         s = self.blocks.stats()
         return DecodeStats(self.worker_id, len(self._reserved), len(self.scheduler.running),
                            len(self.scheduler.waiting), self.blocks.usage, s.num_free_blocks,
-                           s.num_blocks, s.num_used_blocks, self._steps, self.blocks.block_size)
+                           s.num_blocks, s.num_used_blocks, self._steps, self.blocks.block_size,
+                           self.receiver.endpoint.incarnation)
 
     # -- one step ---------------------------------------------------------------------
     def _admit_landed(self) -> None:
         for rid in [rid for rid, r in self._reserved.items() if r.start is not None]:
             state = self.receiver.state(rid)
+            r = self._reserved[rid]
+            problem = ""
             if state is TransferState.DONE:
-                r = self._reserved.pop(rid)
-                self.receiver.forget(rid)
-                self._adopt(r.start)
+                problem = self._checksum_problem(r)
+                if not problem:
+                    del self._reserved[rid]
+                    self.receiver.forget(rid)
+                    self._adopt(r.start)
+                    continue
             elif state is TransferState.FAILED:
-                self.release(rid)
-                self._pending_deltas.append(TokenDelta(rid, (), (), FinishReason.ABORT.value,
-                                                       error="KV transfer failed"))
+                problem = "KV transfer failed"
+            else:
+                continue
+            self.release(rid)
+            self._pending_deltas.append(TokenDelta(rid, (), (), FinishReason.ABORT.value,
+                                                   error=problem))
+
+    def _checksum_problem(self, r: _Reserved) -> str:
+        """"" if the reserved blocks hold what the prefill worker says it wrote."""
+        want = r.start.kv_digest
+        if want is None:
+            return ""
+        got = checksum_blocks(self.receiver.cache.data, r.destination.block_ids, want.mode)
+        if got == want:
+            return ""
+        backend = self.receiver.endpoint.backend
+        log.error("KV checksum mismatch for request %s: prefill worker %s wrote %016x, decode "
+                  "worker %s holds %016x (%s, %s mode)", r.start.request_id,
+                  r.start.prefill_worker or "?", want.value, self.worker_id, got.value,
+                  backend, want.mode)
+        if self.metrics is not None:
+            self.metrics.observe_transfer(backend, 0, 0.0, False, "checksum")
+        return (f"KV transfer failed: checksum mismatch ({r.start.prefill_worker or '?'} -> "
+                f"{self.worker_id}, {backend})")
 
     def _adopt(self, msg: StartDecode) -> None:
         req = Request(msg.request_id, msg.prompt_token_ids, msg.params)
@@ -215,8 +259,16 @@ class DecodeWorker:
         return TokenBatch(self.worker_id, self._steps, tuple(deltas))
 
     def _record(self, sched, duration_s: float) -> None:
-        m = self.metrics
         if sched.chunks:
-            m.observe_step(len(sched.chunks), sched.num_tokens, duration_s, len(sched.preempted))
-        m.set_state(len(self.scheduler.running), len(self._reserved) + len(self.scheduler.waiting),
-                    self.blocks.usage, self.blocks.num_blocks, self.blocks.block_size)
+            self.metrics.observe_step(len(sched.chunks), sched.num_tokens, duration_s,
+                                      len(sched.preempted))
+        self._refresh_state()
+
+    def _refresh_state(self) -> None:
+        """Gauges follow every change (reserve, start, release, step), not only steps:
+        after a burst's last request ends they must not show work that is gone."""
+        if self.metrics is not None:
+            self.metrics.set_state(len(self.scheduler.running),
+                                   len(self._reserved) + len(self.scheduler.waiting),
+                                   self.blocks.usage, self.blocks.num_blocks,
+                                   self.blocks.block_size)

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 LATENCY_BUCKETS = tuple(round(0.001 * 1.25 ** i, 6) for i in range(50))
 COUNT_BUCKETS = tuple(float(2 ** i) for i in range(15))  # 1 .. 16384
 WORKER_LABELS = ("model", "pool", "worker", "node")
+TRANSFER_FAILURE_REASONS = ("error", "stale_incarnation", "checksum")
 
 
 def model_label(model_path: str) -> str:
@@ -74,7 +75,8 @@ class WorkerMetrics:
         self._t_dur = Histogram("pdserve_kv_transfer_duration_seconds",
                                 "Begin to finish of one request's KV transfer", labels,
                                 buckets=LATENCY_BUCKETS, registry=r)
-        self._t_fail = Counter("pdserve_kv_transfer_failures", "Failed KV transfers", labels,
+        self._t_fail = Counter("pdserve_kv_transfer_failures", "Failed KV transfers by reason "
+                               "(error, stale_incarnation, checksum)", (*labels, "reason"),
                                registry=r)
         self._prefix_seen = (0, 0)
 
@@ -106,15 +108,20 @@ class WorkerMetrics:
         labels = {**self._labels, "backend": backend}
         self._t_bytes.labels(**labels)
         self._t_dur.labels(**labels)
-        self._t_fail.labels(**labels)
+        for reason in TRANSFER_FAILURE_REASONS:
+            self._t_fail.labels(**labels, reason=reason)
 
-    def observe_transfer(self, backend: str, nbytes: int, duration_s: float, ok: bool) -> None:
+    def observe_transfer(self, backend: str, nbytes: int, duration_s: float, ok: bool,
+                         reason: str = "error") -> None:
+        """One request's transfer; a failed one counts under ``reason`` (a
+        ``TransferError.reason``: the prefill side sees errors and stale destinations, the
+        decode side checksum mismatches)."""
         labels = {**self._labels, "backend": backend}
         if ok:
             self._t_bytes.labels(**labels).inc(nbytes)
             self._t_dur.labels(**labels).observe(duration_s)
         else:
-            self._t_fail.labels(**labels).inc()
+            self._t_fail.labels(**labels, reason=reason).inc()
 
     @property
     def labels(self) -> dict[str, str]:

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pdserve.kv_transfer.checksum import check_mode
+
 KNOWN_BACKENDS = ("inprocess", "shm", "tcp", "cuda_ipc")
 SECRET_ENV = "PDSERVE_KV_SECRET"
 # Backends whose receivers accept connections from the network and so need the secret.
@@ -28,13 +30,17 @@ class KVTransferConfig:
     """``bind_host`` is where TCP receivers listen: loopback by default, ``auto`` for the
     node's Ray address (multi-node clusters), or an explicit address. ``shared_secret``
     (or the first line of ``secret_file``) is what TCP senders must prove they know; both
-    empty turns the check off, unless ``with_cluster_secret`` fills it in."""
+    empty turns the check off, unless ``with_cluster_secret`` fills it in. ``checksum`` is
+    the end-to-end KV check (``checksum.py``: full, sample, off, or auto: full for the host
+    memory backends, sample for cuda_ipc, where hashing every byte means copying the KV to
+    the host; docs/architecture.md gives the measured cost behind that choice)."""
 
     backend: str = "shm"
     bind_host: str = "127.0.0.1"
     shared_secret: str = field(default="", repr=False)
     secret_file: str | None = None
     timeout_s: float = 30.0
+    checksum: str = "auto"
 
     def __post_init__(self) -> None:
         if self.backend not in KNOWN_BACKENDS:
@@ -42,12 +48,21 @@ class KVTransferConfig:
                              f"choose from {', '.join(KNOWN_BACKENDS)}")
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
+        if self.checksum != "auto":
+            check_mode(self.checksum)
         if self.shared_secret and self.secret_file is not None:
             raise ValueError("give the KV shared secret or a secret file, not both")
         if self.shared_secret:
             _check_secret(self.shared_secret, "the KV shared secret")
         if self.secret_file is not None:
             _read_secret(self.secret_file)  # fail at configuration, not in a worker
+
+    @property
+    def checksum_mode(self) -> str:
+        """``checksum`` with ``auto`` resolved for this backend."""
+        if self.checksum != "auto":
+            return self.checksum
+        return "sample" if self.backend == "cuda_ipc" else "full"
 
     @property
     def auth_token(self) -> str:

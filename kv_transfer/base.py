@@ -7,19 +7,22 @@ Lifecycle of one transfer (id = request id):
    ``receiver.endpoint``.
 2. Decode reserves blocks and calls ``receiver.expect(tid, block_ids)`` (PENDING), then
    sends a ``KVDestination`` to the prefill worker (through the router).
-3. Prefill side: ``t = sender.begin(dest, src_spec)`` checks that the two caches agree;
-   after each layer of the prefill forward, ``sender.send_layer(t, layer, kv)`` with that
+3. Prefill side: ``t = sender.begin(dest, src_spec)`` checks that the two caches agree and
+   that the receiving cache is still the incarnation the blocks were reserved on
+   (``incarnation.py``; else ``StaleDestination``, and nothing is written); after each layer of the prefill forward, ``sender.send_layer(t, layer, kv)`` with that
    layer's K/V of the request's blocks, so the transfer overlaps the next layers' compute;
-   ``sender.finish(t)`` returns once every layer is delivered (or raises ``TransferError``);
-   ``sender.abort(t)`` gives up.
+   ``sender.finish(t)`` returns once every layer is delivered and the receiver is still that
+   incarnation (or raises ``TransferError``); ``t.digest()`` is then the request's KV
+   checksum (``checksum.py``) if one was asked for; ``sender.abort(t)`` gives up.
 4. Decode side learns of completion either from its backend (TCP frames: the receiver
    moves to DONE by itself) or, for backends where the sender writes the memory directly
    (in-process, shared memory, CUDA IPC), from the caller's ``receiver.mark_delivered``
    after the prefill's ``finish`` returned. ``wait``/``state`` observe it; ``forget``
    drops it once the blocks are adopted or freed.
 
-``KVSender`` implements the validation and state machine once; a backend supplies the
-``_open``/``_write_layer``/``_complete``/``_cancel`` hooks. A ``Transfer`` is a live
+``KVSender`` implements the validation, the incarnation check, the checksum and the state
+machine once; a backend supplies the ``_open``/``_live_incarnation``/``_write_layer``/
+``_complete``/``_cancel`` hooks. A ``Transfer`` is a live
 handle driven by one caller thread; backends may only bump its ``bytes_sent``.
 """
 
@@ -36,6 +39,7 @@ from typing import Any, ClassVar
 import torch
 
 from pdserve.engine.kv_cache import KVCache, KVCacheSpec
+from pdserve.kv_transfer.checksum import KVChecksum, KVDigest, check_mode
 from pdserve.kv_transfer.messages import (
     CudaIpcHandleMsg,
     KVCacheSpecMsg,
@@ -46,16 +50,27 @@ from pdserve.kv_transfer.tracker import TransferState, TransferTable
 
 __all__ = [
     "CudaIpcHandleMsg", "KVCacheSpecMsg", "KVDestination", "KVEndpoint", "KVReceiver",
-    "KVSender", "Transfer", "TransferError", "TransferState", "send_kv_blocks",
+    "KVSender", "StaleDestination", "Transfer", "TransferError", "TransferState",
+    "send_kv_blocks",
 ]
 
 
 class TransferError(RuntimeError):
-    """A transfer cannot start or did not complete; ``transfer_id`` says which."""
+    """A transfer cannot start or did not complete; ``transfer_id`` says which, ``reason``
+    is a metrics label (``error``, ``stale_incarnation``, ``checksum``)."""
+
+    reason: ClassVar[str] = "error"
 
     def __init__(self, transfer_id: str, message: str):
         super().__init__(f"KV transfer {transfer_id!r}: {message}")
         self.transfer_id = transfer_id
+
+
+class StaleDestination(TransferError):
+    """The destination was reserved on another incarnation of the receiving cache (the
+    decode worker restarted): writing would corrupt the new cache or vanish into the old."""
+
+    reason = "stale_incarnation"
 
 
 @dataclass(eq=False)
@@ -70,6 +85,8 @@ class Transfer:
     finished_at: float | None = None
     error: str = ""
     context: Any = field(default=None, repr=False)  # backend-private per-transfer data
+    checksum: KVChecksum | None = field(default=None, repr=False)
+    error_reason: str = "error"  # the failing TransferError's reason (metrics label)
     _sent: set[int] = field(default_factory=set, repr=False)
     _cancelled: bool = field(default=False, repr=False)
 
@@ -81,13 +98,24 @@ class Transfer:
     def num_layers(self) -> int:
         return self.dest.endpoint.spec.num_layers
 
+    def digest(self) -> KVDigest | None:
+        """The KV checksum of what was sent (None when checksums are off); DONE only."""
+        if self.checksum is None:
+            return None
+        if self.state is not TransferState.DONE:
+            raise ValueError(f"transfer is {self.state.value}, not done")
+        return self.checksum.digest()
+
 
 class KVSender(ABC):
     """Prefill side. One per worker; caches connections/attachments per endpoint."""
 
     name: ClassVar[str] = ""
 
-    def begin(self, dest: KVDestination, src_spec: KVCacheSpec) -> Transfer:
+    def begin(self, dest: KVDestination, src_spec: KVCacheSpec, checksum: str = "off"
+              ) -> Transfer:
+        """Start a transfer to ``dest``; ``checksum`` (``checksum.CHECKSUM_MODES``) asks for
+        a digest of everything sent. Raises ``TransferError`` before anything is written."""
         tid, spec = dest.transfer_id, dest.endpoint.spec
         if dest.endpoint.backend != self.name:
             raise TransferError(tid, f"endpoint is for backend {dest.endpoint.backend!r}, "
@@ -100,11 +128,15 @@ class KVSender(ABC):
             raise TransferError(tid, f"{dest.num_tokens} tokens need {need} blocks of "
                                      f"{spec.block_size}, destination has {len(dest.block_ids)}")
         transfer = Transfer(dest)
+        if check_mode(checksum) != "off":
+            transfer.checksum = KVChecksum(checksum, spec.num_layers)
         try:
             self._open(transfer)
+            self._check_incarnation(transfer, "before writing")
         except Exception as exc:
-            transfer.state, transfer.error = TransferState.FAILED, str(exc)
-            raise _as_transfer_error(tid, exc) from exc
+            err = _as_transfer_error(tid, exc)
+            self._fail(transfer, str(exc), err.reason)
+            raise err from exc
         return transfer
 
     def send_layer(self, transfer: Transfer, layer: int, kv: torch.Tensor) -> None:
@@ -131,10 +163,13 @@ class KVSender(ABC):
             self._fail(transfer, problem)
             raise TransferError(tid, problem)
         try:
+            if transfer.checksum is not None:
+                transfer.checksum.add(layer, kv)
             self._write_layer(transfer, layer, kv)
         except Exception as exc:
-            self._fail(transfer, str(exc))
-            raise _as_transfer_error(tid, exc) from exc
+            err = _as_transfer_error(tid, exc)
+            self._fail(transfer, str(exc), err.reason)
+            raise err from exc
         transfer._sent.add(layer)
         transfer.layers_sent += 1
         transfer.state = TransferState.TRANSFERRING
@@ -152,9 +187,13 @@ class KVSender(ABC):
             raise TransferError(tid, transfer.error)
         try:
             self._complete(transfer, timeout)
+            # The receiver may have restarted while we wrote: then the bytes went nowhere
+            # the new cache can see, and the transfer must not count as delivered.
+            self._check_incarnation(transfer, "after writing")
         except Exception as exc:
-            self._fail(transfer, str(exc))
-            raise _as_transfer_error(tid, exc) from exc
+            err = _as_transfer_error(tid, exc)
+            self._fail(transfer, str(exc), err.reason)
+            raise err from exc
         transfer.state = TransferState.DONE
         transfer.finished_at = time.perf_counter()
 
@@ -173,6 +212,11 @@ class KVSender(ABC):
         """Reach the endpoint (cached per endpoint); may set ``transfer.context``."""
 
     @abstractmethod
+    def _live_incarnation(self, transfer: Transfer) -> str | None:
+        """The incarnation of the cache this sender reaches for ``transfer`` now (after
+        ``_open``): None if it cannot tell (a retired or vanished cache)."""
+
+    @abstractmethod
     def _write_layer(self, transfer: Transfer, layer: int, kv: torch.Tensor) -> None:
         """Write or queue one validated layer."""
 
@@ -184,7 +228,14 @@ class KVSender(ABC):
         """Best effort: tell the receiver the transfer is abandoned (default: cannot)."""
         return None
 
-    def _fail(self, transfer: Transfer, error: str) -> None:
+    def _check_incarnation(self, transfer: Transfer, when: str) -> None:
+        live = self._live_incarnation(transfer)
+        if live != transfer.dest.endpoint.incarnation:
+            raise stale_destination(transfer.dest, live, when)
+
+    def _fail(self, transfer: Transfer, error: str, reason: str = "error") -> None:
+        if transfer.state is not TransferState.FAILED:
+            transfer.error_reason = reason
         transfer.state, transfer.error = TransferState.FAILED, error
         transfer.finished_at = time.perf_counter()
         if not transfer._cancelled:
@@ -192,6 +243,14 @@ class KVSender(ABC):
             # Best effort only: the transfer is failed whatever the backend says.
             with contextlib.suppress(Exception):
                 self._cancel(transfer)
+
+
+def stale_destination(dest: KVDestination, live: str | None, when: str) -> StaleDestination:
+    """The error for a write refused because ``dest`` names another incarnation."""
+    now = f"now runs incarnation {live[:8]}" if live else "is no longer live"
+    return StaleDestination(dest.transfer_id, f"{when}: the blocks were reserved on "
+                            f"incarnation {dest.endpoint.incarnation[:8]} of "
+                            f"{dest.endpoint.worker_id}'s cache, which {now}")
 
 
 def _as_transfer_error(transfer_id: str, exc: Exception) -> TransferError:
@@ -246,13 +305,13 @@ class KVReceiver(ABC):
 
 def send_kv_blocks(sender: KVSender, dest: KVDestination, cache: KVCache,
                    src_block_ids: Sequence[int], layers: Iterable[int] | None = None,
-                   timeout: float = 30.0) -> Transfer:
+                   timeout: float = 30.0, checksum: str = "off") -> Transfer:
     """Copy blocks ``src_block_ids`` of ``cache`` to ``dest``, all layers in one go.
 
     The non-overlapped path (tests, benchmarks, resending a cached prefix). ``layers``
     picks the order (default: all, ascending); ``finish`` runs once every layer is sent.
     """
-    transfer = sender.begin(dest, cache.spec)
+    transfer = sender.begin(dest, cache.spec, checksum)
     idx = torch.as_tensor(list(src_block_ids), dtype=torch.long, device=cache.data.device)
     try:
         for layer in range(cache.spec.num_layers) if layers is None else layers:

@@ -2,8 +2,13 @@
 
 Lifecycle: ``CudaIpcReceiver.create`` allocates the decode cache on its GPU and exports
 the IPC handle of the cache's storage (``UntypedStorage._share_cuda_()``) as a typed
-``CudaIpcHandleMsg`` in the endpoint (hex, no pickle). A ``CudaIpcSender`` opens the
-handle once per endpoint (``UntypedStorage._new_shared_cuda``), views it as the cache
+``CudaIpcHandleMsg`` in the endpoint (hex, no pickle). It also publishes its incarnation
+in a one-page shared-memory ``CacheStamp`` (``pdserve-kvctl-<worker>-<key>``, the
+endpoint's address; a restarted worker retires its predecessor's), because GPU memory
+imported by a sender outlives a killed exporter and says nothing about who is live. A
+``CudaIpcSender`` checks the stamp against the destination's incarnation before it opens
+the handle and again after the last copy (``StaleDestination`` on a mismatch), opens the
+handle once per incarnation (``UntypedStorage._new_shared_cuda``), views it as the cache
 tensor, and writes each layer with ``index_copy_`` on a side stream that first waits for
 the compute stream (so the copy of layer i overlaps the compute of layer i+1). ``finish``
 waits for an event recorded after the transfer's last copy; the decode worker then
@@ -35,9 +40,22 @@ import time
 import torch
 
 from pdserve.engine.kv_cache import KVCache, KVCacheSpec
-from pdserve.kv_transfer.base import KVReceiver, KVSender, Transfer, TransferError
+from pdserve.kv_transfer.base import (
+    KVReceiver,
+    KVSender,
+    Transfer,
+    TransferError,
+    stale_destination,
+)
 from pdserve.kv_transfer.block_copy import BlockWriter
+from pdserve.kv_transfer.incarnation import (
+    CacheStamp,
+    live_incarnation,
+    new_incarnation,
+    publish_stamped_segment,
+)
 from pdserve.kv_transfer.messages import CudaIpcHandleMsg, KVCacheSpecMsg, KVEndpoint
+from pdserve.kv_transfer.shm_segment import ShmSegment, segment_name
 
 
 def _device_uuid(index: int) -> str:
@@ -57,11 +75,17 @@ def _local_device_index(msg: CudaIpcHandleMsg) -> int:
 class CudaIpcReceiver(KVReceiver):
     name = "cuda_ipc"
 
+    def __init__(self, endpoint: KVEndpoint, cache: KVCache, control: ShmSegment):
+        super().__init__(endpoint, cache)
+        self._control = control
+        self._closed = False
+
     @classmethod
     def create(cls, cache_spec: KVCacheSpec, worker_id: str,
                device: torch.device | str = "cuda", *, bind_host: str = "",
-               auth_token: str = "") -> tuple[CudaIpcReceiver, KVCache]:
-        """``bind_host``/``auth_token`` are accepted for a uniform call site and unused."""
+               auth_token: str = "", instance_key: str = "") -> tuple[CudaIpcReceiver, KVCache]:
+        """``instance_key`` names the stamp segment stably (see ``segment_name``);
+        ``bind_host``/``auth_token`` are accepted for a uniform call site and unused."""
         dev = torch.device(device)
         if dev.type != "cuda":
             raise ValueError(f"the cuda_ipc backend needs a CUDA device, got {device}")
@@ -78,12 +102,23 @@ class CudaIpcReceiver(KVReceiver):
             event_handle_hex=bytes(event_handle).hex() if event_handle else "",
             event_sync_required=bool(event_sync),
             tensor_offset_bytes=cache.data.storage_offset() * cache.data.element_size())
-        endpoint = KVEndpoint(cls.name, worker_id, msg.handle_hex,
-                              KVCacheSpecMsg.from_spec(cache_spec), cuda_ipc=msg)
-        return cls(endpoint, cache), cache
+        incarnation = new_incarnation()
+        control = publish_stamped_segment(segment_name("kvctl", worker_id, instance_key), 0,
+                                          incarnation, replace=bool(instance_key))
+        endpoint = KVEndpoint(cls.name, worker_id, control.name,
+                              KVCacheSpecMsg.from_spec(cache_spec), incarnation, cuda_ipc=msg)
+        return cls(endpoint, cache, control), cache
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._table.fail_all("receiver closed")
+        stamp = CacheStamp(self._control.buffer)
+        stamp.retire()
+        stamp.release()
+        self._control.unlink()
+        self._control.close()
 
 
 def open_cache(endpoint: KVEndpoint) -> torch.Tensor:
@@ -186,8 +221,13 @@ class CudaIpcSender(KVSender):
 
     def _open(self, transfer: Transfer) -> None:
         endpoint = transfer.dest.endpoint
-        key = (endpoint.worker_id, endpoint.address)
+        key = (endpoint.worker_id, endpoint.incarnation)
         with self._lock:
+            live = live_incarnation(endpoint.address)
+            if live != endpoint.incarnation:
+                # Never open the handle of a cache that is not live: a dead exporter's
+                # memory would take the bytes and nobody would read them.
+                raise stale_destination(transfer.dest, live, "before writing")
             writer = self._writers.get(key)
             if writer is None:
                 for old in [k for k in self._writers if k[0] == endpoint.worker_id]:
@@ -200,6 +240,11 @@ class CudaIpcSender(KVSender):
         # [writer, destination index, completion event (recorded after the last layer),
         #  copy stream]
         transfer.context = [writer, writer.index(transfer.dest.block_ids), None, stream]
+
+    def _live_incarnation(self, transfer: Transfer) -> str | None:
+        # The writer was opened for the destination's incarnation (keyed by it), so the
+        # name still naming that incarnation means the memory written is the live cache.
+        return live_incarnation(transfer.dest.endpoint.address)
 
     def _write_layer(self, transfer: Transfer, layer: int, kv: torch.Tensor) -> None:
         writer, index, _, stream = transfer.context

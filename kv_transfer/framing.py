@@ -6,11 +6,12 @@ Every frame is a fixed 22-byte header, the transfer id (utf-8), then a payload::
     payload_len u64                                   (network byte order)
 
 A connection starts with a handshake. The sender sends HELLO (id = the receiver's worker
-id, no payload). A receiver without a shared secret answers HELLO (empty): accepted. A
-receiver with one answers CHALLENGE (id = its worker id, payload = a fresh random
-``NONCE_BYTES`` nonce); the sender answers AUTH (payload = ``auth_mac``: HMAC-SHA256 keyed
-by the secret over nonce || worker id), and the receiver, after a constant-time compare,
-answers HELLO or closes the connection. The secret itself never crosses the wire, and a
+id, no payload). A receiver without a shared secret answers HELLO: accepted. A receiver
+with one answers CHALLENGE (id = its worker id, payload = a fresh random ``NONCE_BYTES``
+nonce); the sender answers AUTH (payload = ``auth_mac``: HMAC-SHA256 keyed by the secret
+over nonce || worker id), and the receiver, after a constant-time compare, answers HELLO
+or closes the connection. The receiver's HELLO carries, as its id, the incarnation of its
+cache: the sender refuses to send a transfer reserved on any other incarnation. The secret itself never crosses the wire, and a
 recorded AUTH is useless against any other nonce or worker.
 
 Then, per transfer: one LAYER per layer (payload = the raw bytes of that layer's contiguous
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from pdserve.kv_transfer.messages import MAX_TRANSFER_ID_BYTES
 
 MAGIC = b"PDKV"
-VERSION = 2  # 2: challenge-response handshake (1 sent a token in HELLO)
+VERSION = 3  # 3: HELLO answer names the cache's incarnation; 2: challenge-response
 NONCE_BYTES = 32
 MAC_BYTES = hashlib.sha256().digest_size
 _HANDSHAKE_PAYLOAD = {"HELLO": 0, "CHALLENGE": NONCE_BYTES, "AUTH": MAC_BYTES}

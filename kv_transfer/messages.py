@@ -135,21 +135,27 @@ class KVEndpoint:
     """Published by a decode worker's receiver: how senders reach its cache.
 
     ``address`` is backend-specific: the in-process registry key, the shared-memory
-    segment name, ``"host:port"`` for TCP, the CUDA IPC handle (hex). It carries no
-    secret: endpoints are handed around (router, logs, stats), so the TCP backend's shared
-    secret is configuration given to both sides (``KVTransferConfig``) instead.
+    segment name, ``"host:port"`` for TCP, the CUDA IPC control segment's name (the handle
+    itself is ``cuda_ipc``). ``incarnation`` names this life of the receiving cache (see
+    ``incarnation.py``): a sender refuses a destination whose incarnation is not the one
+    live behind the address. It carries no secret: endpoints are handed around (router,
+    logs, stats), so the TCP backend's shared secret is configuration given to both sides
+    (``KVTransferConfig``) instead.
     """
 
     backend: str
     worker_id: str
     address: str
     spec: KVCacheSpecMsg
+    incarnation: str
     cuda_ipc: CudaIpcHandleMsg | None = None
 
     def __post_init__(self) -> None:
-        for name in ("backend", "worker_id", "address"):
+        for name in ("backend", "worker_id", "address", "incarnation"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"KVEndpoint.{name} must be a non-empty string")
+        if len(self.incarnation) > 64:
+            raise ValueError("KVEndpoint.incarnation is too long")
         if not isinstance(self.spec, KVCacheSpecMsg):
             raise ValueError("KVEndpoint.spec must be a KVCacheSpecMsg")
         if len(self.worker_id.encode()) > MAX_TRANSFER_ID_BYTES:

@@ -2,8 +2,9 @@
 
 Each entry loads its (sender class, receiver class) pair on first use, so asking for
 "inprocess" never imports the CUDA backend. Every receiver's ``create`` and sender's
-constructor accept ``auth_token`` (and receivers ``bind_host``) so a worker can pass its
-one ``KVTransferConfig`` whatever the backend; backends that do not need them ignore them.
+constructor accept ``auth_token`` (and receivers ``bind_host`` and ``instance_key``) so a
+worker can pass its one ``KVTransferConfig`` whatever the backend; backends that do not
+need them ignore them.
 """
 
 from __future__ import annotations

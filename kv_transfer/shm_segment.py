@@ -28,6 +28,8 @@ import atexit
 import contextlib
 import mmap
 import os
+import re
+import uuid
 from multiprocessing import shared_memory
 
 import torch
@@ -69,13 +71,15 @@ class ShmSegment:
         return segment
 
     @classmethod
-    def attach(cls, name: str, populate: bool = False) -> ShmSegment:
+    def attach(cls, name: str, populate: bool = False, length: int | None = None
+               ) -> ShmSegment:
         """Map an existing segment without registering it (see the module docstring).
 
         ``populate`` builds this process's page tables for the whole segment now
         (``MAP_POPULATE``): otherwise the first write to each 4 KiB page of the cache
         takes a page fault, which made cross-process copies ~40% slower in the
-        benchmark until every block had been written once.
+        benchmark until every block had been written once. ``length`` maps only the first
+        that many bytes (a header) instead of the whole segment.
         """
         if _posixshmem is None:
             shm = _QuietSharedMemory(name=name)
@@ -83,6 +87,10 @@ class ShmSegment:
         fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
         try:
             size = os.fstat(fd).st_size
+            if length is not None:
+                if length > size:
+                    raise ValueError(f"segment {name} has {size} bytes, not {length}")
+                size = length
             flags = mmap.MAP_SHARED
             if populate and hasattr(mmap, "MAP_POPULATE"):
                 flags |= mmap.MAP_POPULATE
@@ -92,14 +100,21 @@ class ShmSegment:
             os.close(fd)
         return cls(name, size, mapping, None, owner=False)
 
-    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    @property
+    def buffer(self):
+        """The mapped bytes (an mmap or memoryview); None once closed."""
+        return self._buffer
+
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+        """A view of ``shape``/``dtype`` starting ``offset`` bytes into the segment."""
         numel = 1
         for s in shape:
             numel *= s
         nbytes = numel * dtype.itemsize
-        if nbytes > self.size:
-            raise ValueError(f"segment {self.name} has {self.size} bytes, need {nbytes}")
-        raw = torch.frombuffer(self._buffer, dtype=torch.uint8, count=nbytes)
+        if offset < 0 or offset % dtype.itemsize or offset + nbytes > self.size:
+            raise ValueError(f"segment {self.name} has {self.size} bytes, need {nbytes} "
+                             f"at offset {offset}")
+        raw = torch.frombuffer(self._buffer, dtype=torch.uint8, count=nbytes, offset=offset)
         return raw.view(dtype).view(shape)
 
     def close(self) -> None:
@@ -121,6 +136,17 @@ class ShmSegment:
     def _unlink_at_exit(self) -> None:
         if os.getpid() == self._creator_pid:  # not in a forked child that inherited atexit
             self.unlink()
+
+
+def segment_name(kind: str, worker_id: str, instance_key: str = "") -> str:
+    """``pdserve-<kind>-<worker>-<key>``. ``instance_key`` (a Ray actor id: the same across
+    the actor's restarts, unique in the cluster) makes the name stable, so a restarted
+    worker finds and replaces the segment its killed predecessor left; without one the
+    name is random."""
+    # POSIX allows ~255 chars and only one leading '/'; keep it short and filename-safe.
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", worker_id)[:40]
+    key = re.sub(r"[^A-Za-z0-9]", "", instance_key)[:16] or uuid.uuid4().hex[:8]
+    return f"pdserve-{kind}-{safe}-{key}"
 
 
 def unlink_by_name(name: str) -> bool:

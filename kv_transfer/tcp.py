@@ -3,7 +3,8 @@
 Receiver lifecycle: ``TcpReceiver.create`` allocates the cache, listens (``bind_host``,
 port 0 = ephemeral; the endpoint's address is ``host:port``) and starts an accept thread;
 each accepted connection gets a thread that runs the handshake (worker id; with a shared
-secret, a challenge-response: see ``framing``), then reads frames: a LAYER's payload
+secret, a challenge-response: see ``framing``; the answer names the cache's incarnation),
+then reads frames: a LAYER's payload
 lands in a per-connection staging buffer (``recv_into``, no per-chunk concatenation) and
 is scattered into the blocks reserved by ``expect``; DONE after every layer -> DONE,
 ABORT -> FAILED, a connection lost with a transfer half-streamed -> FAILED. Frames of unknown or forgotten transfers are read and
@@ -17,7 +18,9 @@ Sender lifecycle: one persistent connection per endpoint, opened by the first ``
 that needs it, with a thread that drains a queue of frames, so ``send_layer`` returns at
 once and the bytes go out while the prefill computes the next layer. ``finish`` queues
 DONE and waits until it is written; a broken connection fails every transfer on it with
-``TransferError`` and the next ``begin`` reconnects. The sender learns of bytes *written*;
+``TransferError`` and the next ``begin`` reconnects. A connection to another incarnation
+than a destination's (the receiver restarted on the same address) is replaced once; if
+the live incarnation still differs, the transfer fails with ``StaleDestination``. The sender learns of bytes *written*;
 delivery is observed on the decode side, where ``mark_delivered`` is not needed.
 """
 
@@ -37,7 +40,7 @@ import numpy as np
 import torch
 
 from pdserve.engine.kv_cache import KVCache, KVCacheSpec
-from pdserve.kv_transfer.base import KVReceiver, KVSender, Transfer
+from pdserve.kv_transfer.base import KVReceiver, KVSender, Transfer, stale_destination
 from pdserve.kv_transfer.block_copy import BlockWriter
 from pdserve.kv_transfer.framing import (
     MAC_BYTES,
@@ -51,6 +54,7 @@ from pdserve.kv_transfer.framing import (
     recv_exact,
     recv_exact_into,
 )
+from pdserve.kv_transfer.incarnation import new_incarnation
 from pdserve.kv_transfer.messages import KVCacheSpecMsg, KVEndpoint
 from pdserve.kv_transfer.tcp_connection import SendConnection
 from pdserve.kv_transfer.tracker import TransferState
@@ -117,11 +121,13 @@ class TcpReceiver(KVReceiver):
     @classmethod
     def create(cls, cache_spec: KVCacheSpec, worker_id: str, device: torch.device | str = "cpu",
                *, bind_host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None,
-               auth_token: str = "", handshake_timeout: float = 10.0,
+               auth_token: str = "", handshake_timeout: float = 10.0, instance_key: str = "",
                ) -> tuple[TcpReceiver, KVCache]:
         """``advertise_host`` is what the endpoint publishes (default: ``bind_host``, or
         this host's address when binding every interface). ``auth_token`` is the cluster's
-        shared secret ("" = accept any sender); it is kept here, not in the endpoint."""
+        shared secret ("" = accept any sender); it is kept here, not in the endpoint.
+        ``instance_key`` is accepted for a uniform call site and unused (the handshake
+        names the incarnation)."""
         family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
         listener = socket.create_server((bind_host, port), family=family, backlog=128)
         try:
@@ -129,7 +135,7 @@ class TcpReceiver(KVReceiver):
             address = format_address(advertise_host or _advertised_host(bind_host),
                                      listener.getsockname()[1])
             endpoint = KVEndpoint(cls.name, worker_id, address,
-                                  KVCacheSpecMsg.from_spec(cache_spec))
+                                  KVCacheSpecMsg.from_spec(cache_spec), new_incarnation())
             receiver = cls(endpoint, cache, listener, auth_token, handshake_timeout)
         except BaseException:
             listener.close()
@@ -243,7 +249,7 @@ class TcpReceiver(KVReceiver):
             return False
         if self._secret and not self._challenge(conn, peer, worker_id):
             return False
-        conn.sendall(encode_header(MsgType.HELLO, self.endpoint.worker_id))
+        conn.sendall(encode_header(MsgType.HELLO, self.endpoint.incarnation))
         return True
 
     def _challenge(self, conn: socket.socket, peer, worker_id: str) -> bool:
@@ -315,17 +321,30 @@ class TcpSender(KVSender):
 
     def _open(self, transfer: Transfer) -> None:
         endpoint = transfer.dest.endpoint
-        key = (endpoint.worker_id, endpoint.address)
+        # Keyed by incarnation too: a destination of another life of the receiver never
+        # reuses (or tears down) the connection that transfers of the live one are using.
+        key = (endpoint.worker_id, endpoint.address, endpoint.incarnation)
         with self._lock:
             conn = self._conns.get(key)
             if conn is None or not conn.alive():
                 if conn is not None:
+                    del self._conns[key]
                     conn.close(timeout=0)
                 host, port = parse_address(endpoint.address)
-                conn = self._conns[key] = SendConnection.connect(
-                    host, port, endpoint.worker_id, self._secret, self._connect_timeout,
-                    self._max_queued)
+                conn = SendConnection.connect(host, port, endpoint.worker_id, self._secret,
+                                              self._connect_timeout, self._max_queued)
+                if conn.incarnation != endpoint.incarnation:
+                    conn.close(timeout=0)
+                    raise stale_destination(transfer.dest, conn.incarnation, "at connect")
+                # Connections to earlier lives of this worker are dead or about to be.
+                for old in [k for k in self._conns if k[0] == endpoint.worker_id]:
+                    self._conns.pop(old).close(timeout=0)
+                self._conns[key] = conn
         transfer.context = conn
+
+    def _live_incarnation(self, transfer: Transfer) -> str | None:
+        conn: SendConnection = transfer.context
+        return conn.incarnation if conn.error is None else None
 
     def _write_layer(self, transfer: Transfer, layer: int, kv: torch.Tensor) -> None:
         conn: SendConnection = transfer.context

@@ -44,18 +44,21 @@ class _Frame:
     written: threading.Event | None = None
 
 
-def _handshake_reply(sock: socket.socket) -> FrameHeader | None:
-    """The receiver's next handshake frame; None when it closed or spoke nonsense."""
+def _handshake_reply(sock: socket.socket) -> tuple[FrameHeader, str] | None:
+    """The receiver's next handshake frame and its id field; None when it closed or spoke
+    nonsense."""
     try:
-        start = read_frame_start(sock)
+        return read_frame_start(sock)
     except (OSError, ProtocolError):
         return None
-    return None if start is None else start[0]
 
 
 class SendConnection:
-    def __init__(self, sock: socket.socket, name: str, max_queued: int):
+    def __init__(self, sock: socket.socket, name: str, max_queued: int, incarnation: str):
         self._sock = sock
+        # The incarnation of the receiving cache, as its HELLO said: a connection reaches
+        # one process, so every transfer on it must have been reserved on this one.
+        self.incarnation = incarnation
         self._queue: queue.Queue[_Frame | None] = queue.Queue(max_queued)
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -69,7 +72,7 @@ class SendConnection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(encode_header(MsgType.HELLO, worker_id))
             reply = _handshake_reply(sock)
-            if reply is not None and reply.msg_type is MsgType.CHALLENGE:
+            if reply is not None and reply[0].msg_type is MsgType.CHALLENGE:
                 if not secret:
                     raise ConnectionRefusedError(
                         f"KV receiver {worker_id} at {host}:{port} requires the cluster's "
@@ -78,7 +81,7 @@ class SendConnection:
                 sock.sendall(encode_header(MsgType.AUTH, worker_id, payload_len=MAC_BYTES)
                              + auth_mac(secret.encode(), nonce, worker_id))
                 reply = _handshake_reply(sock)
-            if reply is None or reply.msg_type is not MsgType.HELLO:
+            if reply is None or reply[0].msg_type is not MsgType.HELLO or not reply[1]:
                 raise ConnectionRefusedError(
                     f"KV receiver {worker_id} at {host}:{port} refused the handshake "
                     "(wrong shared secret, or the endpoint belongs to another worker)")
@@ -86,7 +89,7 @@ class SendConnection:
         except BaseException:
             sock.close()
             raise
-        conn = cls(sock, f"pdserve-kv-send-{worker_id}", max_queued)
+        conn = cls(sock, f"pdserve-kv-send-{worker_id}", max_queued, reply[1])
         conn._thread.start()
         return conn
 

@@ -25,6 +25,7 @@ def build_prefill_host(worker_id: str, engine: EngineConfig, kv: KVTransferConfi
     sender = create_sender(kv.backend, auth_token=kv.auth_token)
     worker = PrefillWorker.from_config(worker_id, engine, sender)
     worker.transfer_timeout_s = kv.timeout_s
+    worker.kv_checksum = kv.checksum_mode
     worker.metrics = WorkerMetrics(model_label(engine.model), "prefill", worker_id, node_label())
     worker.metrics.set_state(0, 0, 0.0, worker.blocks.num_blocks, worker.blocks.block_size)
     worker.metrics.init_backend(kv.backend)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.base import KVDestination
+from pdserve.kv_transfer.checksum import KVDigest
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class PrefillResult:
     prefill_s: float = 0.0  # first scheduled -> first token sampled
     transfer_wait_s: float = 0.0  # after sampling, waiting for the KV transfer to finish
     error: str | None = None
+    kv_digest: KVDigest | None = None  # of the KV written (None: checksums off, or no KV)
 
     @property
     def ok(self) -> bool:
@@ -60,3 +62,4 @@ class PrefillStats:
     prefix_query_tokens: int
     completed: int
     failed: int
+    incarnation: str = ""  # this life of the worker process

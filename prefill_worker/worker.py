@@ -6,9 +6,12 @@ computed blocks), runs the model once for the batch, and for every prompt that
 completes in this step sends its KV to the decode worker's reserved blocks layer by
 layer from the model's per-layer hook (so the transfer of layer i overlaps the compute
 of layer i+1), samples the first token, waits for the transfer to finish and returns a
-``PrefillResult``. The request's blocks are then freed (full blocks stay in the prefix
-cache). ``abort`` drops a request wherever it is. A failed transfer fails only its own
-request: the result carries the error and the blocks are freed all the same.
+``PrefillResult``, which carries the digest of the KV it wrote (``kv_checksum``) for the
+decode worker to verify. The request's blocks are then freed (full blocks stay in the
+prefix cache). ``abort`` drops a request wherever it is. A failed transfer (including a
+destination reserved on an earlier incarnation of the decode cache, refused before any
+byte moves) fails only its own request: the result carries the error and the blocks are
+freed all the same.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from pdserve.engine.sampler import Sampler, next_token_generator
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.engine.step_log import StepLog
 from pdserve.kv_transfer.base import KVSender, Transfer, TransferError
+from pdserve.kv_transfer.checksum import KVDigest
+from pdserve.kv_transfer.incarnation import new_incarnation
 from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult, PrefillStats
 
 
@@ -41,6 +46,8 @@ class _Pending:
     scheduled: float | None = None
     transfer: Transfer | None = None
     error: str | None = None
+    error_reason: str = "error"  # TransferError.reason of ``error`` (metrics label)
+    digest: KVDigest | None = None
 
 
 @dataclass
@@ -62,6 +69,9 @@ class PrefillWorker:
         self.sender = sender
         self.sampler = sampler
         self.transfer_timeout_s = transfer_timeout_s
+        self.kv_checksum = "off"  # KVTransferConfig.checksum, set by the host builder
+        # This life of the worker: the router sees a restart as a change of incarnation.
+        self.incarnation = new_incarnation()
         self._pending: dict[str, _Pending] = {}
         self._counters = _Counters()
         self.on_step_timing: Callable[[int, float], None] | None = None
@@ -86,6 +96,7 @@ class PrefillWorker:
         req = Request(msg.request_id, msg.prompt_token_ids, msg.params)
         self._pending[msg.request_id] = _Pending(msg, req, time.monotonic())
         self.scheduler.add(req)
+        self._refresh_state()
 
     def abort(self, request_id: str) -> bool:
         p = self._pending.pop(request_id, None)
@@ -94,6 +105,7 @@ class PrefillWorker:
         if p.transfer is not None and self.sender is not None:
             self.sender.abort(p.transfer)
         self.scheduler.finish(p.request, FinishReason.ABORT)
+        self._refresh_state()
         return True
 
     def has_work(self) -> bool:
@@ -106,7 +118,7 @@ class PrefillWorker:
         return PrefillStats(self.worker_id, len(self.scheduler.waiting), len(self.scheduler.running),
                             waiting_tokens, self.blocks.usage, s.num_free_blocks, s.num_blocks,
                             s.prefix_hit_tokens, s.prefix_queries_tokens,
-                            self._counters.completed, self._counters.failed)
+                            self._counters.completed, self._counters.failed, self.incarnation)
 
     # -- one step ---------------------------------------------------------------------
     def step(self) -> list[PrefillResult]:
@@ -153,7 +165,7 @@ class PrefillWorker:
                 num_cached_tokens=p.request.num_cached_tokens,
                 queue_s=(p.scheduled or sampled_at) - p.arrived,
                 prefill_s=sampled_at - (p.scheduled or sampled_at),
-                transfer_wait_s=wait_s, error=p.error))
+                transfer_wait_s=wait_s, error=p.error, kv_digest=p.digest if ok else None))
         duration = time.perf_counter() - step_t0
         self.step_log.add("prefill", [c.num_tokens for c in sched.chunks], duration, step_wall)
         if self.metrics is not None:
@@ -163,18 +175,25 @@ class PrefillWorker:
     def _record(self, sched, completing: list[_Pending], duration_s: float) -> None:
         m = self.metrics
         m.observe_step(len(sched.chunks), sched.num_tokens, duration_s, len(sched.preempted))
-        s = self.blocks.stats()
-        m.set_state(len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.usage,
-                    s.num_blocks, self.blocks.block_size, s.prefix_queries_tokens,
-                    s.prefix_hit_tokens)
+        self._refresh_state()
         for p in completing:
             t = p.transfer
             if t is not None:
                 end = t.finished_at or time.perf_counter()
                 m.observe_transfer(self.sender.name, t.bytes_sent, end - t.started_at,
-                                   p.error is None)
+                                   p.error is None, p.error_reason)
             elif p.error is not None and p.msg.destination is not None:
-                m.observe_transfer(p.msg.destination.endpoint.backend, 0, 0.0, False)
+                m.observe_transfer(p.msg.destination.endpoint.backend, 0, 0.0, False,
+                                   p.error_reason)
+
+    def _refresh_state(self) -> None:
+        """Gauges follow every change (add, abort, step), so an aborted queue shows empty."""
+        if self.metrics is None:
+            return
+        s = self.blocks.stats()
+        self.metrics.set_state(len(self.scheduler.running), len(self.scheduler.waiting),
+                               self.blocks.usage, s.num_blocks, self.blocks.block_size,
+                               s.prefix_queries_tokens, s.prefix_hit_tokens)
 
     def _begin_transfer(self, p: _Pending) -> bool:
         dest = p.msg.destination
@@ -184,9 +203,9 @@ class PrefillWorker:
             p.error = "this prefill worker has no KV sender configured"
             return False
         try:
-            p.transfer = self.sender.begin(dest, self.runner.kv_cache.spec)
+            p.transfer = self.sender.begin(dest, self.runner.kv_cache.spec, self.kv_checksum)
         except TransferError as exc:
-            p.error = f"KV transfer failed to start: {exc}"
+            p.error, p.error_reason = f"KV transfer failed to start: {exc}", exc.reason
             return False
         return True
 
@@ -202,7 +221,7 @@ class PrefillWorker:
                 try:
                     self.sender.send_layer(p.transfer, layer, kv)
                 except TransferError as exc:
-                    p.error = f"KV transfer failed: {exc}"
+                    p.error, p.error_reason = f"KV transfer failed: {exc}", exc.reason
                     self.sender.abort(p.transfer)
 
         return layer_done
@@ -213,6 +232,7 @@ class PrefillWorker:
         t0 = time.monotonic()
         try:
             self.sender.finish(p.transfer, timeout=self.transfer_timeout_s)
+            p.digest = p.transfer.digest()
         except TransferError as exc:
-            p.error = f"KV transfer failed: {exc}"
+            p.error, p.error_reason = f"KV transfer failed: {exc}", exc.reason
         return time.monotonic() - t0

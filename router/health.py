@@ -12,6 +12,10 @@ Contract:
   other error marks the worker dead (Ray reports a killed actor at once; a hung one
   only misses heartbeats), and the first answer after that marks it alive again: a
   worker restarted by Ray (``max_restarts``) rejoins its pool with no operator action.
+  An answer from another incarnation than the last one seen (``stats.incarnation``) is a
+  restart the heartbeat did not catch (it died and came back between two beats): the
+  worker is marked dead and at once alive again, so every request that depended on its
+  previous life is retried rather than left waiting on state the new process never had.
   ``on_stats`` receives each answer (the router keeps KV headroom from it).
 """
 
@@ -33,6 +37,7 @@ class Liveness:
     dead: asyncio.Event = field(default_factory=asyncio.Event)
     alive: asyncio.Event = field(default_factory=asyncio.Event)
     deaths: int = 0
+    incarnation: str = ""  # the worker's, as its last heartbeat said
 
     def __post_init__(self) -> None:
         self.alive.set()
@@ -79,6 +84,15 @@ class WorkerHealth:
         if self.on_revival is not None:
             self.on_revival(wid)
 
+    def note_incarnation(self, wid: str, incarnation: str) -> None:
+        """A heartbeat answered from ``incarnation``; a new one means the worker restarted."""
+        w = self.workers[wid]
+        if incarnation and w.incarnation and incarnation != w.incarnation:
+            self.mark_dead(wid, f"restarted (incarnation {w.incarnation[:8]} -> "
+                                f"{incarnation[:8]})")
+        if incarnation:
+            w.incarnation = incarnation
+
     async def watch(self, wid: str, ping: Callable[[], Awaitable[object]],
                     on_stats: Callable[[str, object], None] | None = None) -> None:
         while True:
@@ -91,6 +105,7 @@ class WorkerHealth:
             except Exception as exc:  # WorkerGone, or a worker that errors on stats
                 self.mark_dead(wid, f"{type(exc).__name__}: {exc}"[:200])
             else:
+                self.note_incarnation(wid, getattr(stats, "incarnation", ""))
                 self.mark_alive(wid)
                 if on_stats is not None:
                     on_stats(wid, stats)

@@ -33,7 +33,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from pdserve.decode_worker.messages import ReserveRequest, StartDecode, TokenBatch, TokenDelta
+from pdserve.decode_worker.messages import (
+    ReservationLost,
+    ReserveRequest,
+    StartDecode,
+    TokenBatch,
+    TokenDelta,
+)
 from pdserve.decode_worker.worker import NoCapacityError
 from pdserve.engine.sampler import SampledToken
 from pdserve.prefill_worker.messages import PrefillRequest
@@ -280,10 +286,14 @@ class Orchestrator:
                 return
             started = time.monotonic()
             try:
-                await self.decodes[decode_id].start(StartDecode(rid, prompt, params, first))
+                await self.decodes[decode_id].start(StartDecode(
+                    rid, prompt, params, first, destination.endpoint.incarnation,
+                    result.kv_digest, prefill_id))
             except WorkerGone as exc:
                 self.health.mark_dead(decode_id, str(exc)[:200])
                 raise _Retry(f"decode worker {decode_id} failed", "decode_failed") from exc
+            except ReservationLost as exc:  # it restarted since the reservation
+                raise _Retry(str(exc), "decode_failed") from exc
             first_decode = True
             while True:
                 delta = await queue.get()
@@ -305,9 +315,7 @@ class Orchestrator:
             if not finished:
                 # Runs in its own task: this generator may be closing because its task was
                 # cancelled, and the release must still happen.
-                t = asyncio.ensure_future(self._release(rid, decode_id, prefill_id, prefill_task))
-                self._cleanup.add(t)
-                t.add_done_callback(self._cleanup.discard)
+                self._spawn(self._release(rid, decode_id, prefill_id, prefill_task))
 
     async def _unless_dead(self, task: asyncio.Task, wid: str):
         """``task``'s result, or ``WorkerGone`` as soon as the heartbeat declares ``wid``
@@ -357,9 +365,7 @@ class Orchestrator:
             load.in_flight -= 1
             load.decode_contexts.pop(rid, None)
             if not finished:
-                t = asyncio.ensure_future(self._release(rid, wid, None, None))
-                self._cleanup.add(t)
-                t.add_done_callback(self._cleanup.discard)
+                self._spawn(self._release(rid, wid, None, None))
 
     async def _reserve(self, routing: RoutingRequest):
         ranked = self.policy.rank_decode(routing, list(self.decode_load.values()))
@@ -368,8 +374,7 @@ class Orchestrator:
         full = 0
         for wid in ranked:
             try:
-                res = await self.decodes[wid].reserve(
-                    ReserveRequest(routing.request_id, routing.num_prompt_tokens))
+                res = await self._reserve_on(wid, routing)
             except NoCapacityError:
                 full += 1
                 continue
@@ -384,6 +389,33 @@ class Orchestrator:
         err = Overloaded("every decode worker's KV cache is full", retry_after_s=1.0)
         err.reason = "kv_full"
         raise err
+
+    async def _reserve_on(self, wid: str, routing: RoutingRequest):
+        """Reserve on ``wid``. If this task is cancelled (client gone, deadline) while the
+        call is in flight, the worker may still reserve: the call is left to finish and
+        whatever it reserved is released, instead of waiting for the lease."""
+        call = asyncio.ensure_future(self.decodes[wid].reserve(
+            ReserveRequest(routing.request_id, routing.num_prompt_tokens)))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            self._spawn(self._release_when_reserved(call, wid, routing.request_id))
+            raise
+
+    async def _release_when_reserved(self, call: asyncio.Future, wid: str, rid: str) -> None:
+        try:
+            await asyncio.wait_for(call, self.reliability.heartbeat_timeout_s)
+        except Exception:  # nothing was reserved, or the worker is gone (its lease frees it)
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.decodes[wid].release(rid),
+                                   self.reliability.heartbeat_timeout_s)
+
+    def _spawn(self, coro) -> None:
+        """Run ``coro`` to completion even if the request that started it is cancelled."""
+        t = asyncio.ensure_future(coro)
+        self._cleanup.add(t)
+        t.add_done_callback(self._cleanup.discard)
 
     def _pick_prefill(self, routing: RoutingRequest, unit: int | None = None,
                       admit: bool = True) -> str:

@@ -38,3 +38,31 @@ def ray_held(cluster) -> int:
         total += getattr(s, "num_used_blocks", 0) + getattr(s, "num_reserved", 0)
         total += getattr(s, "num_running", 0) + getattr(s, "num_waiting", 0)
     return total
+
+
+def generate_through(prefill: tuple[str, object], decode: tuple[str, object], prompt,
+                     max_tokens: int) -> tuple[int, ...]:
+    """Greedy tokens of one request served by exactly this (prefill, decode) pair of Ray
+    worker handles, through the router's own orchestrator code driven from the test process
+    (the cluster's router picks pairs by load; a test that must cover every pair cannot)."""
+    import asyncio
+    import uuid
+
+    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.router.clients import DecodeClient, PrefillClient
+    from pdserve.router.orchestrator import Orchestrator
+    from pdserve.router.policy import create_policy
+    from pdserve.router.validation import SloTargets, ValidatedRequest
+
+    async def run():
+        orch = Orchestrator([PrefillClient(*prefill)], [DecodeClient(*decode)],
+                            create_policy("least_loaded"))
+        orch.start()
+        try:
+            req = ValidatedRequest(f"pair-{uuid.uuid4().hex[:8]}", tuple(prompt),
+                                   SamplingParams(max_tokens=max_tokens), SloTargets(), None)
+            return tuple(t for ev in [e async for e in orch.generate(req)] for t in ev.token_ids)
+        finally:
+            await orch.close()
+
+    return asyncio.run(run())

@@ -70,3 +70,33 @@ def test_cuda_ipc_cross_process():
         assert not got[:, :, untouched].any()
     finally:
         receiver.close()
+
+
+def test_cuda_ipc_refuses_a_destination_of_a_replaced_cache():
+    """A restarted decode worker (same instance key) retires its predecessor's stamp: a
+    destination reserved on the old cache is refused before the handle is even opened,
+    the new cache is untouched, and a destination of the new cache works."""
+    from pdserve.kv_transfer.base import StaleDestination
+
+    old, _ = create_receiver("cuda_ipc", SPEC, "decode-gpu", "cuda", instance_key="actor0")
+    new, cache = create_receiver("cuda_ipc", SPEC, "decode-gpu", "cuda", instance_key="actor0")
+    try:
+        before = cache.data.clone()
+        sender = create_sender("cuda_ipc")
+        with pytest.raises(StaleDestination, match="reserved on incarnation"):
+            sender.begin(KVDestination("stale", old.endpoint, (1, 2), 32), SRC_SPEC)
+        sender.close()
+        torch.cuda.synchronize()
+        assert torch.equal(cache.data, before)
+        new.expect("gpu", [3, 4])
+        ctx = tmp.get_context("spawn")
+        out = ctx.Queue()
+        proc = ctx.Process(target=_sender, args=(new.endpoint, [3, 4], [7, 8], 6, out))
+        proc.start()
+        assert out.get(timeout=120) == ("ok", "done")
+        proc.join(60)
+        torch.cuda.synchronize()
+        assert torch.equal(cache.data.cpu()[:, :, [3, 4]], source("cpu", 6).data[:, :, [7, 8]])
+    finally:
+        new.close()
+        old.close()

@@ -6,11 +6,14 @@ worker's. Every request must still complete with exactly the tokens of a failure
 run (the single-process engine's): requests caught on the dead decode worker resume on
 the other by re-prefilling prompt + tokens sent; those caught in prefill are prefilled
 again. Ray restarts both workers (``PoolSpec.max_restarts``), the router's heartbeat
-returns them to their pools, and nothing is left holding KV blocks.
+returns them to their pools, every prefill x decode pair then serves the engine's exact
+tokens (the restarted decode worker's KV written by survivors and by the restarted
+prefill worker alike), and nothing is left holding KV blocks.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import signal
@@ -28,7 +31,7 @@ from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.router.actor import RouterConfig
 from pdserve.router.reliability import ReliabilityConfig
 from pdserve.router.server import ServerConfig
-from tests.cluster_helpers import engine_config, wait_until
+from tests.cluster_helpers import engine_config, generate_through, wait_until
 from tests.cluster_helpers import ray_held as held
 
 ray = pytest.importorskip("ray")
@@ -114,11 +117,17 @@ def test_kill_decode_then_prefill_worker_loses_no_request(ray_cluster, demo_mode
         assert wait_until(rejoined, 90, 0.2), ray.get(cluster.router.reliability.remote())
         for kind, (_, h) in victims.items():
             assert ray.get(h.pid.remote()) != pids[kind]
-        # ...and serve again: enough requests that both restarted workers get some
+        # ...and serve again: through the router, and through every prefill x decode pair
+        # (driven explicitly: a restarted decode worker must get correct KV from every
+        # prefill worker, restarted or not, whatever the router would have picked)
         with ThreadPoolExecutor(4) as pool:
             again = list(pool.map(lambda i: _guard(one_now, cluster, prompts[i], max_tokens[i]),
-                                  range(8)))
-        assert again == want[:8]
+                                  range(4)))
+        assert again == want[:4]
+        pairs = list(itertools.product(cluster.prefills, cluster.decodes))
+        by_pair = {(p[0], d[0]): generate_through(p, d, prompts[4 + k], max_tokens[4 + k])
+                   == want[4 + k] for k, (p, d) in enumerate(pairs)}
+        assert len(by_pair) == 4 and all(by_pair.values()), by_pair
         assert wait_until(lambda: held(cluster) == 0, 30, 0.2), cluster.stats()
     finally:
         cluster.shutdown()

@@ -61,3 +61,39 @@ def test_failed_transfer_ends_the_request_and_frees_blocks(worker):
     (delta,) = batch.deltas
     assert delta.error and delta.finish_reason == "abort"
     assert worker.blocks.stats().num_used_blocks == 0
+
+
+def test_gauges_follow_every_change_not_only_steps(worker):
+    from pdserve.engine.metrics import WorkerMetrics
+
+    worker.metrics = WorkerMetrics("demo", "decode", "d0")
+
+    def gauge(name):
+        return worker.metrics.registry.get_sample_value(name, worker.metrics.labels)
+
+    worker.reserve(ReserveRequest("r1", 20))
+    assert gauge("pdserve_num_requests_waiting") == 1
+    assert gauge("pdserve_kv_cache_usage_perc") == 2 / 16
+    worker.release("r1")  # a cancel before the KV came: no step follows
+    assert gauge("pdserve_num_requests_waiting") == 0
+    assert gauge("pdserve_kv_cache_usage_perc") == 0
+    worker.reserve(ReserveRequest("r2", 20))
+    worker.start(StartDecode("r2", tuple([5] * 20), SamplingParams(max_tokens=50),
+                             SampledToken(7, None, ())))
+    worker.step()  # admitted: running
+    assert gauge("pdserve_num_requests_running") == 1
+    worker.release("r2")  # the router found a stop string: the burst is over
+    assert gauge("pdserve_num_requests_running") == 0
+    assert gauge("pdserve_kv_cache_usage_perc") == 0
+
+
+def test_start_of_a_request_reserved_before_a_restart_is_refused(worker):
+    from pdserve.decode_worker.messages import ReservationLost
+
+    params, first = SamplingParams(max_tokens=4), SampledToken(7, None, ())
+    with pytest.raises(ReservationLost, match="released"):
+        worker.start(StartDecode("never", (5, 5), params, first))
+    worker.reserve(ReserveRequest("r1", 20))
+    with pytest.raises(ReservationLost, match="restarted"):
+        worker.start(StartDecode("r1", tuple([5] * 20), params, first, incarnation="f" * 32))
+    assert worker.stats().num_reserved == 1  # the live reservation is untouched

@@ -54,3 +54,34 @@ def test_hung_then_dead_then_restarted_worker():
 def test_config_is_validated():
     with pytest.raises(ValueError):
         WorkerHealth({}, interval_s=0, timeout_s=1)
+
+
+def test_a_new_incarnation_in_a_heartbeat_is_a_restart():
+    """Killed and back between two heartbeats: no beat was missed, but it is another
+    process, and whatever depended on the old one must be retried."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Stats:
+        incarnation: str
+
+    async def scenario():
+        load = WorkerLoad("w")
+        deaths: list[str] = []
+        health = WorkerHealth({"w": load}, interval_s=0.01, timeout_s=0.5,
+                              on_death=lambda wid, why: deaths.append(why))
+        answer = {"now": Stats("a" * 32)}
+
+        async def ping():
+            return answer["now"]
+
+        task = asyncio.create_task(health.watch("w", ping))
+        await asyncio.sleep(0.05)
+        assert not deaths and health["w"].incarnation == "a" * 32
+        answer["now"] = Stats("b" * 32)
+        await asyncio.sleep(0.05)
+        assert len(deaths) == 1 and "restarted" in deaths[0]
+        assert load.healthy and health["w"].alive.is_set() and health["w"].deaths == 1
+        task.cancel()
+
+    asyncio.run(scenario())

@@ -28,6 +28,7 @@ from pdserve.kv_transfer.base import (
     send_kv_blocks,
 )
 from pdserve.kv_transfer.block_copy import BlockWriter, tensor_bytes
+from pdserve.kv_transfer.incarnation import STAMP_BYTES
 from pdserve.kv_transfer.messages import KVCacheSpecMsg
 from pdserve.kv_transfer.registry import BACKENDS, create_receiver, create_sender
 from pdserve.kv_transfer.shm_segment import ShmSegment
@@ -188,7 +189,7 @@ def test_shm_sender_close_does_not_unlink():
         sender.close()
         cache.data[0, 0, 0].fill_(1.0)  # the receiver's mapping is still alive and shared
         seg = ShmSegment.attach(receiver.endpoint.address)
-        view = seg.tensor(cache.spec.shape, cache.spec.dtype)
+        view = seg.tensor(cache.spec.shape, cache.spec.dtype, offset=STAMP_BYTES)
         assert torch.equal(view, cache.data)
         del view
         seg.close()
@@ -275,9 +276,11 @@ def test_messages_validate():
         KVCacheSpecMsg(1, 1, 1, 1, 1, "__class__")
     with pytest.raises(ValueError, match="num_blocks"):
         KVCacheSpecMsg(1, 0, 1, 1, 1, "float32")
-    ep = KVEndpoint("tcp", "w", "h:1", msg)
+    ep = KVEndpoint("tcp", "w", "h:1", msg, "a" * 32)
     with pytest.raises(ValueError):
-        KVEndpoint("tcp", "", "h:1", msg)
+        KVEndpoint("tcp", "", "h:1", msg, "a" * 32)
+    with pytest.raises(ValueError, match="incarnation"):
+        KVEndpoint("tcp", "w", "h:1", msg, "")
     for bad_ids in ((), (1, 1), (-1,), (24,)):
         with pytest.raises(ValueError):
             KVDestination("r", ep, bad_ids, 4)

@@ -369,7 +369,7 @@ def test_connection_lost_mid_transfer_fails_the_sender(no_thread_leaks):
     def serve() -> None:
         conn, _ = server.accept()
         read_frame_start(conn)
-        conn.sendall(encode_header(MsgType.HELLO, endpoint.worker_id))
+        conn.sendall(encode_header(MsgType.HELLO, endpoint.incarnation))
         accepted_conn.append(conn)
 
     t = threading.Thread(target=serve)
