@@ -22,6 +22,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # Checked before anything starts (main prints a ValueError as one line).
+    if args.placement_timeout < 0 or args.ready_timeout <= 0:
+        raise ValueError("--placement-timeout must be >= 0 and --ready-timeout > 0")
     server = ServerConfig(
         host=args.host, port=args.port, metrics_host=args.metrics_host,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
@@ -30,7 +32,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         auth_tokens=load_tokens(args.auth_token_file))  # and $PDSERVE_AUTH_TOKENS
     # Resolved once, here: the secret file or $PDSERVE_KV_SECRET, else (tcp) a fresh one.
     kv = KVTransferConfig(backend=args.kv_backend, bind_host=args.kv_bind_host,
-                          secret_file=args.kv_secret_file).with_cluster_secret()
+                          secret_file=args.kv_secret_file,
+                          checksum=args.kv_checksum).with_cluster_secret()
     model = resolve_model(args.model)
     engine = EngineConfig(model=model, device=args.device, dtype=args.dtype,
                           max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
@@ -59,10 +62,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"pdserve: launching plan {args.plan} ({plan.mode}, {plan.affinity} affinity, "
               f"{plan.num_gpus} GPUs) on {model}", file=sys.stderr)
         cluster = launch_plan(plan, engine, spec.kv, spec.router_config(), address=args.address,
-                              cpus_per_bundle=args.worker_cpus)
+                              cpus_per_bundle=args.worker_cpus,
+                              placement_timeout_s=args.placement_timeout,
+                              ready_timeout_s=args.ready_timeout)
     else:
         print(f"pdserve: starting {what} on {model}", file=sys.stderr)
-        cluster = launch(spec, address=args.address)
+        cluster = launch(spec, address=args.address, placement_timeout_s=args.placement_timeout,
+                         ready_timeout_s=args.ready_timeout)
     modes, flags = security_summary(server)
     print(f"pdserve: gRPC endpoint listening on {cluster.address} ({modes}; service "
           f"pdserve.v1.Generation; try: pdserve generate --address {cluster.address}{flags} "
@@ -94,7 +100,12 @@ def security_summary(server) -> tuple[str, str]:
 
 def worker_gpus(device: str, gpus_per_worker: float | None, address: str | None) -> float:
     """GPUs each worker actor asks Ray for. The device itself is resolved by each worker on
-    its own node, so a head node without a GPU can launch GPU workers."""
+    its own node, so a head node without a GPU can launch GPU workers.
+
+    With ``device="auto"`` this must not start a local Ray: the launcher sizes that one for
+    the workers it holds, and a Ray started here (sized to the machine) would stay as it is.
+    So a local cluster, which is this machine, is asked through torch; a cluster being
+    joined (``address``), or a Ray already running, through Ray."""
     if gpus_per_worker is not None:
         return gpus_per_worker
     if device == "cpu":
@@ -103,10 +114,19 @@ def worker_gpus(device: str, gpus_per_worker: float | None, address: str | None)
         return 1.0
     import ray
 
-    from pdserve.cluster.launcher import init_ray  # auto: whatever the cluster has
+    if address or ray.is_initialized():
+        from pdserve.cluster.launcher import init_ray  # auto: whatever the cluster has
 
-    init_ray(address)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        init_ray(address)
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return 1.0 if local_gpu_count() > 0 else 0.0
+
+
+def local_gpu_count() -> int:
+    """CUDA devices this process can use (what a worker with device "auto" would pick)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def add_client_security_args(p: argparse.ArgumentParser) -> None:
@@ -156,6 +176,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     from pdserve.cluster.cli import add_sampling_args
+    from pdserve.cluster.placement_check import (
+        DEFAULT_PLACEMENT_TIMEOUT_S,
+        DEFAULT_READY_TIMEOUT_S,
+    )
 
     p = sub.add_parser("serve", help="start (or join) a Ray cluster and serve the gRPC endpoint")
     p.add_argument("--model", default=None, help="local Hugging Face checkpoint (default: demo)")
@@ -173,6 +197,9 @@ def register(sub) -> None:
     p.add_argument("--kv-secret-file", default=None,
                    help="shared secret of the TCP KV backend (default: $PDSERVE_KV_SECRET, "
                         "else a random one per cluster)")
+    p.add_argument("--kv-checksum", default="auto", choices=["auto", "full", "sample", "off"],
+                   help="end-to-end KV check verified by decode before it admits a request "
+                        "(auto: full on shm/tcp, sample on cuda_ipc; docs/architecture.md)")
     p.add_argument("--tls-cert", default=None, help="server certificate PEM: serve TLS only")
     p.add_argument("--tls-key", default=None, help="private key PEM of --tls-cert")
     p.add_argument("--tls-client-ca", default=None,
@@ -203,6 +230,16 @@ def register(sub) -> None:
                    help="custom Ray resource prefill workers require (e.g. 'prefill' on nodes "
                         "started with --resources='{\"prefill\": 8}')")
     p.add_argument("--decode-resource", default=None, help="likewise for decode workers")
+    p.add_argument("--placement-timeout", type=float, default=DEFAULT_PLACEMENT_TIMEOUT_S,
+                   metavar="SECONDS",
+                   help="how long a Ray cluster that cannot hold the workers may take to grow "
+                        "(nodes joining, autoscaling) before serve fails, naming the pool and "
+                        "the missing resource (default %(default)g; a local Ray started by "
+                        "serve is not waited for)")
+    p.add_argument("--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT_S,
+                   metavar="SECONDS",
+                   help="most time for every worker to be placed and load the model "
+                        "(default %(default)g)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("generate", help="stream a completion from a running pdserve endpoint")
