@@ -16,7 +16,9 @@ process; the decode workers' used / free / reserved blocks and running / waiting
 sequences; the prefill workers' used blocks and running / waiting; the router's requests
 in flight; and, filled in from the client-side records afterwards, the requests finished
 so far by outcome. After the load stops and a short drain, a last sample must show no
-blocks used or reserved anywhere ("leaked blocks: 0").
+KV block in use anywhere ("leaked blocks: 0": a decode worker's reserved blocks count as
+used; prefill blocks the prefix cache keeps but nobody references count as free, as they
+are), no reservation left and no sequence left.
 
 Reported per process: RSS at start / end / max, growth, and growth per hour from a linear
 fit over the second half of the load (after warm-up); requests by outcome with their gRPC
@@ -239,13 +241,17 @@ def summarize(samples: list[dict], load_end_s: float) -> dict:
             "fds": {"start": pts[0][1]["fds"], "end": pts[-1][1]["fds"]},
         }
     final = samples[-1]
-    leaked = (sum(d["used"] + d["reserved"] for d in final["decode"].values())
+    # Blocks only: a reservation's blocks are already among the decode worker's used ones
+    # (adding the count of reservations to it, as an earlier version did, mixed units).
+    leaked = (sum(d["used"] for d in final["decode"].values())
               + sum(p["used"] for p in final["prefill"].values()))
+    reservations = sum(d["reserved"] for d in final["decode"].values())
     busy = (sum(d["running"] + d["waiting"] for d in final["decode"].values())
             + sum(p["running"] + p["waiting"] for p in final["prefill"].values()))
     return {"procs": procs, "final_blocks": {"prefill": final["prefill"],
                                              "decode": final["decode"]},
-            "leaked_blocks": leaked, "sequences_left": busy,
+            "leaked_blocks": leaked, "reservations_left": reservations,
+            "sequences_left": busy,
             "router_in_flight_end": final["router_in_flight"],
             "max_decode_used": max(sum(d["used"] for d in s["decode"].values()) for s in samples)}
 
@@ -303,7 +309,9 @@ def markdown(result: dict) -> str:
               + "; ".join(f"{w} used {p['used']}, running {p['running']}, waiting {p['waiting']}"
                           for w, p in blk["prefill"].items())
               + f"; router in flight {s['router_in_flight_end']}. Peak decode blocks used "
-              f"{s['max_decode_used']}.", "", f"**leaked blocks: {s['leaked_blocks']}**", "",
+              f"{s['max_decode_used']}.", "", f"**leaked blocks: {s['leaked_blocks']}** "
+              f"(reservations left {s['reservations_left']}, sequences left "
+              f"{s['sequences_left']})", "",
               "RSS counts the pages of the decode worker's shared-memory KV segment that a "
               "process has touched (both workers map it); anon is the process's own heap "
               "(RssAnon). Growth per hour is the slope of a linear fit over the second half "
@@ -406,7 +414,9 @@ def main(argv=None) -> int:
     text = markdown(result)
     (out / "soak.md").write_text(text)
     print(text)
-    return 0 if summary["leaked_blocks"] == 0 else 1
+    clean = not (summary["leaked_blocks"] or summary["reservations_left"]
+                 or summary["sequences_left"])
+    return 0 if clean else 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 #   required  flashinfer-python (pure python + JIT sources) and apache-tvm-ffi (what
 #             `import flashinfer` loads compiled kernels through);
 #             grpcio-health-checking, grpcio-reflection (the router's gRPC server imports
-#             them; the GPU image has grpcio but not these two).
+#             them; the GPU image has grpcio but not these two); xxhash (the KV
+#             checksum, kv_transfer/checksum.py; a compiled wheel, cp312).
 #   fallback  packaging, requests, urllib3, idna, certifi, nvidia-ml-py, tqdm, ninja,
 #             typing-extensions (flashinfer's and tvm-ffi's import/JIT needs), pytest,
 #             pluggy, iniconfig, pygments (the GPU tests),
@@ -35,6 +36,7 @@ REQUIRED=(
   "apache-tvm-ffi==0.1.15.post2"
   "grpcio-health-checking==1.85.1"
   "grpcio-reflection==1.85.1"
+  "xxhash==4.1.0"
 )
 FALLBACK=(
   "packaging==26.3"

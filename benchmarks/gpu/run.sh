@@ -97,7 +97,8 @@ install_wheels() {
     return 1
   fi
   local pick=("$w"/flashinfer_python-*.whl "$w"/apache_tvm_ffi-*.whl
-              "$w"/grpcio_health_checking-*.whl "$w"/grpcio_reflection-*.whl)
+              "$w"/grpcio_health_checking-*.whl "$w"/grpcio_reflection-*.whl
+              "$w"/xxhash-*cp312*.whl)
   # The fallbacks only where the host's own copy is missing or too old (never shadow it
   # needlessly): "wheel-prefix import-name distribution minimum-version".
   local missing

@@ -351,8 +351,12 @@ def cluster_dashboard() -> dict:
              "Fullest worker's KV cache per pool.",
              [(None, "green"), (0.8, "orange"), (0.95, "red")], w=6, decimals=0),
         stat("KV transfer failures (1h)",
-             [(f"sum by (backend) (increase(pdserve_kv_transfer_failures_total{{{M}}}[1h]))",
-               "{{backend}}")], "short", "KV transfers that failed over the last hour.",
+             [(f"sum by (backend, reason) "
+               f"(increase(pdserve_kv_transfer_failures_total{{{M}}}[1h]))",
+               "{{backend}} {{reason}}")], "short",
+             "KV transfers that failed over the last hour, by reason: error (the link or "
+             "peer failed), stale_incarnation (reserved on a decode worker that restarted), "
+             "checksum (decode read other bytes than prefill wrote). Each is retried.",
              [(None, "green"), (1, "red")], w=6, decimals=0),
         state_timeline("Worker up", [(f"pdserve_worker_up{{{MPW}}}", "{{worker}}")],
                        "1 while the worker answers the router's metrics pull."),
@@ -432,10 +436,12 @@ def cluster_dashboard() -> dict:
                    quantiles("pdserve_kv_transfer_duration_seconds", "backend", MW,
                              legend="{{backend}}"),
                    "s", "Begin to finish of one request's KV transfer.", w=8),
-        timeseries("Transfer failures by backend", [
-            (f"sum by (backend) (rate(pdserve_kv_transfer_failures_total{{{MW}}}[{RI}]))",
-             "{{backend}}")], "ops", "Failed KV transfers per second; each fails its "
-            "request with UNAVAILABLE.", w=8),
+        timeseries("Transfer failures by backend and reason", [
+            (f"sum by (backend, reason) "
+             f"(rate(pdserve_kv_transfer_failures_total{{{MW}}}[{RI}]))",
+             "{{backend}} {{reason}}")], "ops", "Failed KV transfers per second, by reason "
+            "(error, stale_incarnation, checksum); the router retries each request, and "
+            "answers UNAVAILABLE only once its retries are spent.", w=8),
     ]
     return dashboard(
         "pdserve-cluster", "pdserve / Cluster",
