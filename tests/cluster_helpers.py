@@ -66,3 +66,20 @@ def generate_through(prefill: tuple[str, object], decode: tuple[str, object], pr
             await orch.close()
 
     return asyncio.run(run())
+
+
+def chaos_spec(model, num_prefill: int, num_decode: int, backend: str):
+    """A Ray ``ClusterSpec`` for the failure tests: the demo engine, one CPU and one torch
+    thread per worker, a fast heartbeat (0.2 s) so deaths and rejoins are seen quickly."""
+    from pdserve.cluster.launcher import ClusterSpec, PoolSpec
+    from pdserve.kv_transfer.backend_config import KVTransferConfig
+    from pdserve.router.actor import RouterConfig
+    from pdserve.router.reliability import ReliabilityConfig
+    from pdserve.router.server import ServerConfig
+
+    return ClusterSpec(
+        engine=engine_config(model), prefill=PoolSpec(num_prefill, num_cpus=1),
+        decode=PoolSpec(num_decode, num_cpus=1), kv=KVTransferConfig(backend=backend),
+        router=RouterConfig(model=str(model), server=ServerConfig(port=0, metrics_port=0),
+                            reliability=ReliabilityConfig(heartbeat_interval_s=0.2)),
+        torch_threads=1)

@@ -24,14 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from pdserve.cluster.client import Client, build_request
-from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
+from pdserve.cluster.launcher import launch
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.kv_transfer.backend_config import KVTransferConfig
-from pdserve.router.actor import RouterConfig
-from pdserve.router.reliability import ReliabilityConfig
-from pdserve.router.server import ServerConfig
-from tests.cluster_helpers import engine_config, generate_through, wait_until
+from tests.cluster_helpers import chaos_spec, engine_config, generate_through, wait_until
 from tests.cluster_helpers import ray_held as held
 
 ray = pytest.importorskip("ray")
@@ -58,13 +54,7 @@ def test_kill_decode_then_prefill_worker_loses_no_request(ray_cluster, demo_mode
         prompts, [SamplingParams(max_tokens=m) for m in max_tokens])]
     del engine
 
-    spec = ClusterSpec(
-        engine=engine_config(demo_model_dir), prefill=PoolSpec(2, num_cpus=1),
-        decode=PoolSpec(2, num_cpus=1), kv=KVTransferConfig(backend="shm"),
-        router=RouterConfig(model=str(demo_model_dir),
-                            server=ServerConfig(port=0, metrics_port=0),
-                            reliability=ReliabilityConfig(heartbeat_interval_s=0.2)),
-        torch_threads=1)
+    spec = chaos_spec(demo_model_dir, 2, 2, "shm")
     cluster = launch(spec)
     try:
         victims = {"decode": cluster.decodes[0], "prefill": cluster.prefills[0]}

@@ -19,14 +19,10 @@ import signal
 import pytest
 
 from pdserve.cluster.client import Client, build_request
-from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
+from pdserve.cluster.launcher import launch
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.kv_transfer.backend_config import KVTransferConfig
-from pdserve.router.actor import RouterConfig
-from pdserve.router.reliability import ReliabilityConfig
-from pdserve.router.server import ServerConfig
-from tests.cluster_helpers import engine_config, generate_through, wait_until
+from tests.cluster_helpers import chaos_spec, engine_config, generate_through, wait_until
 from tests.cluster_helpers import ray_held as held
 
 ray = pytest.importorskip("ray")
@@ -42,13 +38,7 @@ def test_restarted_decode_worker_gets_correct_kv_from_every_surviving_prefill_wo
     engine = LLMEngine.from_config(engine_config(demo_model_dir))
     want = [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS))]
     del engine
-    spec = ClusterSpec(
-        engine=engine_config(demo_model_dir), prefill=PoolSpec(2, num_cpus=1),
-        decode=PoolSpec(1, num_cpus=1), kv=KVTransferConfig(backend=backend),
-        router=RouterConfig(model=str(demo_model_dir),
-                            server=ServerConfig(port=0, metrics_port=0),
-                            reliability=ReliabilityConfig(heartbeat_interval_s=0.2)),
-        torch_threads=1)
+    spec = chaos_spec(demo_model_dir, 2, 1, backend)
     cluster = launch(spec)
     try:
         decode = cluster.decodes[0]
