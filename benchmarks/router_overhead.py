@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         mode = "in-process"
     else:
         from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
-        from pdserve.router.actor import RouterConfig
+        from pdserve.router.config import RouterConfig
         from pdserve.router.server import ServerConfig
 
         cluster = launch(ClusterSpec(engine=engine, prefill=PoolSpec(1), decode=PoolSpec(1), kv=kv,

@@ -33,7 +33,7 @@ from pdserve.cluster.simulator.workload import representative_slice
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.demo_model import create_demo_model
 from pdserve.kv_transfer.backend_config import KVTransferConfig
-from pdserve.router.actor import RouterConfig
+from pdserve.router.config import RouterConfig
 from pdserve.router.server import ServerConfig
 from pdserve.router.slo import SloConfig
 

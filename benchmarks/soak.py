@@ -54,7 +54,7 @@ from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.demo_model import create_demo_model
 from pdserve.kv_transfer.backend_config import KVTransferConfig
-from pdserve.router.actor import RouterConfig
+from pdserve.router.config import RouterConfig
 from pdserve.router.server import ServerConfig
 
 AZURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "azure_llm_2023_conv.csv"

@@ -15,8 +15,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
     from pdserve.engine.config import EngineConfig
     from pdserve.kv_transfer.backend_config import KVTransferConfig
-    from pdserve.router.actor import RouterConfig
     from pdserve.router.auth import load_tokens
+    from pdserve.router.config import RouterConfig
     from pdserve.router.server import ServerConfig
     from pdserve.router.slo import SloConfig
 

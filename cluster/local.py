@@ -11,11 +11,12 @@ import asyncio
 import threading
 from dataclasses import dataclass
 
-from pdserve.decode_worker.actor import build_colocated_host, build_decode_host
+from pdserve.decode_worker.build import build_colocated_host, build_decode_host
 from pdserve.engine.config import EngineConfig
 from pdserve.kv_transfer.backend_config import KVTransferConfig
-from pdserve.prefill_worker.actor import build_prefill_host
-from pdserve.router.actor import RouterConfig, build_router
+from pdserve.prefill_worker.build import build_prefill_host
+from pdserve.router.build import build_router
+from pdserve.router.config import RouterConfig
 from pdserve.router.server import ServerConfig
 
 

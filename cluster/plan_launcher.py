@@ -44,7 +44,7 @@ from pdserve.cluster.placement_check import (
 from pdserve.cluster.plan import PlacementGroupSpec, Plan
 from pdserve.engine.config import EngineConfig
 from pdserve.kv_transfer.backend_config import KVTransferConfig
-from pdserve.router.actor import RouterConfig
+from pdserve.router.config import RouterConfig
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from pdserve.decode_worker.messages import DecodeStats, TokenBatch, TokenDelta
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.loader import load_model
-from pdserve.engine.metrics import WorkerMetrics
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.worker_base import EngineWorker
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,15 @@ class ColocatedRequest:
     params: SamplingParams
 
 
-class ColocatedWorker:
+class ColocatedWorker(EngineWorker):
+    """Steps through its ``LLMEngine`` (which owns the request outputs), so the base's
+    ``model_step`` is the engine's."""
+
     def __init__(self, worker_id: str, engine: LLMEngine):
-        self.worker_id = worker_id
+        super().__init__(worker_id, engine.parts)
+        self.model_step = engine.model_step
         self.engine = engine
         self._steps = 0
-        self.metrics: WorkerMetrics | None = None  # attached by the host builder
 
     @classmethod
     def from_config(cls, worker_id: str, config: EngineConfig) -> ColocatedWorker:
@@ -41,13 +44,15 @@ class ColocatedWorker:
         loaded = load_model(config, load_tokenizer=False)
         return cls(worker_id, LLMEngine.from_config(config, loaded))
 
-    def submit(self, msg: ColocatedRequest) -> int:
-        """Queue a whole request; returns prompt tokens found in the prefix cache (0 now)."""
+    def submit(self, msg: ColocatedRequest) -> None:
+        """Queue a whole request; its first token comes through the stream, like the rest."""
         self.engine.add_request(list(msg.prompt_token_ids), msg.params, msg.request_id)
-        return 0
+        self.refresh_state()
 
     def release(self, request_id: str) -> bool:
-        return self.engine.abort_request(request_id) is not None
+        released = self.engine.abort_request(request_id) is not None
+        self.refresh_state()
+        return released
 
     def has_work(self) -> bool:
         return self.engine.has_unfinished_requests()
@@ -63,16 +68,11 @@ class ColocatedWorker:
     def step(self) -> TokenBatch | None:
         t0 = time.perf_counter()
         outs = self.engine.step()
-        if self.metrics is not None:
-            sched, blocks = self.engine.scheduler, self.engine.blocks
-            last = self.engine.last_step
-            if last is not None:
-                self.metrics.observe_step(len(last.chunks), last.num_tokens,
-                                          time.perf_counter() - t0, len(last.preempted))
-            s = blocks.stats()
-            self.metrics.set_state(len(sched.running), len(sched.waiting), blocks.usage,
-                                   blocks.num_blocks, blocks.block_size, s.prefix_queries_tokens,
-                                   s.prefix_hit_tokens)
+        last = self.engine.last_step
+        if self.metrics is not None and last is not None:
+            self.metrics.observe_step(len(last.chunks), last.num_tokens,
+                                      time.perf_counter() - t0, len(last.preempted))
+        self.refresh_state()
         if not outs:
             return None
         self._steps += 1

@@ -38,7 +38,7 @@ class DecodeHost(WorkerHost):
     async def reserve(self, msg: ReserveRequest) -> Reservation:
         return await self._call(lambda: self.worker.reserve(msg))
 
-    async def submit(self, msg: ColocatedRequest) -> int:
+    async def submit(self, msg: ColocatedRequest) -> None:
         """Colocated workers only: a whole request, first token through ``stream``."""
         return await self._call(lambda: self.worker.submit(msg))
 

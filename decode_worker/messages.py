@@ -10,6 +10,10 @@ from pdserve.kv_transfer.base import KVDestination
 from pdserve.kv_transfer.checksum import KVDigest
 
 
+class NoCapacityError(RuntimeError):
+    """The worker cannot hold this request's KV now (retry elsewhere or later)."""
+
+
 class ReservationLost(RuntimeError):
     """``start`` names a request this worker holds no reservation for: it was reserved on
     an earlier incarnation (the worker restarted), or released (lease, cancel). Another

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from pdserve.decode_worker.messages import (
     DecodeStats,
+    NoCapacityError,
     Reservation,
     ReservationLost,
     ReserveRequest,
@@ -30,26 +31,19 @@ from pdserve.decode_worker.messages import (
     TokenBatch,
     TokenDelta,
 )
-from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
+from pdserve.engine.block_manager import NoFreeBlocksError
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.loader import LoadedModel, build_runner, kv_cache_spec, load_model
-from pdserve.engine.metrics import WorkerMetrics
-from pdserve.engine.model_runner import ModelInput, ModelRunner
+from pdserve.engine.loader import LoadedModel, kv_cache_spec, load_model
+from pdserve.engine.model_step import EngineParts
 from pdserve.engine.output_processor import token_stop_reason
 from pdserve.engine.request import FinishReason, Request
-from pdserve.engine.sampler import Sampler, next_token_generator
-from pdserve.engine.scheduler import Scheduler, SchedulerConfig
-from pdserve.engine.step_log import StepLog
+from pdserve.engine.worker_base import EngineWorker
 from pdserve.kv_transfer.base import KVDestination, KVReceiver, TransferState
 from pdserve.kv_transfer.checksum import checksum_blocks
 
 DEFAULT_LEASE_S = 120.0
 
 log = logging.getLogger(__name__)
-
-
-class NoCapacityError(RuntimeError):
-    """The worker cannot hold this request's KV now (retry elsewhere or later)."""
 
 
 @dataclass
@@ -59,24 +53,18 @@ class _Reserved:
     start: StartDecode | None = None
 
 
-class DecodeWorker:
-    def __init__(self, worker_id: str, loaded: LoadedModel, runner: ModelRunner,
-                 scheduler: Scheduler, receiver: KVReceiver, sampler: Sampler,
+class DecodeWorker(EngineWorker):
+    REPORTS_PREFIX_CACHE = False
+
+    def __init__(self, worker_id: str, parts: EngineParts, receiver: KVReceiver,
                  lease_s: float = DEFAULT_LEASE_S):
-        self.worker_id = worker_id
-        self.loaded = loaded
-        self.runner = runner
-        self.scheduler = scheduler
-        self.blocks: BlockManager = scheduler.blocks
+        super().__init__(worker_id, parts)
         self.receiver = receiver
-        self.sampler = sampler
         self.lease_s = lease_s
         self._reserved: dict[str, _Reserved] = {}
         self._running: dict[str, Request] = {}
         self._pending_deltas: list[TokenDelta] = []
         self._steps = 0
-        self.metrics: WorkerMetrics | None = None  # attached by the host builder
-        self.step_log = StepLog()
         # (contexts, perf_counter start, wall-clock start) of the last step
         self._prev_step: tuple[list[int], float, float] | None = None
 
@@ -89,13 +77,11 @@ class DecodeWorker:
         loaded = loaded or load_model(config, load_tokenizer=False)
         spec = kv_cache_spec(loaded)
         receiver, cache = receiver_factory(spec)
-        runner = build_runner(loaded, spec, kv_buffer=cache.data)
         # Reservations are written by prefill workers, so the decode side does not share
         # blocks between requests (no prefix caching here).
-        blocks = BlockManager(spec.num_blocks, spec.block_size, enable_prefix_caching=False)
-        sched = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                          config.enable_chunked_prefill), blocks)
-        return cls(worker_id, loaded, runner, sched, receiver, Sampler(), lease_s)
+        parts = EngineParts.build(config, loaded, kv_spec=spec, kv_buffer=cache.data,
+                                  prefix_caching=False)
+        return cls(worker_id, parts, receiver, lease_s)
 
     # -- commands (called on the loop thread) -------------------------------------------
     def reserve(self, msg: ReserveRequest) -> Reservation:
@@ -115,7 +101,7 @@ class DecodeWorker:
                              block_ids=tuple(alloc.block_ids), num_tokens=msg.num_prompt_tokens)
         self.receiver.expect(rid, alloc.block_ids)
         self._reserved[rid] = _Reserved(dest, time.monotonic())
-        self._refresh_state()
+        self.refresh_state()
         return Reservation(dest)
 
     def start(self, msg: StartDecode) -> None:
@@ -137,13 +123,13 @@ class DecodeWorker:
             del self._reserved[request_id]
             self.receiver.forget(request_id)
             self.blocks.free(request_id)
-            self._refresh_state()
+            self.refresh_state()
             return True
         req = self._running.pop(request_id, None)
         if req is None:
             return False
         self.scheduler.finish(req, FinishReason.ABORT)
-        self._refresh_state()
+        self.refresh_state()
         return True
 
     def has_work(self) -> bool:
@@ -220,21 +206,13 @@ class DecodeWorker:
             self._prev_step = None
         self._admit_landed()
         deltas, self._pending_deltas = self._pending_deltas, []
-        sched = self.scheduler.schedule()
+        sched = self.model_step.schedule()
         step_t0 = time.perf_counter()
         for req in sched.finished:  # outgrew the whole cache
             self._running.pop(req.request_id, None)
             deltas.append(TokenDelta(req.request_id, (), (), FinishReason.LENGTH.value))
         if sched.chunks:
-            inputs = [ModelInput(c.token_ids, c.start, self.blocks.block_table(c.request.request_id),
-                                 c.samples) for c in sched.chunks]
-            logits = self.runner.run(inputs)
-            self.scheduler.after_step(sched)
-            reqs = [c.request for c in sched.chunks if c.samples]
-            tokens = self.sampler(logits, [r.params for r in reqs],
-                                  [next_token_generator(r.params, len(r.output_token_ids))
-                                   for r in reqs])
-            for req, tok in zip(reqs, tokens, strict=True):
+            for req, tok in self.model_step.run(sched):
                 req.output_token_ids.append(tok.token_id)
                 reason = token_stop_reason(tok.token_id, len(req.output_token_ids), req.num_tokens,
                                            req.params, self.loaded.eos_token_ids,
@@ -262,13 +240,7 @@ class DecodeWorker:
         if sched.chunks:
             self.metrics.observe_step(len(sched.chunks), sched.num_tokens, duration_s,
                                       len(sched.preempted))
-        self._refresh_state()
+        self.refresh_state()
 
-    def _refresh_state(self) -> None:
-        """Gauges follow every change (reserve, start, release, step), not only steps:
-        after a burst's last request ends they must not show work that is gone."""
-        if self.metrics is not None:
-            self.metrics.set_state(len(self.scheduler.running),
-                                   len(self._reserved) + len(self.scheduler.waiting),
-                                   self.blocks.usage, self.blocks.num_blocks,
-                                   self.blocks.block_size)
+    def num_waiting(self) -> int:
+        return len(self._reserved) + len(self.scheduler.waiting)

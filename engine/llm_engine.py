@@ -13,15 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.loader import LoadedModel, build_runner, load_model
-from pdserve.engine.model_runner import ModelInput, ModelRunner
+from pdserve.engine.loader import LoadedModel
+from pdserve.engine.model_step import EngineParts
 from pdserve.engine.output_processor import OutputProcessor, RequestOutput
 from pdserve.engine.request import FinishReason, Request
-from pdserve.engine.sampler import SampledToken, Sampler, next_token_generator
+from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from pdserve.engine.scheduler import SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -52,28 +51,24 @@ def validate_prompt(prompt_token_ids: Sequence[int], vocab_size: int, max_model_
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, runner: ModelRunner, scheduler: Scheduler,
-                 outputs: OutputProcessor, sampler: Sampler):
-        self.loaded = loaded
-        self.runner = runner
-        self.scheduler = scheduler
+    def __init__(self, parts: EngineParts, outputs: OutputProcessor):
+        self.parts = parts
+        self.loaded = parts.loaded
+        self.runner = parts.runner
+        self.scheduler = parts.scheduler
+        self.blocks = parts.blocks
         self.outputs = outputs
-        self.sampler = sampler
-        self.blocks = scheduler.blocks
+        self.model_step = parts.model_step()
         self._requests: dict[str, Request] = {}
         self._counter = 0
         self.last_step: SchedulerOutput | None = None  # what the last step() ran (for metrics)
 
     @classmethod
     def from_config(cls, config: EngineConfig, loaded: LoadedModel | None = None) -> LLMEngine:
-        loaded = loaded or load_model(config)
-        runner = build_runner(loaded)
-        spec = runner.kv_cache.spec
-        blocks = BlockManager(spec.num_blocks, spec.block_size, config.enable_prefix_caching)
-        scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                              config.enable_chunked_prefill), blocks)
+        parts = EngineParts.build(config, loaded)
+        loaded = parts.loaded
         outputs = OutputProcessor(loaded.tokenizer, loaded.eos_token_ids, loaded.max_model_len)
-        return cls(loaded, runner, scheduler, outputs, Sampler())
+        return cls(parts, outputs)
 
     @property
     def tokenizer(self):
@@ -115,20 +110,12 @@ class LLMEngine:
 
     # -- stepping -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
+        sched = self.model_step.schedule()
         self.last_step = sched if sched.chunks else None
         results = [self._capacity_finished(r) for r in sched.finished]
         if not sched.chunks:
             return results
-        inputs = [ModelInput(c.token_ids, c.start, self.blocks.block_table(c.request.request_id),
-                             c.samples) for c in sched.chunks]
-        logits = self.runner.run(inputs)
-        self.scheduler.after_step(sched)
-        sampling = [c.request for c in sched.chunks if c.samples]
-        tokens = self.sampler(logits, [r.params for r in sampling],
-                              [next_token_generator(r.params, len(r.output_token_ids))
-                               for r in sampling])
-        for req, tok in zip(sampling, tokens, strict=True):
+        for req, tok in self.model_step.run(sched):
             out = self.outputs.process(req, tok)
             if out.finished:
                 self.scheduler.finish(req)

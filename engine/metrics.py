@@ -26,14 +26,8 @@ def model_label(model_path: str) -> str:
 
 
 def node_label() -> str:
-    """The Ray node address when running under Ray, else the host name."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except ImportError:  # Ray-less hosts (GPU benchmark machines)
-        pass
+    """The host name: the node label of a worker that is not told its Ray node address
+    (Ray-less hosts; the Ray actors pass theirs)."""
     import socket
 
     return socket.gethostname()

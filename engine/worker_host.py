@@ -1,13 +1,15 @@
 """What every worker host shares: the step loop, and the calls that only observe.
 
 ``WorkerHost`` owns a worker and the ``StepLoop`` thread that drives it; subclasses
-(``PrefillHost``, ``DecodeHost``) add their request-path calls. ``_call`` runs a function
+(``PrefillHost``, ``DecodeHost``) add their request-path calls. ``WorkerActorCalls`` is
+what every worker's Ray actor forwards to its host. ``_call`` runs a function
 on the loop thread and awaits its result, so worker state is only touched by that thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from pdserve.engine.step_loop import StepLoop
@@ -37,3 +39,34 @@ class WorkerHost:
 
     def healthy(self) -> bool:
         return self._loop.alive and self._loop.error is None
+
+
+class WorkerActorCalls:
+    """The calls every worker's Ray actor answers alike, whatever its pool: the launcher's,
+    the router's and the metrics endpoint's view of any worker. A mixin for the thin actor
+    classes (``*_worker/actor.py``), which hold a ``host`` and add their request-path
+    methods and ``node_id``; it imports no Ray itself."""
+
+    host: WorkerHost
+
+    async def ready(self) -> str:
+        return self.host.worker.worker_id
+
+    def pid(self) -> int:
+        """This worker's process id (chaos tests kill it)."""
+        return os.getpid()
+
+    async def stats(self):
+        return await self.host.stats()
+
+    async def step_log(self, last: int | None = None) -> list:
+        return await self.host.step_log(last)
+
+    async def metrics_text(self) -> str:
+        return self.host.metrics_text()
+
+    async def healthy(self) -> bool:
+        return self.host.healthy()
+
+    async def shutdown(self) -> None:
+        self.host.close()

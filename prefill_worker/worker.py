@@ -17,21 +17,16 @@ freed all the same.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.loader import LoadedModel, build_runner, load_model
-from pdserve.engine.metrics import WorkerMetrics
-from pdserve.engine.model_runner import ModelInput, ModelRunner
+from pdserve.engine.loader import LoadedModel
+from pdserve.engine.model_step import EngineParts
 from pdserve.engine.output_processor import token_stop_reason
 from pdserve.engine.request import FinishReason, Request
-from pdserve.engine.sampler import Sampler, next_token_generator
-from pdserve.engine.scheduler import Scheduler, SchedulerConfig
-from pdserve.engine.step_log import StepLog
+from pdserve.engine.worker_base import EngineWorker
 from pdserve.kv_transfer.base import KVSender, Transfer, TransferError
 from pdserve.kv_transfer.checksum import KVDigest
 from pdserve.kv_transfer.incarnation import new_incarnation
@@ -54,40 +49,28 @@ class _Pending:
 class _Counters:
     completed: int = 0
     failed: int = 0
-    step_times: list[float] = field(default_factory=list)
 
 
-class PrefillWorker:
-    def __init__(self, worker_id: str, loaded: LoadedModel, runner: ModelRunner,
-                 scheduler: Scheduler, sender: KVSender | None, sampler: Sampler,
-                 transfer_timeout_s: float = 30.0):
-        self.worker_id = worker_id
-        self.loaded = loaded
-        self.runner = runner
-        self.scheduler = scheduler
-        self.blocks: BlockManager = scheduler.blocks
+class PrefillWorker(EngineWorker):
+    def __init__(self, worker_id: str, parts: EngineParts, sender: KVSender | None,
+                 transfer_timeout_s: float = 30.0, kv_checksum: str = "off"):
+        """``kv_checksum``: ``KVTransferConfig.checksum_mode``, what digest of the KV it
+        writes the decode worker will verify."""
+        super().__init__(worker_id, parts)
         self.sender = sender
-        self.sampler = sampler
         self.transfer_timeout_s = transfer_timeout_s
-        self.kv_checksum = "off"  # KVTransferConfig.checksum, set by the host builder
+        self.kv_checksum = kv_checksum
         # This life of the worker: the router sees a restart as a change of incarnation.
         self.incarnation = new_incarnation()
         self._pending: dict[str, _Pending] = {}
         self._counters = _Counters()
-        self.on_step_timing: Callable[[int, float], None] | None = None
-        self.metrics: WorkerMetrics | None = None  # attached by the host builder
-        self.step_log = StepLog()
 
     @classmethod
     def from_config(cls, worker_id: str, config: EngineConfig, sender: KVSender | None,
-                    loaded: LoadedModel | None = None) -> PrefillWorker:
-        loaded = loaded or load_model(config, load_tokenizer=False)
-        runner = build_runner(loaded)
-        spec = runner.kv_cache.spec
-        blocks = BlockManager(spec.num_blocks, spec.block_size, config.enable_prefix_caching)
-        sched = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                          config.enable_chunked_prefill), blocks)
-        return cls(worker_id, loaded, runner, sched, sender, Sampler())
+                    loaded: LoadedModel | None = None, **options) -> PrefillWorker:
+        """``options``: ``transfer_timeout_s``, ``kv_checksum``."""
+        return cls(worker_id, EngineParts.build(config, loaded, load_tokenizer=False), sender,
+                   **options)
 
     # -- commands (called on the loop thread) -------------------------------------------
     def add(self, msg: PrefillRequest) -> None:
@@ -96,7 +79,7 @@ class PrefillWorker:
         req = Request(msg.request_id, msg.prompt_token_ids, msg.params)
         self._pending[msg.request_id] = _Pending(msg, req, time.monotonic())
         self.scheduler.add(req)
-        self._refresh_state()
+        self.refresh_state()
 
     def abort(self, request_id: str) -> bool:
         p = self._pending.pop(request_id, None)
@@ -105,7 +88,7 @@ class PrefillWorker:
         if p.transfer is not None and self.sender is not None:
             self.sender.abort(p.transfer)
         self.scheduler.finish(p.request, FinishReason.ABORT)
-        self._refresh_state()
+        self.refresh_state()
         return True
 
     def has_work(self) -> bool:
@@ -122,7 +105,7 @@ class PrefillWorker:
 
     # -- one step ---------------------------------------------------------------------
     def step(self) -> list[PrefillResult]:
-        sched = self.scheduler.schedule()
+        sched = self.model_step.schedule()
         if not sched.chunks:
             return []
         step_t0, step_wall = time.perf_counter(), time.time()
@@ -137,20 +120,11 @@ class PrefillWorker:
         src_tables = {p.msg.request_id: torch.tensor(self.blocks.block_table(p.msg.request_id),
                                                      dtype=torch.long, device=self.runner.device)
                       for p in sending}
-        inputs = [ModelInput(c.token_ids, c.start, self.blocks.block_table(c.request.request_id),
-                             c.samples) for c in sched.chunks]
         hook = self._layer_hook(sending, src_tables) if sending else None
-        t0 = time.perf_counter()
-        logits = self.runner.run(inputs, layer_done=hook)
-        self.scheduler.after_step(sched)
-        reqs = [p.request for p in completing]
-        tokens = self.sampler(logits, [r.params for r in reqs],
-                              [next_token_generator(r.params, 0) for r in reqs])
+        sampled = self.model_step.run(sched, layer_done=hook)
         sampled_at = time.monotonic()
-        if self.on_step_timing is not None:
-            self.on_step_timing(sched.num_tokens, time.perf_counter() - t0)
         results = []
-        for p, tok in zip(completing, tokens, strict=True):
+        for p, (_, tok) in zip(completing, sampled, strict=True):
             wait_s = self._finish_transfer(p)
             reason = token_stop_reason(tok.token_id, 1, p.request.num_tokens + 1, p.msg.params,
                                        self.loaded.eos_token_ids, self.loaded.max_model_len)
@@ -175,7 +149,7 @@ class PrefillWorker:
     def _record(self, sched, completing: list[_Pending], duration_s: float) -> None:
         m = self.metrics
         m.observe_step(len(sched.chunks), sched.num_tokens, duration_s, len(sched.preempted))
-        self._refresh_state()
+        self.refresh_state()
         for p in completing:
             t = p.transfer
             if t is not None:
@@ -185,15 +159,6 @@ class PrefillWorker:
             elif p.error is not None and p.msg.destination is not None:
                 m.observe_transfer(p.msg.destination.endpoint.backend, 0, 0.0, False,
                                    p.error_reason)
-
-    def _refresh_state(self) -> None:
-        """Gauges follow every change (add, abort, step), so an aborted queue shows empty."""
-        if self.metrics is None:
-            return
-        s = self.blocks.stats()
-        self.metrics.set_state(len(self.scheduler.running), len(self.scheduler.waiting),
-                               self.blocks.usage, s.num_blocks, self.blocks.block_size,
-                               s.prefix_queries_tokens, s.prefix_hit_tokens)
 
     def _begin_transfer(self, p: _Pending) -> bool:
         dest = p.msg.destination

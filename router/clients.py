@@ -73,7 +73,7 @@ class DecodeClient:
     async def start(self, msg: StartDecode) -> None:
         return await _call(self.target, "start", msg)
 
-    async def submit(self, msg) -> int:
+    async def submit(self, msg) -> None:
         """Colocated workers: a whole request (``ColocatedRequest``)."""
         return await _call(self.target, "submit", msg)
 

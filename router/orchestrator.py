@@ -34,13 +34,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from pdserve.decode_worker.messages import (
+    NoCapacityError,
     ReservationLost,
     ReserveRequest,
     StartDecode,
     TokenBatch,
     TokenDelta,
 )
-from pdserve.decode_worker.worker import NoCapacityError
 from pdserve.engine.sampler import SampledToken
 from pdserve.prefill_worker.messages import PrefillRequest
 from pdserve.router.clients import DecodeClient, PrefillClient, WorkerGone

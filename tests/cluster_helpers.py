@@ -73,7 +73,7 @@ def chaos_spec(model, num_prefill: int, num_decode: int, backend: str):
     thread per worker, a fast heartbeat (0.2 s) so deaths and rejoins are seen quickly."""
     from pdserve.cluster.launcher import ClusterSpec, PoolSpec
     from pdserve.kv_transfer.backend_config import KVTransferConfig
-    from pdserve.router.actor import RouterConfig
+    from pdserve.router.config import RouterConfig
     from pdserve.router.reliability import ReliabilityConfig
     from pdserve.router.server import ServerConfig
 

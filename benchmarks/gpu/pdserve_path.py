@@ -12,11 +12,9 @@ so that ``PYTHONPATH=<dest>`` gives ``pdserve.*`` straight from the working tree
 show up at once; nothing is copied). The mapping is read from pyproject.toml, the one
 place it is written down.
 
-Ray is not installed on the GPU host, yet ``build_prefill_host``/``build_decode_host``/
-``build_router`` live in modules that ``import ray`` at the top for their actor classes.
-Unless a real Ray is importable, ``<dest>/ray/`` gets ``ray_stub.py`` (next to this file):
-``ray.remote`` leaves a class as it is, ``ray.is_initialized()`` is False, and anything
-else raises. The workers themselves never touch Ray.
+Ray is not installed on the GPU host, and nothing run there needs it: the builders
+(``*_worker/build.py``, ``router/build.py``) import no Ray; only the thin actor modules
+(``*/actor.py``) do.
 
     python benchmarks/gpu/pdserve_path.py /tmp/pdserve-shim   # prints the directory
 """
@@ -24,7 +22,6 @@ else raises. The workers themselves never touch Ray.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -48,7 +45,7 @@ def package_dirs(repo: Path = REPO) -> dict[str, str]:
     return {k.strip().strip('"'): v.strip().strip('"') for k, v in pairs}
 
 
-def build_shim(dest: Path, repo: Path = REPO, ray_stub: bool | None = None) -> Path:
+def build_shim(dest: Path, repo: Path = REPO) -> Path:
     """(Re)create ``dest`` and return it; put it first on ``sys.path`` / ``PYTHONPATH``."""
     dest = dest.resolve()
     mapping = package_dirs(repo)
@@ -65,24 +62,14 @@ def build_shim(dest: Path, repo: Path = REPO, ray_stub: bool | None = None) -> P
         if parts[0] != "pdserve" or len(parts) != 2:
             raise ValueError(f"unexpected package-dir entry {name!r}")
         (pkg / parts[1]).symlink_to(repo / folder, target_is_directory=True)
-    stub_dir = dest / "ray"
-    if stub_dir.exists():
-        shutil.rmtree(stub_dir)
-    if ray_stub is None:
-        ray_stub = importlib.util.find_spec("ray") is None
-    if ray_stub:
-        stub_dir.mkdir()
-        shutil.copyfile(Path(__file__).with_name("ray_stub.py"), stub_dir / "__init__.py")
     return dest
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dest", type=Path)
-    ap.add_argument("--ray-stub", choices=("auto", "yes", "no"), default="auto")
     args = ap.parse_args(argv)
-    stub = {"auto": None, "yes": True, "no": False}[args.ray_stub]
-    print(build_shim(args.dest, ray_stub=stub))
+    print(build_shim(args.dest))
     return 0
 
 

@@ -59,15 +59,15 @@ def _child_main(kind: str, worker_id: str, engine, kv, torch_threads: int | None
 
     try:
         if kind == "prefill":
-            from pdserve.prefill_worker.actor import build_prefill_host
+            from pdserve.prefill_worker.build import build_prefill_host
 
             host = build_prefill_host(worker_id, engine, kv, torch_threads)
         elif kind == "decode":
-            from pdserve.decode_worker.actor import build_decode_host
+            from pdserve.decode_worker.build import build_decode_host
 
             host = build_decode_host(worker_id, engine, kv, torch_threads)
         else:
-            from pdserve.decode_worker.actor import build_colocated_host
+            from pdserve.decode_worker.build import build_colocated_host
 
             host = build_colocated_host(worker_id, engine, torch_threads)
     except BaseException:
@@ -244,7 +244,8 @@ class ProcCluster:
     hosts: list[RemoteHost] = field(default_factory=list)
 
     def __enter__(self) -> ProcCluster:
-        from pdserve.router.actor import RouterConfig, build_router
+        from pdserve.router.build import build_router
+        from pdserve.router.config import RouterConfig
         from pdserve.router.server import ServerConfig
 
         try:

@@ -152,7 +152,7 @@ setup() {
   fi
   export PATH="$SITE/bin:$PATH"
   export PYTHONPATH="$SHIM:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-  "$PY" benchmarks/gpu/pdserve_path.py "$SHIM" --ray-stub "${RAY_STUB:-auto}" >/dev/null || {
+  "$PY" benchmarks/gpu/pdserve_path.py "$SHIM" >/dev/null || {
     note "setup: pdserve shim FAILED"; return 1; }
   # FlashInfer's JIT finds nvcc and the CUDA headers through CUDA_HOME.
   if [ -z "${CUDA_HOME:-}" ]; then

@@ -21,7 +21,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.backend_config import KVTransferConfig
-from pdserve.router.actor import RouterConfig
+from pdserve.router.config import RouterConfig
 from pdserve.router.server import ServerConfig
 from tests.cluster_helpers import engine_config as small_engine
 from tests.cluster_helpers import ray_held as blocks_held

@@ -27,7 +27,7 @@ from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.protos import pdserve_pb2_grpc
-from pdserve.router.actor import RouterConfig
+from pdserve.router.config import RouterConfig
 from pdserve.router.server import ServerConfig
 from pdserve.router.status import RETRY_AFTER_METADATA_KEY
 from tests.cluster_helpers import engine_config

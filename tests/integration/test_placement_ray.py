@@ -14,7 +14,7 @@ from pdserve.cluster.plan import Plan, low_affinity_groups
 from pdserve.cluster.plan_launcher import launch_plan
 from pdserve.cluster.simulator.config import InstanceSpec
 from pdserve.kv_transfer.backend_config import KVTransferConfig
-from pdserve.router.actor import RouterConfig
+from pdserve.router.config import RouterConfig
 from pdserve.router.server import ServerConfig
 from tests.cluster_helpers import engine_config
 

@@ -11,7 +11,7 @@ from pdserve.cluster.plan_launcher import check_launchable, launch_plan
 from pdserve.cluster.simulator.config import InstanceSpec
 from pdserve.engine.config import EngineConfig
 from pdserve.kv_transfer.backend_config import KVTransferConfig
-from pdserve.router.actor import RouterConfig
+from pdserve.router.config import RouterConfig
 from pdserve.router.server import ServerConfig
 
 pytestmark = pytest.mark.integration

@@ -23,7 +23,7 @@ from pdserve.cluster.client import Client, build_request
 from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
 from pdserve.engine.config import EngineConfig
 from pdserve.kv_transfer.backend_config import KVTransferConfig
-from pdserve.router.actor import RouterConfig
+from pdserve.router.config import RouterConfig
 from pdserve.router.server import ServerConfig
 from pdserve.router.slo import SloConfig
 

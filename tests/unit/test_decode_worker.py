@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.decode_worker.messages import ReserveRequest, StartDecode
-from pdserve.decode_worker.worker import DecodeWorker, NoCapacityError
+from pdserve.decode_worker.messages import NoCapacityError, ReserveRequest, StartDecode
+from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams

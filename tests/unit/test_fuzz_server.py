@@ -32,7 +32,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from pdserve.protos import pdserve_pb2 as pb
-from pdserve.router.actor import RouterConfig
+from pdserve.router.config import RouterConfig
 from pdserve.router.server import ServerConfig
 from pdserve.router.validation import CHAT_ROLES, MAX_SEED, ValidationLimits
 from tests.cluster_helpers import engine_config as small_engine

@@ -16,7 +16,7 @@ import pytest
 
 from pdserve.cluster.client import Client, build_request
 from pdserve.cluster.local import LocalCluster
-from pdserve.router.actor import RouterConfig
+from pdserve.router.config import RouterConfig
 from pdserve.router.reliability import ReliabilityConfig
 from pdserve.router.server import ServerConfig
 from tests.cluster_helpers import engine_config, wait_until

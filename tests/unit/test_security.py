@@ -33,8 +33,8 @@ from pdserve.cluster.client import Client, ClientSecurity, build_request, open_c
 from pdserve.cluster.commands import client_security_from_args, security_summary
 from pdserve.cluster.local import LocalCluster
 from pdserve.engine.config import EngineConfig
-from pdserve.router.actor import RouterConfig
 from pdserve.router.auth import TOKENS_ENV, TokenSet, bearer_token, load_tokens
+from pdserve.router.config import RouterConfig
 from pdserve.router.server import ServerConfig
 
 FILE_TOKENS = ("file-token-0123456789abcdef", "second-file-token-fedcba9876")

@@ -1,0 +1,50 @@
+"""Wire a router from plain values, with no Ray involved.
+
+``build_router`` takes worker handles (Ray actors) or in-process hosts alike, so the same
+router runs inside its Ray actor (``actor.py``), a test, or a Ray-less GPU host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pdserve.router.clients import DecodeClient, PrefillClient
+from pdserve.router.config import RouterConfig
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.metrics_server import MetricsAggregator
+from pdserve.router.orchestrator import Orchestrator
+from pdserve.router.policy import create_policy
+from pdserve.router.server import RouterServer
+from pdserve.router.validation import ValidationLimits
+
+
+def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
+                 decodes: Sequence[tuple[str, Any]]) -> RouterServer:
+    from pdserve.engine.loader import ensure_model_present, has_tokenizer
+    from pdserve.engine.metrics import model_label
+    from pdserve.engine.model_config import ModelConfig
+    from pdserve.engine.tokenizer import Tokenizer
+
+    ensure_model_present(config.model)
+    mc = ModelConfig.from_pretrained(config.model)
+    tokenizer = Tokenizer.from_pretrained(config.model) if has_tokenizer(config.model) else None
+    vocab = max(mc.vocab_size, tokenizer.vocab_size if tokenizer else 0)
+    limits = ValidationLimits(
+        vocab_size=min(vocab, mc.vocab_size),
+        max_model_len=config.max_model_len or mc.max_position_embeddings,
+        max_tokens_limit=config.max_tokens_limit)
+    profile = None
+    if config.profile:
+        from pdserve.cluster.profile import LatencyProfile
+
+        profile = LatencyProfile.load(config.profile)
+    policy = create_policy(config.policy, profile, config.prefill_token_budget)
+    pclients = [PrefillClient(w, t) for w, t in prefills]
+    dclients = [DecodeClient(w, t) for w, t in decodes]
+    orch = Orchestrator(pclients, dclients, policy, config.slo, config.admission,
+                        units=dict(config.units), reliability=config.reliability)
+    metrics = RouterMetrics(model_label(config.model), config.slo)
+    orch.on_retry = lambda cause: metrics.retries.labels(metrics.model, cause).inc()
+    aggregator = MetricsAggregator({c.worker_id: c.metrics_text for c in (*pclients, *dclients)})
+    return RouterServer(config.server, orch, tokenizer, limits, metrics, aggregator)

@@ -1,0 +1,36 @@
+"""The router's configuration: one frozen, validated value, handed to ``build_router``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.router.reliability import ReliabilityConfig
+from pdserve.router.server import ServerConfig
+from pdserve.router.slo import SloConfig
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """``policy`` slo_aware needs ``profile`` (a ``pdserve profile`` JSON path);
+    ``admission`` "reject" answers RESOURCE_EXHAUSTED at once when a request's TTFT
+    target cannot be met, "best_effort" serves it anyway."""
+
+    model: str
+    server: ServerConfig = ServerConfig()
+    policy: str = "least_loaded"
+    max_model_len: int | None = None
+    max_tokens_limit: int = 4096
+    slo: SloConfig = SloConfig()
+    admission: str = "reject"
+    profile: str | None = None
+    prefill_token_budget: int = 2048
+    # (worker id, unit) pairs: a request's prefill and decode workers share a unit
+    # (low node-affinity plans); empty = any pair.
+    units: tuple[tuple[str, int], ...] = ()
+    reliability: ReliabilityConfig = ReliabilityConfig()
+
+    def __post_init__(self) -> None:
+        if self.admission not in ("reject", "best_effort"):
+            raise ValueError(f"admission must be reject or best_effort, got {self.admission!r}")
+        if self.policy == "slo_aware" and not self.profile:
+            raise ValueError("policy slo_aware needs a latency profile (--profile)")
