@@ -5,8 +5,8 @@ from __future__ import annotations
 import ray
 
 from pdserve.decode_worker.build import build_colocated_host, build_decode_host
-from pdserve.decode_worker.colocated import ColocatedRequest
 from pdserve.decode_worker.messages import (
+    ColocatedRequest,
     Reservation,
     ReserveRequest,
     StartDecode,

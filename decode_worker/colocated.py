@@ -11,21 +11,12 @@ same hardware through the same router and benchmark is what makes them comparabl
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
-from pdserve.decode_worker.messages import DecodeStats, TokenBatch, TokenDelta
+from pdserve.decode_worker.messages import ColocatedRequest, DecodeStats, TokenBatch, TokenDelta
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.loader import load_model
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.worker_base import EngineWorker
-
-
-@dataclass(frozen=True)
-class ColocatedRequest:
-    request_id: str
-    prompt_token_ids: tuple[int, ...]
-    params: SamplingParams
 
 
 class ColocatedWorker(EngineWorker):

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from pdserve.decode_worker.colocated import ColocatedRequest, ColocatedWorker
+from pdserve.decode_worker.colocated import ColocatedWorker
 from pdserve.decode_worker.messages import (
+    ColocatedRequest,
     Reservation,
     ReserveRequest,
     StartDecode,

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.engine.sampler import SampledToken
+from pdserve.engine.messages import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.kv_transfer.base import KVDestination
-from pdserve.kv_transfer.checksum import KVDigest
+from pdserve.kv_transfer.messages import KVDestination, KVDigest
 
 
 class NoCapacityError(RuntimeError):
@@ -35,6 +34,13 @@ class ReserveRequest:
 @dataclass(frozen=True)
 class Reservation:
     destination: KVDestination
+
+
+@dataclass(frozen=True)
+class ColocatedRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.loader import LoadedModel
+from pdserve.engine.messages import SampledToken
 from pdserve.engine.model_step import EngineParts
 from pdserve.engine.output_processor import OutputProcessor, RequestOutput
 from pdserve.engine.request import FinishReason, Request
-from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import SchedulerOutput
 

@@ -10,11 +10,11 @@ wires the attention backend.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from pdserve.engine.attention.registry import create_backend
+from pdserve.engine.checkpoint import ensure_model_present, has_tokenizer
 from pdserve.engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from pdserve.engine.kv_cache import KVCache, KVCacheSpec
 from pdserve.engine.model_config import ModelConfig
@@ -43,23 +43,6 @@ class LoadedModel:
         if self.tokenizer is not None:
             ids |= self.tokenizer.eos_token_ids
         return frozenset(ids)
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def has_tokenizer(model_dir: str) -> bool:
-    """A checkpoint without tokenizer files is served on token ids only."""
-    return any((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES)
-
-
-def ensure_model_present(model_dir: str) -> None:
-    """On a worker node without the demo checkpoint, create it: it is deterministic, so
-    every node builds identical weights (real checkpoints must be on every node)."""
-    from pdserve.engine.demo_model import create_demo_model, demo_model_path
-
-    if not Path(model_dir).exists() and Path(model_dir) == demo_model_path():
-        create_demo_model(model_dir)
 
 
 def load_model(config: EngineConfig, load_tokenizer: bool = True) -> LoadedModel:

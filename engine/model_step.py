@@ -23,9 +23,10 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_cache import KVCacheSpec
 from pdserve.engine.loader import LoadedModel, build_runner, load_model
+from pdserve.engine.messages import SampledToken
 from pdserve.engine.model_runner import ModelInput, ModelRunner
 from pdserve.engine.request import Request
-from pdserve.engine.sampler import SampledToken, Sampler, next_token_generator
+from pdserve.engine.sampler import Sampler, next_token_generator
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 

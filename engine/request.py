@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from pdserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # keep this module (and the scheduler) importable without torch
-    from pdserve.engine.sampler import SampledToken
+    from pdserve.engine.messages import SampledToken
 
 
 class RequestStatus(enum.Enum):

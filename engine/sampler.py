@@ -18,26 +18,11 @@ Contract:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from .sampling_params import SamplingParams
-
-
-@dataclass(frozen=True)
-class SampledToken:
-    """One sampled token and, when requested, its log-probability information.
-
-    ``logprob`` is the log-probability of ``token_id`` under the raw model distribution
-    (``None`` unless ``params.logprobs`` is set). ``top_logprobs`` holds the
-    ``params.logprobs`` most likely ``(token_id, logprob)`` pairs, highest first, and is
-    empty when not requested.
-    """
-
-    token_id: int
-    logprob: float | None
-    top_logprobs: tuple[tuple[int, float], ...]
+from pdserve.engine.messages import SampledToken
+from pdserve.engine.sampling_params import SamplingParams
 
 
 def step_generator(seed: int | None, step: int,

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pdserve.kv_transfer.checksum import check_mode
+from pdserve.kv_transfer.messages import check_mode
 
 KNOWN_BACKENDS = ("inprocess", "shm", "tcp", "cuda_ipc")
 SECRET_ENV = "PDSERVE_KV_SECRET"

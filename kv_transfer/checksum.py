@@ -20,35 +20,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import xxhash
 
 from pdserve.kv_transfer.block_copy import tensor_bytes
-
-CHECKSUM_MODES = ("off", "sample", "full")
-
-
-@dataclass(frozen=True)
-class KVDigest:
-    """A request's KV digest and the mode it was computed in (decode recomputes alike)."""
-
-    mode: str
-    value: int
-
-    def __post_init__(self) -> None:
-        if self.mode not in CHECKSUM_MODES or self.mode == "off":
-            raise ValueError(f"KVDigest.mode must be 'sample' or 'full', got {self.mode!r}")
-        if not isinstance(self.value, int) or not 0 <= self.value < 2 ** 64:
-            raise ValueError("KVDigest.value must be a 64-bit unsigned int")
-
-
-def check_mode(mode: str) -> str:
-    if mode not in CHECKSUM_MODES:
-        raise ValueError(f"checksum must be one of {CHECKSUM_MODES}, got {mode!r}")
-    return mode
+from pdserve.kv_transfer.messages import KVDigest, check_mode
 
 
 def _part(mode: str, kv: torch.Tensor) -> torch.Tensor:

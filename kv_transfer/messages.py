@@ -5,19 +5,35 @@ sender reaches its cache). When the decode worker reserves blocks for a request 
 a ``KVDestination`` (endpoint + reserved block ids) and hands it, through the router, to
 the prefill worker, whose sender writes there. Both are frozen and validated on
 construction, so a malformed message fails where it is built, not deep inside a backend.
+``KVDigest`` (what a sender wrote, ``checksum.py``) travels back to the decode worker
+through the router. The module imports no torch: the router handles these messages and
+stays torch-free (the conversions to torch types import it when called).
 """
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from pdserve.engine.kv_cache import KVCacheSpec
+    from pdserve.engine.kv_cache import KVCacheSpec
 
 # Bounded so a transfer id always fits the TCP frame header's u16 length field, with room.
 MAX_TRANSFER_ID_BYTES = 1024
+# The dtypes a KV cache may hold, by name, and their size in bytes.
+KV_DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+                  "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1, "uint8": 1}
+CHECKSUM_MODES = ("off", "sample", "full")
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is a checksum mode (``checksum.py``), else ``ValueError``."""
+    if mode not in CHECKSUM_MODES:
+        raise ValueError(f"checksum must be one of {CHECKSUM_MODES}, got {mode!r}")
+    return mode
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -26,10 +42,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None) if name.isidentifier() else None
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown torch dtype name {name!r}")
-    return dtype
+    if name not in KV_DTYPE_BYTES:
+        raise ValueError(f"unknown KV cache dtype name {name!r}")
+    import torch
+
+    return getattr(torch, name)
 
 
 @dataclass(frozen=True)
@@ -50,7 +67,8 @@ class KVCacheSpecMsg:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.num_layers > 0xFFFF:
             raise ValueError("num_layers must fit in 16 bits (the TCP frame's layer field)")
-        dtype_from_name(self.dtype)
+        if self.dtype not in KV_DTYPE_BYTES:
+            raise ValueError(f"unknown KV cache dtype name {self.dtype!r}")
 
     @classmethod
     def from_spec(cls, spec: KVCacheSpec) -> KVCacheSpecMsg:
@@ -58,6 +76,8 @@ class KVCacheSpecMsg:
                    spec.head_dim, dtype_name(spec.dtype))
 
     def to_spec(self) -> KVCacheSpec:
+        from pdserve.engine.kv_cache import KVCacheSpec
+
         return KVCacheSpec(self.num_layers, self.num_blocks, self.block_size,
                            self.num_kv_heads, self.head_dim, self.torch_dtype)
 
@@ -74,7 +94,7 @@ class KVCacheSpecMsg:
     def block_bytes(self) -> int:
         """Bytes of K (or V) of one block in one layer: one contiguous row of the cache."""
         return (self.block_size * self.num_kv_heads * self.head_dim
-                * self.torch_dtype.itemsize)
+                * KV_DTYPE_BYTES[self.dtype])
 
     @property
     def nbytes(self) -> int:
@@ -197,3 +217,17 @@ def validate_block_ids(block_ids: tuple[int, ...], num_blocks: int) -> None:
         raise ValueError(f"block ids {bad[:5]} out of range [0, {num_blocks})")
     if len(set(block_ids)) != len(block_ids):
         raise ValueError("block_ids contains duplicates")
+
+
+@dataclass(frozen=True)
+class KVDigest:
+    """A request's KV digest and the mode it was computed in (decode recomputes alike)."""
+
+    mode: str
+    value: int
+
+    def __post_init__(self) -> None:
+        if self.mode not in CHECKSUM_MODES or self.mode == "off":
+            raise ValueError(f"KVDigest.mode must be 'sample' or 'full', got {self.mode!r}")
+        if not isinstance(self.value, int) or not 0 <= self.value < 2 ** 64:
+            raise ValueError("KVDigest.value must be a 64-bit unsigned int")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.engine.sampler import SampledToken
+from pdserve.engine.messages import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.kv_transfer.base import KVDestination
-from pdserve.kv_transfer.checksum import KVDigest
+from pdserve.kv_transfer.messages import KVDestination, KVDigest
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from pdserve.engine.output_processor import token_stop_reason
 from pdserve.engine.request import FinishReason, Request
 from pdserve.engine.worker_base import EngineWorker
 from pdserve.kv_transfer.base import KVSender, Transfer, TransferError
-from pdserve.kv_transfer.checksum import KVDigest
 from pdserve.kv_transfer.incarnation import new_incarnation
+from pdserve.kv_transfer.messages import KVDigest
 from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult, PrefillStats
 
 

@@ -21,7 +21,7 @@ from pdserve.router.validation import ValidationLimits
 
 def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
                  decodes: Sequence[tuple[str, Any]]) -> RouterServer:
-    from pdserve.engine.loader import ensure_model_present, has_tokenizer
+    from pdserve.engine.checkpoint import ensure_model_present, has_tokenizer
     from pdserve.engine.metrics import model_label
     from pdserve.engine.model_config import ModelConfig
     from pdserve.engine.tokenizer import Tokenizer

@@ -25,8 +25,9 @@ import grpc
 from pdserve.engine.output_processor import TextStream
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.protos import pdserve_pb2, pdserve_pb2_grpc
+from pdserve.router.events import TokenEvent
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.orchestrator import Orchestrator, TokenEvent
+from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.status import ServingError, abort_with, as_serving_error
 from pdserve.router.validation import (
     RequestValidationError,

@@ -7,7 +7,7 @@ import pytest
 from pdserve.decode_worker.messages import NoCapacityError, ReserveRequest, StartDecode
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.sampler import SampledToken
+from pdserve.engine.messages import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.base import TransferState
 from pdserve.kv_transfer.registry import create_receiver

@@ -194,7 +194,7 @@ def test_write_to_a_restarted_decode_workers_old_destination_is_refused(
 
 
 def _any_token():
-    from pdserve.engine.sampler import SampledToken
+    from pdserve.engine.messages import SampledToken
 
     return SampledToken(5, None, ())
 

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdserve.engine.sampler import SampledToken, Sampler, apply_top_k_top_p, make_generator
+from pdserve.engine.messages import SampledToken
+from pdserve.engine.sampler import Sampler, apply_top_k_top_p, make_generator
 from pdserve.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)

@@ -1,0 +1,25 @@
+"""What a checkpoint directory holds, checked without loading it (torch-free).
+
+The router needs a model's config and tokenizer but not its weights; these checks let it
+(and the workers, before they load) look at a checkpoint without importing torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def has_tokenizer(model_dir: str) -> bool:
+    """A checkpoint without tokenizer files is served on token ids only."""
+    return any((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def ensure_model_present(model_dir: str) -> None:
+    """On a worker node without the demo checkpoint, create it: it is deterministic, so
+    every node builds identical weights (real checkpoints must be on every node)."""
+    from pdserve.engine.demo_model import create_demo_model, demo_model_path
+
+    if not Path(model_dir).exists() and Path(model_dir) == demo_model_path():
+        create_demo_model(model_dir)

@@ -1,0 +1,258 @@
+"""One attempt at serving a request: reserve on decode, prefill, hand over, stream.
+
+``AttemptRunner.run`` is an async generator of ``TokenEvent``: it reserves the prompt's KV
+blocks on the best decode worker with room, sends the prompt with that reservation to a
+prefill worker (which writes the KV there and answers with the first token: yielded at
+once, TTFT), tells the decode worker to start, and yields its tokens (delivered to the
+attempt's ``Route`` by the stream dispatch) until a finish reason. A resumed request
+prefills its prompt plus the tokens already sent, with ``max_tokens`` shrunk and
+``output_offset`` advanced so seeded draws stay aligned.
+
+Failures another attempt may not meet (a worker died or hung, a KV transfer broke, a
+reservation was lost to a restart) raise ``AttemptFailed`` with a metrics cause. However
+the attempt ends (finish, client cancel, a stop string found by the caller, an error),
+its ``finally`` releases it on both workers, in a task of its own: the generator may be
+closing because its task was cancelled, and the release must still happen. A reservation
+whose call was in flight when the attempt was cancelled is released once it lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from pdserve.decode_worker.messages import (
+    NoCapacityError,
+    ReservationLost,
+    ReserveRequest,
+    StartDecode,
+)
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult
+from pdserve.router.admission import Admission, overloaded
+from pdserve.router.clients import DecodeClient, PrefillClient, WorkerGone
+from pdserve.router.events import TokenEvent
+from pdserve.router.health import WorkerHealth
+from pdserve.router.policy import RoutingRequest
+from pdserve.router.reliability import ReliabilityConfig
+from pdserve.router.routes import AttemptId, Route, RouteTable, attempt_id
+from pdserve.router.status import NoWorkerAvailable
+from pdserve.router.validation import ValidatedRequest
+
+
+class AttemptFailed(Exception):
+    """This attempt failed in a way another attempt can fix; what was already sent to the
+    client stays sent. ``cause``: prefill_failed, decode_failed or transfer_failed."""
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause
+
+
+@dataclass
+class _Attempt:
+    """One attempt's moving parts, for its ``finally``."""
+
+    aid: AttemptId
+    route: Route
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    routing: RoutingRequest
+    decode_id: str | None = None
+    prefill_id: str | None = None
+    prefill_task: asyncio.Task | None = None
+    finished: bool = False
+
+
+class AttemptRunner:
+    def __init__(self, prefills: dict[str, PrefillClient], decodes: dict[str, DecodeClient],
+                 admission: Admission, health: WorkerHealth, routes: RouteTable,
+                 reliability: ReliabilityConfig):
+        self.prefills = prefills
+        self.decodes = decodes
+        self.admission = admission
+        self.health = health
+        self.routes = routes
+        self.reliability = reliability
+        self._cleanup: set[asyncio.Task] = set()
+
+    async def run(self, req: ValidatedRequest, routing: RoutingRequest,
+                  queue: asyncio.Queue, sent: tuple[int, ...], attempt: int
+                  ) -> AsyncIterator[TokenEvent]:
+        """Attempt ``attempt`` (0 = the first; only it goes through admission) of ``req``,
+        after ``sent`` tokens already streamed."""
+        a = self._begin(req, routing, queue, sent, attempt)
+        try:
+            result, destination = await self._reserve_and_prefill(a, admit=attempt == 0)
+            first = result.token
+            done = result.finish_reason is not None or a.decode_id is None
+            reason = result.finish_reason or ("length" if done else None)
+            yield TokenEvent((first.token_id,), (first,) if a.params.logprobs is not None else (),
+                             reason, result.num_cached_tokens, result.queue_s, result.prefill_s,
+                             result.transfer_wait_s)
+            if done:
+                a.finished = True
+                return
+            async for ev in self._decode(a, result, destination):
+                yield ev
+        finally:
+            self._end(a)
+
+    def _begin(self, req, routing, queue, sent, attempt) -> _Attempt:
+        aid = attempt_id(req.request_id, attempt)
+        prompt = req.prompt_token_ids + sent
+        params = req.params if not sent else dataclasses.replace(
+            req.params, max_tokens=req.params.max_tokens - len(sent),
+            output_offset=req.params.output_offset + len(sent))
+        routing = dataclasses.replace(routing, request_id=aid, num_prompt_tokens=len(prompt),
+                                      max_tokens=params.max_tokens)
+        return _Attempt(aid, self.routes.open(aid, queue), prompt, params, routing)
+
+    async def _reserve_and_prefill(self, a: _Attempt, admit: bool):
+        units = self.admission.units
+        # Admission before any reservation (after it when units constrain the pair).
+        if not units:
+            a.prefill_id = self.admission.pick_prefill(a.routing, admit=admit)
+        destination = None
+        if a.params.max_tokens > 1:
+            a.decode_id, destination = await self._reserve(a.routing)
+            a.route.decode_worker = a.decode_id
+        if a.prefill_id is None:
+            a.prefill_id = self.admission.pick_prefill(a.routing, units.get(a.decode_id),
+                                                       admit=admit)
+        result = await self._prefill(a, destination)
+        if not result.ok:
+            raise AttemptFailed(result.error or "prefill failed", "transfer_failed")
+        return result, destination
+
+    async def _prefill(self, a: _Attempt, destination) -> PrefillResult:
+        load = self.admission.prefill_load[a.prefill_id]
+        load.in_flight += 1
+        load.queued_tokens += len(a.prompt)
+        load.prefill_queue[a.aid] = len(a.prompt)
+        try:
+            a.prefill_task = asyncio.ensure_future(self.prefills[a.prefill_id].prefill(
+                PrefillRequest(a.aid, a.prompt, a.params, destination)))
+            return await self._unless_dead(a.prefill_task, a.prefill_id)
+        except WorkerGone as exc:
+            self.health.mark_dead(a.prefill_id, str(exc)[:200])
+            raise AttemptFailed(f"prefill worker {a.prefill_id} failed",
+                                "prefill_failed") from exc
+        finally:
+            load.in_flight -= 1
+            load.queued_tokens -= len(a.prompt)
+            load.prefill_queue.pop(a.aid, None)
+
+    async def _decode(self, a: _Attempt, result: PrefillResult, destination
+                      ) -> AsyncIterator[TokenEvent]:
+        started = time.monotonic()
+        try:
+            await self.decodes[a.decode_id].start(StartDecode(
+                a.aid, a.prompt, a.params, result.token, destination.endpoint.incarnation,
+                result.kv_digest, a.prefill_id))
+        except WorkerGone as exc:
+            self.health.mark_dead(a.decode_id, str(exc)[:200])
+            raise AttemptFailed(f"decode worker {a.decode_id} failed", "decode_failed") from exc
+        except ReservationLost as exc:  # it restarted since the reservation
+            raise AttemptFailed(str(exc), "decode_failed") from exc
+        first = True
+        while True:
+            delta = await a.route.queue.get()
+            if delta.error:
+                raise AttemptFailed(delta.error,
+                                    "decode_failed" if a.route.died else "transfer_failed")
+            a.finished = delta.finish_reason is not None
+            yield TokenEvent(delta.token_ids, delta.logprobs, delta.finish_reason,
+                             decode_queue_s=time.monotonic() - started if first else None)
+            first = False
+            if a.finished:
+                return
+
+    def _end(self, a: _Attempt) -> None:
+        self.routes.close(a.aid)
+        if a.decode_id is not None:
+            load = self.admission.decode_load[a.decode_id]
+            load.in_flight -= 1
+            load.decode_contexts.pop(a.aid, None)
+        if not a.finished:
+            self.spawn(self.release(a.aid, a.decode_id, a.prefill_id, a.prefill_task))
+
+    async def _reserve(self, routing: RoutingRequest):
+        full = 0
+        for wid in self.admission.rank_decode(routing):
+            try:
+                res = await self._reserve_on(wid, routing)
+            except NoCapacityError:
+                full += 1
+                continue
+            except WorkerGone:
+                self.admission.decode_load[wid].healthy = False
+                continue
+            load = self.admission.decode_load[wid]
+            load.in_flight += 1
+            load.decode_contexts[routing.request_id] = routing.num_prompt_tokens
+            return wid, res.destination
+        if not full:  # nobody answered: that is an outage, not overload
+            raise NoWorkerAvailable("no decode worker is reachable")
+        raise overloaded("every decode worker's KV cache is full", 1.0, "kv_full")
+
+    async def _reserve_on(self, wid: str, routing: RoutingRequest):
+        """Reserve on ``wid``. If this task is cancelled (client gone, deadline) while the
+        call is in flight, the worker may still reserve: the call is left to finish and
+        whatever it reserved is released, instead of waiting for the lease."""
+        call = asyncio.ensure_future(self.decodes[wid].reserve(
+            ReserveRequest(routing.request_id, routing.num_prompt_tokens)))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            self.spawn(self._release_when_reserved(call, wid, routing.request_id))
+            raise
+
+    async def _release_when_reserved(self, call: asyncio.Future, wid: str, aid: str) -> None:
+        try:
+            await asyncio.wait_for(call, self.reliability.heartbeat_timeout_s)
+        except Exception:  # nothing was reserved, or the worker is gone (its lease frees it)
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.decodes[wid].release(aid),
+                                   self.reliability.heartbeat_timeout_s)
+
+    async def _unless_dead(self, task: asyncio.Task, wid: str):
+        """``task``'s result, or ``WorkerGone`` as soon as the heartbeat declares ``wid``
+        dead (a hung worker never answers; a killed one may take Ray a moment)."""
+        dead = asyncio.ensure_future(self.health[wid].dead.wait())
+        try:
+            await asyncio.wait({task, dead}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dead.cancel()
+        if task.done():
+            return task.result()
+        raise WorkerGone(f"worker {wid} missed its heartbeats")
+
+    async def release(self, aid: str, decode_id: str | None, prefill_id: str | None,
+                      prefill_task: asyncio.Task | None) -> None:
+        """Free ``aid`` on both workers; bounded by the heartbeat timeout, since a hung
+        worker may never answer (its reservations then expire by their lease)."""
+        if prefill_task is not None and not prefill_task.done():
+            prefill_task.cancel()
+        timeout = self.reliability.heartbeat_timeout_s
+        if prefill_id is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.prefills[prefill_id].abort(aid), timeout)
+        if decode_id is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.decodes[decode_id].release(aid), timeout)
+
+    def spawn(self, coro) -> None:
+        """Run ``coro`` to completion even if the request that started it is cancelled."""
+        t = asyncio.ensure_future(coro)
+        self._cleanup.add(t)
+        t.add_done_callback(self._cleanup.discard)
+
+    async def drain(self) -> None:
+        """Wait for the releases still running."""
+        await asyncio.gather(*self._cleanup, return_exceptions=True)
