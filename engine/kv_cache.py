@@ -80,16 +80,3 @@ class KVCache:
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, V) of layer i, each [num_blocks, block_size, num_kv_heads, head_dim]."""
         return self._layers[i]
-
-    def read_blocks(self, block_ids: list[int], layers: range | None = None) -> torch.Tensor:
-        """Copy of [len(layers), 2, len(block_ids), block_size, H, D] for the given blocks."""
-        idx = torch.as_tensor(block_ids, dtype=torch.long, device=self.data.device)
-        src = self.data if layers is None else self.data[layers.start:layers.stop]
-        return src.index_select(2, idx)
-
-    def write_blocks(self, block_ids: list[int], values: torch.Tensor,
-                     layers: range | None = None) -> None:
-        """Inverse of ``read_blocks``: scatter values into the given blocks."""
-        idx = torch.as_tensor(block_ids, dtype=torch.long, device=self.data.device)
-        dst = self.data if layers is None else self.data[layers.start:layers.stop]
-        dst.index_copy_(2, idx, values.to(dst.device, dst.dtype))

@@ -9,11 +9,10 @@ need them ignore them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from pdserve.engine.kv_cache import KVCache, KVCacheSpec
+from pdserve.engine.registry import Registry
 from pdserve.kv_transfer.base import KVReceiver, KVSender
 
 BackendClasses = tuple[type[KVSender], type[KVReceiver]]
@@ -43,18 +42,16 @@ def _cuda_ipc() -> BackendClasses:
     return CudaIpcSender, CudaIpcReceiver
 
 
-BACKENDS: dict[str, Callable[[], BackendClasses]] = {
+BACKENDS: Registry[BackendClasses] = Registry("KV transfer backend", {
     "inprocess": _inprocess,
     "shm": _shm,
     "tcp": _tcp,
     "cuda_ipc": _cuda_ipc,
-}
+})
 
 
 def backend_classes(name: str) -> BackendClasses:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown KV transfer backend {name!r}; choose from {', '.join(BACKENDS)}")
-    return BACKENDS[name]()
+    return BACKENDS.get(name)
 
 
 def create_receiver(name: str, cache_spec: KVCacheSpec, worker_id: str,

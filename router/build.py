@@ -14,7 +14,7 @@ from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.metrics_server import MetricsAggregator
 from pdserve.router.orchestrator import Orchestrator
-from pdserve.router.policy import create_policy
+from pdserve.router.policies import create_policy
 from pdserve.router.server import RouterServer
 from pdserve.router.validation import ValidationLimits
 

@@ -105,17 +105,3 @@ class RoundRobin(RoutingPolicy):
 
     def rank_decode(self, req, loads):
         return self._rotate([w.worker_id for w in loads if w.healthy], next(self._d))
-
-
-def create_policy(name: str, profile=None, prefill_token_budget: int = 2048) -> RoutingPolicy:
-    if name == "slo_aware":
-        from pdserve.router.policy_slo import SloAware
-
-        if profile is None:
-            raise ValueError("the slo_aware policy needs a latency profile (pdserve profile)")
-        return SloAware(profile, prefill_token_budget)
-    policies = {"least_loaded": LeastLoaded, "round_robin": RoundRobin}
-    if name not in policies:
-        raise ValueError(f"unknown routing policy {name!r}; choose from "
-                         f"{', '.join([*policies, 'slo_aware'])}")
-    return policies[name]()

@@ -51,7 +51,7 @@ def generate_through(prefill: tuple[str, object], decode: tuple[str, object], pr
     from pdserve.engine.sampling_params import SamplingParams
     from pdserve.router.clients import DecodeClient, PrefillClient
     from pdserve.router.orchestrator import Orchestrator
-    from pdserve.router.policy import create_policy
+    from pdserve.router.policies import create_policy
     from pdserve.router.validation import SloTargets, ValidatedRequest
 
     async def run():

@@ -8,6 +8,7 @@ import torch
 
 from pdserve.engine.attention.base import AttentionBackend
 from pdserve.engine.model_config import ModelConfig
+from pdserve.engine.registry import Registry
 
 
 def _torch():
@@ -22,14 +23,16 @@ def _flashinfer():
     return FlashInferAttention
 
 
-BACKENDS = {"torch": _torch, "flashinfer": _flashinfer}
+BACKENDS: Registry[type[AttentionBackend]] = Registry(
+    "attention backend", {"torch": _torch, "flashinfer": _flashinfer})
 
 
 def resolve_backend_name(name: str, device: torch.device) -> str:
     """'auto' picks FlashInfer on CUDA when it is installed, else the torch reference."""
     if name != "auto":
         if name not in BACKENDS:
-            raise ValueError(f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+            raise ValueError(f"unknown attention backend {name!r}; choose from auto, "
+                             f"{', '.join(BACKENDS.names())}")
         if name == "flashinfer" and device.type != "cuda":
             raise ValueError("the flashinfer attention backend needs a CUDA device")
         return name
@@ -40,4 +43,4 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
 
 def create_backend(name: str, config: ModelConfig, device: torch.device,
                    dtype: torch.dtype) -> AttentionBackend:
-    return BACKENDS[resolve_backend_name(name, device)]()(config, device, dtype)
+    return BACKENDS.get(resolve_backend_name(name, device))(config, device, dtype)
