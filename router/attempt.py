@@ -39,9 +39,9 @@ from pdserve.router.events import TokenEvent
 from pdserve.router.health import WorkerHealth
 from pdserve.router.policy import RoutingRequest
 from pdserve.router.reliability import ReliabilityConfig
+from pdserve.router.request_types import ValidatedRequest
 from pdserve.router.routes import AttemptId, Route, RouteTable, attempt_id
 from pdserve.router.status import NoWorkerAvailable
-from pdserve.router.validation import ValidatedRequest
 
 
 class AttemptFailed(Exception):

@@ -15,8 +15,8 @@ from pdserve.router.metrics import RouterMetrics
 from pdserve.router.metrics_server import MetricsAggregator
 from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.policies import create_policy
+from pdserve.router.request_types import ValidationLimits
 from pdserve.router.server import RouterServer
-from pdserve.router.validation import ValidationLimits
 
 
 def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],

@@ -30,10 +30,10 @@ from pdserve.router.events import TokenEvent
 from pdserve.router.health import WorkerHealth
 from pdserve.router.policy import RoutingPolicy, RoutingRequest
 from pdserve.router.reliability import ReliabilityConfig
+from pdserve.router.request_types import ValidatedRequest
 from pdserve.router.routes import AttemptId, RouteTable
 from pdserve.router.slo import SloConfig
 from pdserve.router.status import InvalidArgument, NoWorkerAvailable
-from pdserve.router.validation import ValidatedRequest
 
 __all__ = ["Orchestrator", "TokenEvent"]
 

@@ -31,8 +31,8 @@ from pdserve.router.auth import BearerTokenInterceptor, validate_token
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.metrics_server import MetricsAggregator, serve_metrics
 from pdserve.router.orchestrator import Orchestrator
+from pdserve.router.request_types import ValidationLimits
 from pdserve.router.service import GenerationService, add_generation_service
-from pdserve.router.validation import ValidationLimits
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pdserve_pb2.DESCRIPTOR.services_by_name["Generation"].full_name

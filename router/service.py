@@ -28,13 +28,9 @@ from pdserve.protos import pdserve_pb2, pdserve_pb2_grpc
 from pdserve.router.events import TokenEvent
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.orchestrator import Orchestrator
+from pdserve.router.request_types import RequestValidationError, ValidationLimits
 from pdserve.router.status import ServingError, abort_with, as_serving_error
-from pdserve.router.validation import (
-    RequestValidationError,
-    ValidationLimits,
-    parse_request,
-    validate_request,
-)
+from pdserve.router.validation import parse_request, validate_request
 
 log = logging.getLogger(__name__)
 

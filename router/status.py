@@ -34,7 +34,7 @@ from typing import ClassVar, NoReturn, Protocol
 
 import grpc
 
-from pdserve.router.validation import RequestValidationError
+from pdserve.router.request_types import RequestValidationError
 
 RETRY_AFTER_METADATA_KEY = "retry-after-ms"
 

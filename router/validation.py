@@ -37,16 +37,21 @@ Pure Python plus the generated protobuf module: no gRPC server, no Ray, no torch
 from __future__ import annotations
 
 import math
-import re
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from google.protobuf.message import DecodeError
 
 from pdserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from pdserve.protos import pdserve_pb2
+from pdserve.router.request_types import (
+    REQUEST_ID_RE,
+    RequestValidationError,
+    SloTargets,
+    ValidatedRequest,
+    ValidationLimits,
+)
 
 try:  # chat templates are Jinja; their ``raise_exception`` raises TemplateError.
     from jinja2 import TemplateError as _JinjaTemplateError
@@ -69,11 +74,6 @@ CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 # Longest client-chosen string (or exception text) quoted back in an error message.
 MAX_ECHO_CHARS = 200
 
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]+")
-
-
-class RequestValidationError(ValueError):
-    """The request is malformed; ``str(err)`` is a user-facing message (INVALID_ARGUMENT)."""
 
 
 class PromptTokenizer(Protocol):
@@ -112,100 +112,6 @@ def parse_request(data: bytes) -> pdserve_pb2.GenerateRequest:
         # upb's message names the message type and the problem ("String field had bad
         # UTF-8", "Wire format was corrupt"): nothing internal, and useful to the client.
         raise RequestValidationError(f"malformed GenerateRequest: {_clip(exc)}") from exc
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    # bool is an int subclass; True as a limit is always a mistake.
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class ValidationLimits:
-    """Per-deployment limits. ``vocab_size`` and ``max_model_len`` come from the model.
-
-    ``max_tokens_limit`` is the largest ``max_tokens`` a client may ask for and
-    ``default_max_tokens`` what an unset ``max_tokens`` means (before clamping to the
-    room left in the context). Count limits of 0 forbid the feature entirely.
-    """
-
-    vocab_size: int
-    max_model_len: int
-    max_tokens_limit: int = 4096
-    default_max_tokens: int = 256
-    max_prompt_chars: int = 1_000_000
-    max_stop_strings: int = 16
-    max_stop_string_len: int = 256
-    max_stop_token_ids: int = 64
-    max_request_id_len: int = 128
-    max_chat_messages: int = 256
-
-    def __post_init__(self) -> None:
-        _check_int("vocab_size", self.vocab_size, 1)
-        # One prompt token plus one generated token is the smallest useful context.
-        _check_int("max_model_len", self.max_model_len, 2)
-        _check_int("max_tokens_limit", self.max_tokens_limit, 1)
-        _check_int("default_max_tokens", self.default_max_tokens, 1)
-        _check_int("max_prompt_chars", self.max_prompt_chars, 1)
-        _check_int("max_stop_strings", self.max_stop_strings, 0)
-        _check_int("max_stop_string_len", self.max_stop_string_len, 1)
-        _check_int("max_stop_token_ids", self.max_stop_token_ids, 0)
-        _check_int("max_request_id_len", self.max_request_id_len, 1)
-        _check_int("max_chat_messages", self.max_chat_messages, 1)
-        if self.default_max_tokens > self.max_tokens_limit:
-            raise ValueError(
-                f"default_max_tokens ({self.default_max_tokens}) must not exceed "
-                f"max_tokens_limit ({self.max_tokens_limit})"
-            )
-
-
-@dataclass(frozen=True)
-class SloTargets:
-    """Latency targets in seconds; ``None`` = no target (best effort)."""
-
-    ttft_s: float | None = None
-    tpot_s: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("ttft_s", "tpot_s"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number or None, got {value!r}")
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be positive and finite, got {value!r}")
-
-
-@dataclass(frozen=True)
-class ValidatedRequest:
-    """A request that passed edge validation; see the module docstring for invariants.
-
-    ``prompt_text`` is the text prompt as sent, or ``None`` for token-id and chat
-    prompts (a chat prompt is rendered straight to ids by the chat template).
-    """
-
-    request_id: str
-    prompt_token_ids: tuple[int, ...]
-    params: SamplingParams
-    slo: SloTargets
-    prompt_text: str | None
-
-    def __post_init__(self) -> None:
-        # Limit-independent invariants only; the limit-dependent ones are enforced by
-        # validate_request, the only intended constructor.
-        if not isinstance(self.request_id, str) or not _REQUEST_ID_RE.fullmatch(self.request_id):
-            raise ValueError(f"invalid request_id {self.request_id!r}")
-        if not isinstance(self.prompt_token_ids, tuple) or not self.prompt_token_ids:
-            raise ValueError("prompt_token_ids must be a non-empty tuple")
-        if not all(isinstance(t, int) and t >= 0 for t in self.prompt_token_ids):
-            raise ValueError("prompt_token_ids must be non-negative integers")
-        if not isinstance(self.params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(self.params).__name__}")
-        if not isinstance(self.slo, SloTargets):
-            raise ValueError(f"slo must be a SloTargets, got {type(self.slo).__name__}")
-        if self.prompt_text is not None and not isinstance(self.prompt_text, str):
-            raise ValueError("prompt_text must be a str or None")
 
 
 def validate_request(
@@ -254,7 +160,7 @@ def _request_id(request_id: str, limits: ValidationLimits) -> str:
             f"request_id is {len(request_id)} characters long; "
             f"the limit is {limits.max_request_id_len}"
         )
-    if not _REQUEST_ID_RE.fullmatch(request_id):
+    if not REQUEST_ID_RE.fullmatch(request_id):
         # Ids end up in logs and metric labels, hence the conservative charset.
         raise RequestValidationError(
             "request_id may only contain letters, digits and '.', '_', ':', '-'"

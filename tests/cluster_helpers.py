@@ -52,7 +52,7 @@ def generate_through(prefill: tuple[str, object], decode: tuple[str, object], pr
     from pdserve.router.clients import DecodeClient, PrefillClient
     from pdserve.router.orchestrator import Orchestrator
     from pdserve.router.policies import create_policy
-    from pdserve.router.validation import SloTargets, ValidatedRequest
+    from pdserve.router.request_types import SloTargets, ValidatedRequest
 
     async def run():
         orch = Orchestrator([PrefillClient(*prefill)], [DecodeClient(*decode)],

@@ -33,8 +33,9 @@ from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router.config import RouterConfig
+from pdserve.router.request_types import ValidationLimits
 from pdserve.router.server import ServerConfig
-from pdserve.router.validation import CHAT_ROLES, MAX_SEED, ValidationLimits
+from pdserve.router.validation import CHAT_ROLES, MAX_SEED
 from tests.cluster_helpers import engine_config as small_engine
 from tests.cluster_helpers import wait_until
 

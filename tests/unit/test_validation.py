@@ -15,16 +15,13 @@ from hypothesis import strategies as st
 from pdserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router import status
-from pdserve.router.validation import (
-    MAX_ECHO_CHARS,
-    MAX_SEED,
+from pdserve.router.request_types import (
     RequestValidationError,
     SloTargets,
     ValidatedRequest,
     ValidationLimits,
-    parse_request,
-    validate_request,
 )
+from pdserve.router.validation import MAX_ECHO_CHARS, MAX_SEED, parse_request, validate_request
 
 BOS = 1
 OFFSET = 3  # byte b -> token b + 3, so ids 0..2 are "special"
