@@ -120,10 +120,20 @@ def test_prefill_worker_death_mid_prefill_is_prefilled_again_elsewhere(cluster):
 
 def test_retry_budget_spent_gives_unavailable_and_frees_everything(cluster):
     orch = cluster.server.orchestrator
-    for wid in ("decode-0", "decode-1"):
-        cluster.loop.call_soon_threadsafe(orch.health.mark_dead, wid, "test")
-    with Client(cluster.address, timeout_s=30) as client, pytest.raises(grpc.RpcError) as err:
-        client.generate(build_request([3] * 10, max_tokens=8))
+    # Both decode workers hang (their loops are held), so no heartbeat can revive them
+    # while the request is served, however slow this host is.
+    hung = threading.Event()
+    for h in cluster.decodes:
+        h._loop.post(lambda: hung.wait(30))
+    try:
+        time.sleep(0.5)  # heartbeat answers already on their way have arrived
+        for wid in ("decode-0", "decode-1"):
+            cluster.loop.call_soon_threadsafe(orch.health.mark_dead, wid, "test")
+        with Client(cluster.address, timeout_s=30) as client, \
+                pytest.raises(grpc.RpcError) as err:
+            client.generate(build_request([3] * 10, max_tokens=8))
+    finally:
+        hung.set()
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "decode" in err.value.details()
     # the heartbeats bring both back and service resumes
