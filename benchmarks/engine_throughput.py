@@ -74,10 +74,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from pdserve.benchmarks.engine_throughput_report import (  # noqa: E402
-    machine_info,
-    write_markdown,
-)
+from pdserve.benchmarks.engine_throughput_report import machine_info, write_markdown  # noqa: E402
 from pdserve.benchmarks.engine_throughput_setup import (  # noqa: E402
     QUICK_SHAPE,
     Case,
