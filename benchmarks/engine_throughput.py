@@ -69,8 +69,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pdserve.benchmarks.progress import bar, is_terminal
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if not is_terminal():  # transformers' own bars (save, load) would put carriage returns in a log
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
@@ -92,7 +96,6 @@ from pdserve.benchmarks.engine_throughput_sides import (  # noqa: E402
     compare,
     profile_engine,
 )
-from pdserve.benchmarks.progress import bar  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "results"
