@@ -52,311 +52,54 @@ repetitions badly (interleaving and the median limit, but do not remove, the dam
 Results go to ``<out-dir>/engine_throughput.json`` (machine info, config, per-rep timings,
 medians, ratios, greedy agreement) and ``<out-dir>/engine_throughput.md`` (a short table).
 Progress is printed to stderr.
+
+The checkpoint and cases are made in ``engine_throughput_setup.py``, the two sides timed in
+``engine_throughput_sides.py``, the report written by ``engine_throughput_report.py``;
+this file is the command line and the interleaved repetitions.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import dataclasses
-import datetime as dt
-import io
 import json
 import os
-import platform
-import pstats
-import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from pdserve.benchmarks.hostinfo import cpu_model
+from pdserve.benchmarks.progress import bar, is_terminal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if not is_terminal():  # transformers' own bars (save, load) would put carriage returns in a log
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
+from pdserve.benchmarks.engine_throughput_report import machine_info, write_markdown  # noqa: E402
+from pdserve.benchmarks.engine_throughput_setup import (  # noqa: E402
+    QUICK_SHAPE,
+    Case,
+    Shape,
+    log,
+    make_cases,
+    make_checkpoint,
+    make_prompts,
+    read_model_info,
+)
+from pdserve.benchmarks.engine_throughput_sides import (  # noqa: E402
+    PAD_ID,
+    EngineSide,
+    HFSide,
+    compare,
+    profile_engine,
+)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "results"
-PAD_ID = 0
 
-
-def log(msg: str) -> None:
-    print(f"[engine_throughput] {msg}", file=sys.stderr, flush=True)
-
-
-# -- checkpoint ---------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    hidden: int = 512
-    layers: int = 8
-    heads: int = 8
-    kv_heads: int = 4
-    intermediate: int = 1408
-    vocab: int = 8192
-    max_pos: int = 2048
-    seed: int = 0
-
-    @property
-    def dirname(self) -> str:
-        return (f"llama-h{self.hidden}-l{self.layers}-a{self.heads}-kv{self.kv_heads}"
-                f"-i{self.intermediate}-v{self.vocab}-p{self.max_pos}-s{self.seed}")
-
-
-QUICK_SHAPE = Shape(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=352, vocab=1024,
-                    max_pos=512)
-
-
-def make_checkpoint(workdir: Path, shape: Shape) -> Path:
-    """Create (once) a random float32 Llama checkpoint; return its directory."""
-    target = workdir / shape.dirname
-    if (target / "config.json").is_file():
-        log(f"using cached checkpoint {target}")
-        return target
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    log(f"creating random checkpoint {target}")
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads, max_position_embeddings=shape.max_pos,
-        rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
-    torch.manual_seed(shape.seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=workdir))
-    try:
-        model.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)  # atomic; loses the race gracefully
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def read_model_info(path: Path) -> dict:
-    cfg = json.loads((path / "config.json").read_text())
-    keys = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "intermediate_size", "vocab_size", "max_position_embeddings",
-            "tie_word_embeddings", "torch_dtype", "dtype")
-    return {k: cfg[k] for k in keys if k in cfg}
-
-
-# -- cases -------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    name: str
-    prompt_lens: tuple[int, ...]
-    new_tokens: int
-
-    @property
-    def batch(self) -> int:
-        return len(self.prompt_lens)
-
-    @property
-    def generated(self) -> int:
-        return self.batch * self.new_tokens
-
-
-def make_cases(quick: bool, seed: int, batch: int = 16, batch_new_tokens: int = 64,
-               min_len: int = 16, max_len: int = 256) -> list[Case]:
-    rng = random.Random(seed)
-    if quick:
-        b1 = Case("batch1", (32,), 16)
-        lens = tuple(rng.randint(8, 48) for _ in range(4))
-        return [b1, Case("batch4_mixed", lens, 8)]
-    b1 = Case("batch1", (128,), 128)
-    # Uniformly spread min_len..max_len, shuffled with the fixed seed (arrival order mixed).
-    step = (max_len - min_len) / max(batch - 1, 1)
-    lens = [round(min_len + i * step) for i in range(batch)]
-    rng.shuffle(lens)
-    return [b1, Case(f"batch{batch}_mixed", tuple(lens), batch_new_tokens)]
-
-
-def make_prompts(case: Case, vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    # Avoid id 0 (the pad id) and the first few ids (often special tokens).
-    lo = min(4, vocab - 1)
-    return [torch.randint(lo, vocab, (n,), generator=g).tolist() for n in case.prompt_lens]
-
-
-def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return ids, mask
-
-
-# -- runners -----------------------------------------------------------------------------
-
-class EngineSide:
-    def __init__(self, model_path: Path, cases: list[Case], block_size: int = 16):
-        from pdserve.engine.config import EngineConfig
-        from pdserve.engine.llm_engine import LLMEngine
-
-        max_seqs = max(16, max(c.batch for c in cases))
-        blocks = max(sum(-(-(n + c.new_tokens + 1) // block_size) for n in c.prompt_lens)
-                     for c in cases)
-        batched = max(8192, max(sum(c.prompt_lens) + c.batch for c in cases))
-        self.config = EngineConfig(
-            model=str(model_path), device="cpu", dtype="float32", block_size=block_size,
-            num_kv_blocks=blocks + 16, max_num_seqs=max_seqs, max_num_batched_tokens=batched,
-            enable_prefix_caching=False, attention_backend="torch",
-        )
-        t0 = time.perf_counter()
-        self.engine = LLMEngine.from_config(self.config)
-        self.load_s = time.perf_counter() - t0
-
-    def run(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-        from pdserve.engine.sampling_params import SamplingParams
-
-        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            outs = self.engine.generate(prompts, params)
-            elapsed = time.perf_counter() - t0
-        return elapsed, [list(o.token_ids) for o in outs]
-
-
-class HFSide:
-    def __init__(self, model_path: Path, attn: str):
-        from transformers import AutoModelForCausalLM
-
-        t0 = time.perf_counter()
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(model_path), dtype=torch.float32, attn_implementation=attn,
-            local_files_only=True,
-        ).eval()
-        self.load_s = time.perf_counter() - t0
-        gen = self.model.generation_config
-        gen.eos_token_id = None  # ignore EOS, like SamplingParams(ignore_eos=True)
-        gen.pad_token_id = PAD_ID
-        gen.bos_token_id = None
-        self.attn = attn
-
-    def run(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-        ids, mask = left_pad(prompts)
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            out = self.model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=False,
-                max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            )
-            elapsed = time.perf_counter() - t0
-        gen = out[:, ids.shape[1]:].tolist()
-        return elapsed, gen
-
-
-def compare(engine_toks: list[list[int]], hf_toks: list[list[int]]) -> dict:
-    total = same = seq_same = 0
-    first_div = []
-    for e, h in zip(engine_toks, hf_toks, strict=True):
-        n = max(len(e), len(h))
-        total += n
-        same += sum(1 for a, b in zip(e, h, strict=False) if a == b)
-        seq_same += e == h
-        div = next((i for i, (a, b) in enumerate(zip(e, h, strict=False)) if a != b), None)
-        if div is None and len(e) != len(h):
-            div = min(len(e), len(h))
-        first_div.append(div)
-    prefix = sum(d if d is not None else len(e) for d, e in zip(first_div, engine_toks,
-                                                               strict=True))
-    return {
-        "exact": seq_same == len(engine_toks),
-        "token_match_fraction": same / total if total else 1.0,
-        "prefix_match_fraction": prefix / total if total else 1.0,
-        "sequence_match_fraction": seq_same / len(engine_toks),
-        "first_divergence": first_div,
-    }
-
-
-def profile_engine(side: EngineSide, prompts: list[list[int]], new_tokens: int,
-                   top: int = 25) -> dict:
-    prof = cProfile.Profile()
-    prof.enable()
-    elapsed, _ = side.run(prompts, new_tokens)
-    prof.disable()
-    s = io.StringIO()
-    stats = pstats.Stats(prof, stream=s)
-    stats.sort_stats("tottime").print_stats(top)
-    rows = []
-    for (file, line, func), (_cc, nc, tt, ct, _callers) in sorted(
-            stats.stats.items(), key=lambda kv: -kv[1][2])[:top]:
-        rows.append({"function": f"{Path(file).name}:{line}({func})", "calls": nc,
-                     "tottime_s": round(tt, 4), "cumtime_s": round(ct, 4)})
-    return {"wall_s_under_profiler": elapsed, "top_by_tottime": rows}
-
-
-# -- reporting ---------------------------------------------------------------------------
-
-
-
-def machine_info() -> dict:
-    import transformers
-
-    return {
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-    }
-
-
-def write_markdown(path: Path, report: dict) -> None:
-    m, cfg = report["machine"], report["config"]
-    lines = [
-        "# pdserve engine vs. transformers `generate` (CPU throughput)",
-        "",
-        f"{m['date_utc']} · torch {m['torch']} · transformers {m['transformers']} · "
-        f"{m['cpu_model']} · {m['torch_threads']} threads · float32 · greedy · "
-        f"HF attn `{cfg['hf_attn']}` · median of {cfg['reps']} interleaved reps",
-        "",
-        f"Model: `{cfg['model_label']}` ({cfg['model_info'].get('num_hidden_layers')} layers, "
-        f"hidden {cfg['model_info'].get('hidden_size')}, vocab "
-        f"{cfg['model_info'].get('vocab_size')})",
-        "",
-        "| case | batch | prompt lens | new tokens | engine tok/s | HF tok/s | ratio engine/HF "
-        "| greedy match |",
-        "|---|---:|---|---:|---:|---:|---:|---|",
-    ]
-    for c in report["cases"]:
-        lens = c["prompt_lens"]
-        lens_s = str(lens[0]) if len(set(lens)) == 1 else f"{min(lens)}..{max(lens)} (mixed)"
-        mt = c["greedy_match"]
-        match = ("exact" if mt["exact"] else
-                 f"{mt['token_match_fraction']:.1%} tokens, "
-                 f"{mt['sequence_match_fraction']:.0%} seqs")
-        lines.append(
-            f"| {c['name']} | {c['batch']} | {lens_s} | {c['new_tokens']} "
-            f"| {c['engine_tok_s_median']:.1f} | {c['hf_tok_s_median']:.1f} "
-            f"| {c['ratio_engine_over_hf']:.2f}x | {match} |")
-    lines += ["", "Tokens/s = generated tokens / wall time of the whole call (prefill "
-              "included). Generated by `python benchmarks/engine_throughput.py`; raw "
-              "timings in `engine_throughput.json`.", ""]
-    path.write_text("\n".join(lines))
-
-
-# -- main --------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = Shape()
@@ -394,6 +137,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def run_case(case: Case, prompts: list[list[int]], engine: EngineSide, hf: HFSide, reps: int,
+             profile: bool) -> dict:
+    """Warm both sides up, then ``reps`` interleaved timed runs (engine, hf, engine, ...);
+    the case's row of the report."""
+    warm = min(case.new_tokens, 8)
+    engine.run(prompts, warm)
+    hf.run(prompts, warm)
+    eng_s, hf_s = [], []
+    eng_toks = hf_toks = None
+    for r in bar(range(reps), desc=f"[engine_throughput] {case.name}", unit="rep"):
+        t, toks = engine.run(prompts, case.new_tokens)
+        assert sum(map(len, toks)) == case.generated, "engine produced a wrong token count"
+        eng_s.append(t)
+        eng_toks = eng_toks or toks
+        t2, toks2 = hf.run(prompts, case.new_tokens)
+        assert sum(map(len, toks2)) == case.generated, "HF produced a wrong token count"
+        hf_s.append(t2)
+        hf_toks = hf_toks or toks2
+        log(f"  rep {r + 1}/{reps}: engine {t:.2f}s ({case.generated / t:.1f} tok/s), "
+            f"hf {t2:.2f}s ({case.generated / t2:.1f} tok/s)")
+    eng_tps = [case.generated / t for t in eng_s]
+    hf_tps = [case.generated / t for t in hf_s]
+    em, hm = statistics.median(eng_tps), statistics.median(hf_tps)
+    match = compare(eng_toks, hf_toks)
+    res = {
+        "name": case.name, "batch": case.batch, "prompt_lens": list(case.prompt_lens),
+        "new_tokens": case.new_tokens, "generated_tokens": case.generated,
+        "engine_s": eng_s, "hf_s": hf_s, "engine_tok_s": eng_tps, "hf_tok_s": hf_tps,
+        "engine_tok_s_median": em, "hf_tok_s_median": hm,
+        "engine_tok_s_best": max(eng_tps), "hf_tok_s_best": max(hf_tps),
+        "ratio_engine_over_hf": em / hm, "greedy_match": match,
+    }
+    log(f"  median: engine {em:.1f} tok/s, hf {hm:.1f} tok/s, ratio {em / hm:.2f}x; "
+        f"greedy match: exact={match['exact']} tokens={match['token_match_fraction']:.1%}")
+    if profile:
+        log("  profiling one engine run (cProfile)")
+        res["engine_profile"] = profile_engine(engine, prompts, case.new_tokens)
+        for row in res["engine_profile"]["top_by_tottime"][:10]:
+            log(f"    {row['tottime_s']:8.3f}s {row['calls']:7d}  {row['function']}")
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     reps = args.reps if args.reps is not None else (1 if args.quick else 3)
@@ -429,42 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = make_prompts(case, vocab, args.seed + 1000 + ci)
         log(f"case {case.name}: batch {case.batch}, prompt lens {list(case.prompt_lens)}, "
             f"{case.new_tokens} new tokens")
-        warm = min(case.new_tokens, 8)
-        engine.run(prompts, warm)
-        hf.run(prompts, warm)
-        eng_s, hf_s = [], []
-        eng_toks = hf_toks = None
-        for r in range(reps):
-            t, toks = engine.run(prompts, case.new_tokens)
-            assert sum(map(len, toks)) == case.generated, "engine produced a wrong token count"
-            eng_s.append(t)
-            eng_toks = eng_toks or toks
-            t2, toks2 = hf.run(prompts, case.new_tokens)
-            assert sum(map(len, toks2)) == case.generated, "HF produced a wrong token count"
-            hf_s.append(t2)
-            hf_toks = hf_toks or toks2
-            log(f"  rep {r + 1}/{reps}: engine {t:.2f}s ({case.generated / t:.1f} tok/s), "
-                f"hf {t2:.2f}s ({case.generated / t2:.1f} tok/s)")
-        eng_tps = [case.generated / t for t in eng_s]
-        hf_tps = [case.generated / t for t in hf_s]
-        em, hm = statistics.median(eng_tps), statistics.median(hf_tps)
-        match = compare(eng_toks, hf_toks)
-        res = {
-            "name": case.name, "batch": case.batch, "prompt_lens": list(case.prompt_lens),
-            "new_tokens": case.new_tokens, "generated_tokens": case.generated,
-            "engine_s": eng_s, "hf_s": hf_s, "engine_tok_s": eng_tps, "hf_tok_s": hf_tps,
-            "engine_tok_s_median": em, "hf_tok_s_median": hm,
-            "engine_tok_s_best": max(eng_tps), "hf_tok_s_best": max(hf_tps),
-            "ratio_engine_over_hf": em / hm, "greedy_match": match,
-        }
-        log(f"  median: engine {em:.1f} tok/s, hf {hm:.1f} tok/s, ratio {em / hm:.2f}x; "
-            f"greedy match: exact={match['exact']} tokens={match['token_match_fraction']:.1%}")
-        if args.profile:
-            log("  profiling one engine run (cProfile)")
-            res["engine_profile"] = profile_engine(engine, prompts, case.new_tokens)
-            for row in res["engine_profile"]["top_by_tottime"][:10]:
-                log(f"    {row['tottime_s']:8.3f}s {row['calls']:7d}  {row['function']}")
-        results.append(res)
+        results.append(run_case(case, prompts, engine, hf, reps, args.profile))
 
     engine_cfg = dataclasses.asdict(engine.config)
     engine_cfg["model"] = str(engine_cfg["model"])

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sys
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
@@ -26,6 +24,7 @@ from typing import Any, Literal
 import grpc
 import numpy as np
 
+from pdserve.benchmarks.progress import bar, refresh_due
 from pdserve.benchmarks.trace import Trace, TraceRequest
 from pdserve.cluster.client import ClientSecurity, auth_metadata
 from pdserve.protos import pdserve_pb2, pdserve_pb2_grpc
@@ -52,7 +51,7 @@ class LoadGenConfig:
     num_channels: int = 1
     timeout_s: float | None = None  # per-request gRPC deadline
     quiet: bool = False
-    progress_interval_s: float = 0.5
+    progress_interval_s: float = 0.5  # least time between redraws (log: progress.LOG_INTERVAL_S)
     # TLS / token sources for a secured endpoint: paths and an env var name only, so the
     # config can be saved with the results without leaking a secret.
     security: ClientSecurity | None = None
@@ -204,33 +203,34 @@ def _finish_reason(value: int) -> str:
 
 
 class _Progress:
-    """Counters plus a single self-overwriting status line on stderr."""
+    """A run's counters, shown as a progress bar of finished requests on stderr
+    (benchmarks/progress.py: live on a terminal, a line now and then in a log)."""
 
-    def __init__(self, name: str, total: int, quiet: bool):
-        self.name, self.total, self.quiet = name, total, quiet
+    def __init__(self, name: str, total: int, quiet: bool, interval_s: float):
         self.sent = self.done = self.rejected = self.failed = 0
-        self._history: deque[tuple[float, int]] = deque()
+        self.bar = bar(total=total, desc=f"bench {name}", unit="req", disable=quiet,
+                       interval_s=interval_s)
 
-    def line(self, elapsed: float) -> str:
-        # Current send rate over the last ~5 s, so bursts and lulls in the trace show.
-        self._history.append((elapsed, self.sent))
-        while len(self._history) > 2 and elapsed - self._history[0][0] > 5.0:
-            self._history.popleft()
-        t0, s0 = self._history[0]
-        rate = (self.sent - s0) / (elapsed - t0) if elapsed > t0 else 0.0
-        return (f"[bench {self.name}] sent {self.sent}/{self.total} done {self.done} "
-                f"rejected {self.rejected} failed {self.failed} | {elapsed:6.1f} s | "
-                f"{rate:6.2f} req/s")
+    def send(self) -> None:
+        self.sent += 1
+        self._postfix()
 
-    async def show(self, start: float, interval: float) -> None:
+    def finish(self, outcome: Outcome) -> None:
+        self.done += outcome == "ok"
+        self.rejected += outcome == "rejected"
+        self.failed += outcome == "failed"
+        self._postfix()
+        self.bar.update(1)
+
+    def _postfix(self) -> None:
+        self.bar.set_postfix_str(f"sent {self.sent} ok {self.done} rejected {self.rejected} "
+                                 f"failed {self.failed}", refresh=False)
+
+    async def tick(self, interval: float) -> None:
+        """Keep elapsed time and rate current while no request finishes."""
         while True:
-            self.print(time.perf_counter() - start)
             await asyncio.sleep(interval)
-
-    def print(self, elapsed: float, end: str = "") -> None:
-        if not self.quiet:
-            sys.stderr.write("\r\x1b[2K" + self.line(elapsed) + end)
-            sys.stderr.flush()
+            refresh_due(self.bar)
 
 
 async def run_trace_async(address: str, trace: Trace, config: LoadGenConfig | None = None,
@@ -247,7 +247,7 @@ async def run_trace_async(address: str, trace: Trace, config: LoadGenConfig | No
                 for _ in range(cfg.num_channels)]
     stubs = [pdserve_pb2_grpc.GenerationStub(ch) for ch in channels]
     records: list[RequestRecord | None] = [None] * len(trace)
-    progress = _Progress(name, len(trace), cfg.quiet)
+    progress = _Progress(name, len(trace), cfg.quiet, cfg.progress_interval_s)
     in_flight = asyncio.Semaphore(cfg.max_in_flight)
     started_unix = time.time()
     start = time.perf_counter()
@@ -263,7 +263,7 @@ async def run_trace_async(address: str, trace: Trace, config: LoadGenConfig | No
             tokens: list[int] = []
             finish, usage, status, error = "", None, "OK", ""
             send_s = now()
-            progress.sent += 1
+            progress.send()
             try:
                 call = stubs[i % len(stubs)].Generate(req, timeout=cfg.timeout_s,
                                                       metadata=metadata or None)
@@ -282,14 +282,11 @@ async def run_trace_async(address: str, trace: Trace, config: LoadGenConfig | No
                                 now(), tuple(times), tuple(tokens), finish, usage, status,
                                 error)
             records[i] = rec
-            outcome = rec.outcome
-            progress.done += outcome == "ok"
-            progress.rejected += outcome == "rejected"
-            progress.failed += outcome == "failed"
+            progress.finish(rec.outcome)
         finally:
             in_flight.release()
 
-    ticker = asyncio.create_task(progress.show(start, cfg.progress_interval_s))
+    ticker = asyncio.create_task(progress.tick(cfg.progress_interval_s))
     tasks: list[asyncio.Task] = []
     try:
         for i, tr in enumerate(trace.requests):
@@ -307,7 +304,7 @@ async def run_trace_async(address: str, trace: Trace, config: LoadGenConfig | No
         await asyncio.gather(ticker, *tasks, return_exceptions=True)
         for ch in channels:
             await ch.close()
-    progress.print(wall, end="\n")
+        progress.bar.close()
     return RunResult(address, trace.name, trace.rate, cfg,
                      tuple(r for r in records if r is not None), wall, started_unix)
 

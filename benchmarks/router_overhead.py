@@ -20,12 +20,12 @@ import json
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from pdserve.benchmarks.progress import bar
 from pdserve.cluster.client import Client, build_request
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.demo_model import create_demo_model
@@ -42,11 +42,11 @@ def percentiles(xs: list[float]) -> dict[str, float]:
             "min": xs[0], "max": xs[-1]}
 
 
-def run(address: str, n: int, prompt_len: int, seed: int) -> list[dict[str, float]]:
+def run(address: str, n: int, prompt_len: int, seed: int, what: str) -> list[dict[str, float]]:
     rng = random.Random(seed)
     rows = []
     with Client(address, timeout_s=120) as client:
-        for i in range(n):
+        for _ in bar(range(n), desc=f"router_overhead {what}", unit="req"):
             prompt = [rng.randrange(3, 900) for _ in range(prompt_len)]
             t0 = time.perf_counter()
             ttft = None
@@ -62,8 +62,6 @@ def run(address: str, n: int, prompt_len: int, seed: int) -> list[dict[str, floa
                 "kv_transfer_wait_ms": usage.kv_transfer_wait_ms,
                 "overhead_ms": ttft - usage.prefill_ms,
             })
-            print(f"\r{i + 1}/{n} requests", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
     return rows
 
 
@@ -98,8 +96,8 @@ def main(argv=None) -> int:
         address, stop = cluster.address, cluster.shutdown
         mode = "ray"
     try:
-        run(address, args.warmup, args.prompt_len, seed=1)
-        rows = run(address, args.requests, args.prompt_len, seed=2)
+        run(address, args.warmup, args.prompt_len, seed=1, what="warm-up")
+        rows = run(address, args.requests, args.prompt_len, seed=2, what="requests")
     finally:
         stop()
 

@@ -31,13 +31,13 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import ray
 
 from pdserve.benchmarks.loadgen import LoadGenConfig, run_trace
+from pdserve.benchmarks.progress import note
 from pdserve.benchmarks.trace import load_azure_csv
 from pdserve.cluster.calibration import calibrate, corrected
 from pdserve.cluster.client import Client, build_request
@@ -117,8 +117,9 @@ def main(argv=None) -> int:
     else:
         from pdserve.cluster.profiler import ProfileOptions, profile_model
 
-        print("measuring the latency profile ...", file=sys.stderr)
-        profile = profile_model(engine, ProfileOptions()).to_profile()
+        note("measuring the latency profile ...")
+        profile = profile_model(engine, ProfileOptions(),
+                                progress=lambda msg: note(f"[profile] {msg}")).to_profile()
         profile.save(Path(args.out_dir) / "profile_sim_vs_real.json")
     azure = load_azure_csv(args.trace)
     base = representative_slice(azure, args.requests).scaled(
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     rows = []
     try:
         overhead = calibrate_overhead(cluster.address, mean_prompt)
-        print(f"per-request overhead outside the model: {overhead * 1e3:.1f} ms", file=sys.stderr)
+        note(f"per-request overhead outside the model: {overhead * 1e3:.1f} ms")
         window = calibration_window(azure, args)
 
         def calibrate_at(rate: float):
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
                         if rec.start_s >= t_calib]
 
             cal = calibrate(profile, steps(cluster.prefills), steps(cluster.decodes))
-            print(f"calibration at {rate:g} req/s: {cal}", file=sys.stderr)
+            note(f"calibration at {rate:g} req/s: {cal}")
             return cal
 
         for rate in rates:
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
                         err = "rel_err" + tag.removeprefix("sim")
                         row[f"{metric}_p{q}_{err}"] = (s_ - r_) / r_
             rows.append(row)
-            print(json.dumps(row), file=sys.stderr)
+            note(json.dumps(row))
     finally:
         cluster.shutdown()
 

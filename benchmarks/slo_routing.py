@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from pdserve.benchmarks.loadgen import LoadGenConfig, run_trace
+from pdserve.benchmarks.progress import note
 from pdserve.benchmarks.report import summarize
 from pdserve.benchmarks.trace import load_azure_csv
 from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         rows.append(sim_row("OPT-13B 3P+2D (DistServe A100 model)", plan13, opt, big, slo13, cfg))
     if not args.skip_real:
         for policy in ("least_loaded", "slo_aware"):
-            print(f"real cluster: {policy} ...", file=sys.stderr)
+            note(f"real cluster: {policy} ...")
             rows.append(real_row("demo 1P+1D (real CPU cluster)", model, engine, trace, slo,
                                  policy, args.profile))
 
