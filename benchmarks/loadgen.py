@@ -26,10 +26,10 @@ from typing import Any, Literal
 import grpc
 import numpy as np
 
-from pdserve.benchmarks.trace import Trace, TraceRequest
 from pdserve.cluster.client import ClientSecurity, auth_metadata
 from pdserve.protos import pdserve_pb2, pdserve_pb2_grpc
 from pdserve.router.slo import tpot
+from pdserve.workloads.trace import Trace, TraceRequest
 
 # Ids 0..2 are the demo tokenizer's special tokens (<s>, </s>, <pad>); prompts avoid them
 # so a random prompt never contains an end-of-sequence marker.

@@ -38,7 +38,6 @@ from pathlib import Path
 import ray
 
 from pdserve.benchmarks.loadgen import LoadGenConfig, run_trace
-from pdserve.benchmarks.trace import load_azure_csv
 from pdserve.cluster.calibration import calibrate, corrected
 from pdserve.cluster.client import Client, build_request
 from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
@@ -50,6 +49,7 @@ from pdserve.engine.demo_model import create_demo_model
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.router.actor import RouterConfig
 from pdserve.router.server import ServerConfig
+from pdserve.workloads.formats import load_azure_csv
 
 AZURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "azure_llm_2023_conv.csv"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -86,7 +86,7 @@ def calibrate_overhead(address: str, prompt_len: int, n: int = 30) -> float:
 def calibration_window(azure, args):
     """A different block of the same trace (requests 2000.., far from the evaluation
     slice), shaped the same way: same workload, different requests."""
-    from pdserve.benchmarks.trace import Trace, TraceRequest
+    from pdserve.workloads.trace import Trace, TraceRequest
 
     sel = azure.requests[2000:2000 + args.requests]
     t0 = sel[0].arrival_s

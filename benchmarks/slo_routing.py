@@ -25,7 +25,6 @@ from pathlib import Path
 
 from pdserve.benchmarks.loadgen import LoadGenConfig, run_trace
 from pdserve.benchmarks.report import summarize
-from pdserve.benchmarks.trace import load_azure_csv
 from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
 from pdserve.cluster.profile import LatencyProfile, distserve_opt13b_a100
 from pdserve.cluster.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate
@@ -36,6 +35,7 @@ from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.router.actor import RouterConfig
 from pdserve.router.server import ServerConfig
 from pdserve.router.slo import SloConfig
+from pdserve.workloads.formats import load_azure_csv
 
 AZURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "azure_llm_2023_conv.csv"
 RESULTS = Path(__file__).resolve().parent / "results"

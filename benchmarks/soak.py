@@ -48,7 +48,6 @@ import ray
 
 from pdserve.benchmarks.hostinfo import cpu_model
 from pdserve.benchmarks.loadgen import FIRST_PROMPT_TOKEN_ID, LoadGenConfig, run_trace
-from pdserve.benchmarks.trace import Trace, load_azure_csv, synthetic
 from pdserve.cluster.client import Client, build_request
 from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
 from pdserve.engine.config import EngineConfig
@@ -56,6 +55,9 @@ from pdserve.engine.demo_model import create_demo_model
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.router.actor import RouterConfig
 from pdserve.router.server import ServerConfig
+from pdserve.workloads.formats import load_azure_csv
+from pdserve.workloads.synthetic import synthetic
+from pdserve.workloads.trace import Trace
 
 AZURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "azure_llm_2023_conv.csv"
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -30,8 +30,8 @@ from pdserve.benchmarks.report import (
     markdown_report,
     summarize,
 )
-from pdserve.benchmarks.trace import Trace
 from pdserve.router.slo import SloConfig
+from pdserve.workloads.trace import Trace
 
 _FILE_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 

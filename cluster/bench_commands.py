@@ -54,7 +54,8 @@ def parse_rates(text: str) -> tuple[float, ...]:
 
 def load_trace_spec(spec: str, prompt_len: tuple[int, int], output_len: tuple[int, int],
                     seed: int = 0):
-    from pdserve.benchmarks.trace import load_trace, synthetic
+    from pdserve.workloads.formats import load_trace
+    from pdserve.workloads.synthetic import synthetic
 
     kind, *params = spec.split(":")
     try:

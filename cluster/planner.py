@@ -39,7 +39,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-from pdserve.benchmarks.trace import Trace
 from pdserve.cluster.cluster_desc import ClusterDesc
 from pdserve.cluster.plan import (
     Plan,
@@ -54,6 +53,7 @@ from pdserve.cluster.simulator.evaluator import Candidate, Evaluation, Evaluator
 from pdserve.cluster.simulator.goodput import GoodputResult
 from pdserve.cluster.simulator.workload import Workload, representative_slice
 from pdserve.router.slo import SloConfig
+from pdserve.workloads.trace import Trace
 
 AFFINITY_CHOICES = ("auto", "high", "low")
 

@@ -36,8 +36,9 @@ def _range(text: str) -> tuple[int, int]:
 def load_trace_spec(spec: str, max_requests: int | None = None):
     """A trace from a CSV path, ``azure``, or a ``poisson:``/``gamma:`` spec, optionally sliced to a
     representative window of ``max_requests``."""
-    from pdserve.benchmarks.trace import load_trace, synthetic
     from pdserve.cluster.simulator import representative_slice
+    from pdserve.workloads.formats import load_trace
+    from pdserve.workloads.synthetic import synthetic
 
     kind = spec.split(":", 1)[0]
     if kind in ("poisson", "gamma"):

@@ -55,7 +55,8 @@ def find_trace(explicit: str | None) -> Path | None:
 
 
 def build_trace(args, max_prompt: int, max_output: int):
-    from pdserve.benchmarks.trace import load_azure_csv, synthetic
+    from pdserve.workloads.formats import load_azure_csv
+    from pdserve.workloads.synthetic import synthetic
 
     path = find_trace(args.trace)
     if path is not None:

@@ -7,7 +7,6 @@ degrees) and routes to the disaggregated or the colocated event loop. It accepts
 
 from __future__ import annotations
 
-from pdserve.benchmarks.trace import Trace
 from pdserve.cluster.profile import LatencyProfile
 from pdserve.cluster.simulator.colocated import run_colocated
 from pdserve.cluster.simulator.config import (
@@ -20,6 +19,7 @@ from pdserve.cluster.simulator.config import (
 from pdserve.cluster.simulator.disagg import run_disagg
 from pdserve.cluster.simulator.result import SimResult
 from pdserve.cluster.simulator.workload import Workload
+from pdserve.workloads.trace import Trace
 
 
 def as_workload(trace: Trace | Workload) -> Workload:

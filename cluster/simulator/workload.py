@@ -15,7 +15,7 @@ import bisect
 import math
 from dataclasses import dataclass
 
-from pdserve.benchmarks.trace import Trace
+from pdserve.workloads.trace import Trace
 
 
 @dataclass(frozen=True)

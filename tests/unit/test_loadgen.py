@@ -15,10 +15,11 @@ import pytest
 from pdserve.benchmarks.loadgen import LoadGenConfig, build_bench_request, run_trace
 from pdserve.benchmarks.report import summarize
 from pdserve.benchmarks.sweep import SweepConfig, compare, load_sweep, run_sweep
-from pdserve.benchmarks.trace import Trace, TraceRequest, synthetic
 from pdserve.cluster.local import LocalCluster
 from pdserve.engine.config import EngineConfig
 from pdserve.router.slo import SloConfig
+from pdserve.workloads.synthetic import synthetic
+from pdserve.workloads.trace import Trace, TraceRequest
 
 TOO_LONG = 5000  # the demo model's context is 4096 tokens
 

@@ -27,7 +27,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pdserve.benchmarks.loadgen import LoadGenConfig, RunResult, run_trace
-from pdserve.benchmarks.trace import synthetic
 from pdserve.cluster.cli import build_parser, main
 from pdserve.cluster.client import Client, ClientSecurity, build_request, open_channel
 from pdserve.cluster.commands import client_security_from_args, security_summary
@@ -36,6 +35,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.router.actor import RouterConfig
 from pdserve.router.auth import TOKENS_ENV, TokenSet, bearer_token, load_tokens
 from pdserve.router.server import ServerConfig
+from pdserve.workloads.synthetic import synthetic
 
 FILE_TOKENS = ("file-token-0123456789abcdef", "second-file-token-fedcba9876")
 ENV_TOKEN = "env-token-0123456789ABCDEFG"

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.benchmarks.trace import Trace, TraceRequest, load_azure_csv, synthetic
 from pdserve.cluster.profile import (
     DecodeFit,
     LatencyProfile,
@@ -32,6 +31,9 @@ from pdserve.cluster.simulator import (
     simulate,
 )
 from pdserve.router.slo import SloConfig
+from pdserve.workloads.formats import load_azure_csv
+from pdserve.workloads.synthetic import synthetic
+from pdserve.workloads.trace import Trace, TraceRequest
 
 AZURE = Path(__file__).resolve().parents[3] / "shared" / "data" / "azure_llm_2023_conv.csv"
 
