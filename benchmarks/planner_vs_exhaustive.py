@@ -31,9 +31,9 @@ from pathlib import Path
 
 from pdserve.cluster.cluster_desc import ClusterDesc
 from pdserve.cluster.planner import Planner, PlannerConfig
-from pdserve.cluster.profile import distserve_opt13b_a100
 from pdserve.cluster.simulator import SimConfig, simulate
 from pdserve.cluster.simulator.evaluator import Evaluation
+from pdserve.engine.latency_profile import distserve_opt13b_a100
 from pdserve.router.slo import SloConfig
 from pdserve.workloads.formats import load_azure_csv
 from pdserve.workloads.trace import Trace, TraceRequest

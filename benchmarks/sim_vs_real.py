@@ -41,11 +41,11 @@ from pdserve.benchmarks.loadgen import LoadGenConfig, run_trace
 from pdserve.cluster.calibration import calibrate, corrected
 from pdserve.cluster.client import Client, build_request
 from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
-from pdserve.cluster.profile import LatencyProfile
 from pdserve.cluster.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate
 from pdserve.cluster.simulator.workload import representative_slice
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.demo_model import create_demo_model
+from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.router.actor import RouterConfig
 from pdserve.router.server import ServerConfig

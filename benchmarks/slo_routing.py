@@ -26,11 +26,11 @@ from pathlib import Path
 from pdserve.benchmarks.loadgen import LoadGenConfig, run_trace
 from pdserve.benchmarks.report import summarize
 from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
-from pdserve.cluster.profile import LatencyProfile, distserve_opt13b_a100
 from pdserve.cluster.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate
 from pdserve.cluster.simulator.workload import representative_slice
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.demo_model import create_demo_model
+from pdserve.engine.latency_profile import LatencyProfile, distserve_opt13b_a100
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.router.actor import RouterConfig
 from pdserve.router.server import ServerConfig

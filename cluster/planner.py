@@ -47,11 +47,11 @@ from pdserve.cluster.plan import (
     instance_groups,
     low_affinity_groups,
 )
-from pdserve.cluster.profile import LatencyProfile
 from pdserve.cluster.simulator.config import DisaggPlanSpec, InstanceSpec, SimConfig
 from pdserve.cluster.simulator.evaluator import Candidate, Evaluation, Evaluator, sim_key
 from pdserve.cluster.simulator.goodput import GoodputResult
 from pdserve.cluster.simulator.workload import Workload, representative_slice
+from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.router.slo import SloConfig
 from pdserve.workloads.trace import Trace
 

@@ -55,9 +55,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pdserve.cluster.profile import DecodeFit, LatencyProfile, ParallelEntry, PrefillFit
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_cache import KVCacheSpec
+from pdserve.engine.latency_profile import DecodeFit, LatencyProfile, ParallelEntry, PrefillFit
 
 Progress = Callable[[str], None]
 

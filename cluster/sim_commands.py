@@ -20,7 +20,7 @@ DISTSERVE_PROFILE = "distserve-opt13b"
 
 
 def load_profile(spec: str):
-    from pdserve.cluster.profile import LatencyProfile, distserve_opt13b_a100
+    from pdserve.engine.latency_profile import LatencyProfile, distserve_opt13b_a100
 
     return distserve_opt13b_a100() if spec == DISTSERVE_PROFILE else LatencyProfile.load(spec)
 

@@ -24,11 +24,11 @@ import heapq
 import math
 from collections import deque
 
-from pdserve.cluster.profile import LatencyProfile
 from pdserve.cluster.simulator.config import ColocatedPlanSpec, SimConfig
 from pdserve.cluster.simulator.costs import DecodeCost, PrefillCost, mixed_step_s
 from pdserve.cluster.simulator.result import SimResult
 from pdserve.cluster.simulator.workload import Workload
+from pdserve.engine.latency_profile import LatencyProfile
 
 
 def run_colocated(plan: ColocatedPlanSpec, profile: LatencyProfile, w: Workload,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.cluster.profile import InstanceModel
+from pdserve.engine.latency_profile import InstanceModel
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,11 @@ import heapq
 import math
 from collections import deque
 
-from pdserve.cluster.profile import LatencyProfile
 from pdserve.cluster.simulator.config import DisaggPlanSpec, SimConfig
 from pdserve.cluster.simulator.costs import DecodeCost, PrefillCost
 from pdserve.cluster.simulator.result import SimResult
 from pdserve.cluster.simulator.workload import Workload
+from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.router.policy_slo import TokenRate, predict_ttft_s
 
 _PDONE, _PFREE, _KV, _DSTEP = 0, 1, 2, 3

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.cluster.profile import LatencyProfile
 from pdserve.cluster.simulator.config import (
     ColocatedPlanSpec,
     DisaggPlanSpec,
@@ -22,6 +21,7 @@ from pdserve.cluster.simulator.config import (
 )
 from pdserve.cluster.simulator.goodput import GoodputResult, GoodputSearch
 from pdserve.cluster.simulator.workload import Workload
+from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.router.slo import SloConfig
 
 

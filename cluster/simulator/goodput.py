@@ -23,10 +23,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pdserve.cluster.profile import LatencyProfile
 from pdserve.cluster.simulator.config import PlanSpec, SimConfig
 from pdserve.cluster.simulator.simulate import as_workload, simulate
 from pdserve.cluster.simulator.workload import Workload
+from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.router.slo import SloConfig
 from pdserve.workloads.trace import Trace
 

@@ -7,7 +7,6 @@ degrees) and routes to the disaggregated or the colocated event loop. It accepts
 
 from __future__ import annotations
 
-from pdserve.cluster.profile import LatencyProfile
 from pdserve.cluster.simulator.colocated import run_colocated
 from pdserve.cluster.simulator.config import (
     PHASES,
@@ -19,6 +18,7 @@ from pdserve.cluster.simulator.config import (
 from pdserve.cluster.simulator.disagg import run_disagg
 from pdserve.cluster.simulator.result import SimResult
 from pdserve.cluster.simulator.workload import Workload
+from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.workloads.trace import Trace
 
 

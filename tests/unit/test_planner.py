@@ -7,8 +7,8 @@ import pytest
 from pdserve.cluster.cluster_desc import ClusterDesc, a100_cluster
 from pdserve.cluster.plan import Plan, low_affinity_groups
 from pdserve.cluster.planner import Planner, PlannerConfig, PlanningError
-from pdserve.cluster.profile import DecodeFit, LatencyProfile, ParallelEntry, PrefillFit
 from pdserve.cluster.simulator import DisaggPlanSpec, InstanceSpec, goodput
+from pdserve.engine.latency_profile import DecodeFit, LatencyProfile, ParallelEntry, PrefillFit
 from pdserve.router.slo import SloConfig
 from pdserve.workloads.synthetic import synthetic
 

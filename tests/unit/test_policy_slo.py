@@ -9,8 +9,8 @@ import pytest
 
 from pdserve.cluster.client import Client, build_request
 from pdserve.cluster.local import LocalCluster
-from pdserve.cluster.profile import DecodeFit, LatencyProfile, ParallelEntry, PrefillFit
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.latency_profile import DecodeFit, LatencyProfile, ParallelEntry, PrefillFit
 from pdserve.router.actor import RouterConfig
 from pdserve.router.policy import RoutingRequest, WorkerLoad
 from pdserve.router.policy_slo import SloAware

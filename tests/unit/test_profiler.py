@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from pdserve.cluster.profile import LatencyProfile
 from pdserve.cluster.profile_commands import (
     markdown_report,
     options_from_args,
@@ -31,6 +30,7 @@ from pdserve.cluster.profiler import (
     split_indices,
 )
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.latency_profile import LatencyProfile
 
 
 def _noisy(values: list[float], rel_noise: float, seed: int) -> list[float]:

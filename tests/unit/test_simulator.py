@@ -11,13 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.cluster.profile import (
-    DecodeFit,
-    LatencyProfile,
-    ParallelEntry,
-    PrefillFit,
-    distserve_opt13b_a100,
-)
 from pdserve.cluster.simulator import (
     ColocatedPlanSpec,
     DisaggPlanSpec,
@@ -29,6 +22,13 @@ from pdserve.cluster.simulator import (
     goodput,
     representative_slice,
     simulate,
+)
+from pdserve.engine.latency_profile import (
+    DecodeFit,
+    LatencyProfile,
+    ParallelEntry,
+    PrefillFit,
+    distserve_opt13b_a100,
 )
 from pdserve.router.slo import SloConfig
 from pdserve.workloads.formats import load_azure_csv

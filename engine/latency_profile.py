@@ -8,7 +8,8 @@ one entry per tensor-parallel degree (pipeline parallelism is applied by the for
 the KV capacity in tokens, the KV bytes per token and measured transfer bandwidths. It
 is written as JSON by ``pdserve profile`` and read by the simulator, the planner and the
 SLO-aware router. ``distserve_opt13b_a100()`` is DistServe's published model, the
-reference for testing the planner.
+reference for testing the planner. Pure Python with no torch, kept in ``engine/`` so the
+router and ``cluster/`` both read profiles without importing the planner.
 """
 
 from __future__ import annotations
