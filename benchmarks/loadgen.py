@@ -26,7 +26,7 @@ from typing import Any, Literal
 import grpc
 import numpy as np
 
-from pdserve.cluster.client import ClientSecurity, auth_metadata
+from pdserve.cluster.cli.client import ClientSecurity, auth_metadata
 from pdserve.protos import pdserve_pb2, pdserve_pb2_grpc
 from pdserve.router.slo import tpot
 from pdserve.workloads.trace import Trace, TraceRequest

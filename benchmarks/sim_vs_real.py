@@ -12,7 +12,7 @@ Calibration, done before and apart from the replays (nothing is fitted to them):
   sequential requests: client TTFT minus the prefill worker's compute time;
 - from the workers' step logs over a separate calibration replay (a different window of
   the trace, replayed at each load level just before that level's evaluation replay),
-  ``cluster/calibration.py`` measures per phase the ratio
+  ``cluster/planning/calibration.py`` measures per phase the ratio
   of logged to predicted step time for steps that ran alone (the profile's correction),
   and the extra slow-down of steps that ran while the other pool was busy
   (``HostContention``): the profiler times a step alone on an idle machine, while in this
@@ -38,11 +38,11 @@ from pathlib import Path
 import ray
 
 from pdserve.benchmarks.loadgen import LoadGenConfig, run_trace
-from pdserve.cluster.calibration import calibrate, corrected
-from pdserve.cluster.client import Client, build_request
-from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
-from pdserve.cluster.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate
-from pdserve.cluster.simulator.workload import representative_slice
+from pdserve.cluster.cli.client import Client, build_request
+from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
+from pdserve.cluster.planning.calibration import calibrate, corrected
+from pdserve.cluster.planning.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate
+from pdserve.cluster.planning.simulator.workload import representative_slice
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.demo_model import create_demo_model
 from pdserve.engine.latency_profile import LatencyProfile
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     if args.profile:
         profile = LatencyProfile.load(args.profile)
     else:
-        from pdserve.cluster.profiler import ProfileOptions, profile_model
+        from pdserve.cluster.planning.profiler import ProfileOptions, profile_model
 
         print("measuring the latency profile ...", file=sys.stderr)
         profile = profile_model(engine, ProfileOptions()).to_profile()

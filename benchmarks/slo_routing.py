@@ -25,9 +25,9 @@ from pathlib import Path
 
 from pdserve.benchmarks.loadgen import LoadGenConfig, run_trace
 from pdserve.benchmarks.report import summarize
-from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
-from pdserve.cluster.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate
-from pdserve.cluster.simulator.workload import representative_slice
+from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
+from pdserve.cluster.planning.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate
+from pdserve.cluster.planning.simulator.workload import representative_slice
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.demo_model import create_demo_model
 from pdserve.engine.latency_profile import LatencyProfile, distserve_opt13b_a100

@@ -48,8 +48,8 @@ import ray
 
 from pdserve.benchmarks.hostinfo import cpu_model
 from pdserve.benchmarks.loadgen import FIRST_PROMPT_TOKEN_ID, LoadGenConfig, run_trace
-from pdserve.cluster.client import Client, build_request
-from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
+from pdserve.cluster.cli.client import Client, build_request
+from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.demo_model import create_demo_model
 from pdserve.kv_transfer.backend_config import KVTransferConfig

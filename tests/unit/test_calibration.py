@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.cluster.calibration import calibrate, corrected, correction_factors
+from pdserve.cluster.planning.calibration import calibrate, corrected, correction_factors
 from pdserve.engine.latency_profile import DecodeFit, LatencyProfile, ParallelEntry, PrefillFit
 from pdserve.engine.step_log import StepLog, StepRecord
 

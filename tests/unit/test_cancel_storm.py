@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from pdserve.cluster.client import build_request
-from pdserve.cluster.local import LocalCluster
+from pdserve.cluster.cli.client import build_request
+from pdserve.cluster.launch.local import LocalCluster
 from pdserve.protos import pdserve_pb2_grpc
 from tests.cluster_helpers import engine_config, local_idle, wait_until
 

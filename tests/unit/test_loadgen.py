@@ -15,7 +15,7 @@ import pytest
 from pdserve.benchmarks.loadgen import LoadGenConfig, build_bench_request, run_trace
 from pdserve.benchmarks.report import summarize
 from pdserve.benchmarks.sweep import SweepConfig, compare, load_sweep, run_sweep
-from pdserve.cluster.local import LocalCluster
+from pdserve.cluster.launch.local import LocalCluster
 from pdserve.engine.config import EngineConfig
 from pdserve.router.slo import SloConfig
 from pdserve.workloads.synthetic import synthetic

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from pdserve.cluster.profile_commands import (
+from pdserve.cluster.cli.profile_commands import (
     markdown_report,
     options_from_args,
     plot_heldout,
     register,
     summary,
 )
-from pdserve.cluster.profiler import (
+from pdserve.cluster.planning.profiler import (
     Measurement,
     ProfileOptions,
     decode_grid,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.cluster.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate
+from pdserve.cluster.planning.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate
 from pdserve.engine.latency_profile import DecodeFit, LatencyProfile, ParallelEntry, PrefillFit
 from pdserve.router.slo import SloConfig
 from pdserve.workloads.synthetic import synthetic

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.cluster.simulator import (
+from pdserve.cluster.planning.simulator import (
     ColocatedPlanSpec,
     DisaggPlanSpec,
     GoodputSearch,

@@ -27,7 +27,7 @@ Request lifecycle (times are virtual seconds):
 step is stretched by ``1 + (k - 1) * f``, where ``f`` is the share of it during which the
 other pool stays busy: for a decode step, the running prefill batch's remaining time;
 for a prefill batch, how long the decode lanes keep running their current requests.
-``k`` is the measured factor (``HostContention``, from ``cluster/calibration.py``).
+``k`` is the measured factor (``HostContention``, from ``cluster/planning/calibration.py``).
 
 Requests with one output token finish at prefill. Phase ``"prefill"`` stops after step 2;
 phase ``"decode"`` starts at step 4 with the KV present at arrival (first token = arrival).
@@ -41,10 +41,10 @@ import heapq
 import math
 from collections import deque
 
-from pdserve.cluster.simulator.config import DisaggPlanSpec, SimConfig
-from pdserve.cluster.simulator.costs import DecodeCost, PrefillCost
-from pdserve.cluster.simulator.result import SimResult
-from pdserve.cluster.simulator.workload import Workload
+from pdserve.cluster.planning.simulator.config import DisaggPlanSpec, SimConfig
+from pdserve.cluster.planning.simulator.costs import DecodeCost, PrefillCost
+from pdserve.cluster.planning.simulator.result import SimResult
+from pdserve.cluster.planning.simulator.workload import Workload
 from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.router.policy_slo import TokenRate, predict_ttft_s
 

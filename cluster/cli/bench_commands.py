@@ -16,18 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
-AZURE_CONV = Path("shared") / "data" / "azure_llm_2023_conv.csv"
-
-
-def azure_trace_path() -> Path:
-    """The shared Azure conversation trace, looked for beside the checkout (``../shared``,
-    relative to the working directory, then to this source tree)."""
-    here = Path(__file__).resolve().parents[1]
-    candidates = [Path.cwd().parent / AZURE_CONV, here.parent / AZURE_CONV, Path.cwd() / AZURE_CONV]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise FileNotFoundError(f"Azure trace not found (looked in {', '.join(map(str, candidates))})")
+from pdserve.cluster.cli.common import (
+    add_client_security_args,
+    azure_trace_path,
+    client_security_from_args,
+)
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -78,7 +71,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from pdserve.benchmarks.loadgen import LoadGenConfig
     from pdserve.benchmarks.report import markdown_table
     from pdserve.benchmarks.sweep import SweepConfig, run_sweep
-    from pdserve.cluster.commands import client_security_from_args
     from pdserve.router.slo import SloConfig
 
     trace = load_trace_spec(args.trace, parse_range(args.prompt_len),
@@ -109,8 +101,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from pdserve.cluster.commands import add_client_security_args
-
     p = sub.add_parser("bench", help="replay a request trace against a running endpoint",
                        description=__doc__.splitlines()[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.cluster.simulator.config import (
+from pdserve.cluster.planning.simulator.config import (
     ColocatedPlanSpec,
     DisaggPlanSpec,
     InstanceSpec,
     PlanSpec,
     SimConfig,
 )
-from pdserve.cluster.simulator.goodput import GoodputResult, GoodputSearch
-from pdserve.cluster.simulator.workload import Workload
+from pdserve.cluster.planning.simulator.goodput import GoodputResult, GoodputSearch
+from pdserve.cluster.planning.simulator.workload import Workload
 from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.router.slo import SloConfig
 

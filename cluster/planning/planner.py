@@ -2,7 +2,7 @@
 
 Objective: the highest per-GPU goodput (requests/s/GPU meeting the SLO attainment target)
 for a ``ClusterDesc``, a ``LatencyProfile``, a trace and an ``SloConfig``. Every number
-comes from the simulator (``pdserve.cluster.simulator``) on a representative slice of the
+comes from the simulator (``pdserve.cluster.planning.simulator``) on a representative slice of the
 trace (``max_requests`` consecutive requests with the trace's length distribution),
 rescaled in rate by bisection; goodput searches are cached by simulation key.
 
@@ -39,18 +39,18 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-from pdserve.cluster.cluster_desc import ClusterDesc
-from pdserve.cluster.plan import (
+from pdserve.cluster.planning.cluster_desc import ClusterDesc
+from pdserve.cluster.planning.plan import (
     Plan,
     SearchStats,
     assign_nodes,
     instance_groups,
     low_affinity_groups,
 )
-from pdserve.cluster.simulator.config import DisaggPlanSpec, InstanceSpec, SimConfig
-from pdserve.cluster.simulator.evaluator import Candidate, Evaluation, Evaluator, sim_key
-from pdserve.cluster.simulator.goodput import GoodputResult
-from pdserve.cluster.simulator.workload import Workload, representative_slice
+from pdserve.cluster.planning.simulator.config import DisaggPlanSpec, InstanceSpec, SimConfig
+from pdserve.cluster.planning.simulator.evaluator import Candidate, Evaluation, Evaluator, sim_key
+from pdserve.cluster.planning.simulator.goodput import GoodputResult
+from pdserve.cluster.planning.simulator.workload import Workload, representative_slice
 from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.router.slo import SloConfig
 from pdserve.workloads.trace import Trace

@@ -2,12 +2,12 @@
 
 Given a latency profile, a trace and a plan, ``simulate`` reports per-request TTFT/TPOT,
 SLO attainment and percentiles; ``goodput`` bisects the highest rate meeting the SLO
-attainment target. The planner (``pdserve.cluster.planner``) calls these many times.
+attainment target. The planner (``pdserve.cluster.planning.planner``) calls these many times.
 Modules: ``config`` (specs), ``costs`` (step-time models, pipeline choices),
 ``disagg``/``colocated`` (event loops), ``result``, ``goodput``, ``workload``.
 """
 
-from pdserve.cluster.simulator.config import (
+from pdserve.cluster.planning.simulator.config import (
     ColocatedPlanSpec,
     DisaggPlanSpec,
     HostContention,
@@ -16,10 +16,10 @@ from pdserve.cluster.simulator.config import (
     PlanSpec,
     SimConfig,
 )
-from pdserve.cluster.simulator.goodput import GoodputResult, GoodputSearch, goodput
-from pdserve.cluster.simulator.result import LatencyPercentiles, RequestRecord, SimResult
-from pdserve.cluster.simulator.simulate import simulate
-from pdserve.cluster.simulator.workload import Workload, representative_slice
+from pdserve.cluster.planning.simulator.goodput import GoodputResult, GoodputSearch, goodput
+from pdserve.cluster.planning.simulator.result import LatencyPercentiles, RequestRecord, SimResult
+from pdserve.cluster.planning.simulator.simulate import simulate
+from pdserve.cluster.planning.simulator.workload import Workload, representative_slice
 
 __all__ = [
     "ColocatedPlanSpec",

@@ -24,10 +24,10 @@ import heapq
 import math
 from collections import deque
 
-from pdserve.cluster.simulator.config import ColocatedPlanSpec, SimConfig
-from pdserve.cluster.simulator.costs import DecodeCost, PrefillCost, mixed_step_s
-from pdserve.cluster.simulator.result import SimResult
-from pdserve.cluster.simulator.workload import Workload
+from pdserve.cluster.planning.simulator.config import ColocatedPlanSpec, SimConfig
+from pdserve.cluster.planning.simulator.costs import DecodeCost, PrefillCost, mixed_step_s
+from pdserve.cluster.planning.simulator.result import SimResult
+from pdserve.cluster.planning.simulator.workload import Workload
 from pdserve.engine.latency_profile import LatencyProfile
 
 

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.cluster.placement_check import (
+from pdserve.cluster.launch.placement_check import (
     DEFAULT_PLACEMENT_TIMEOUT_S,
     DEFAULT_READY_TIMEOUT_S,
     Demand,

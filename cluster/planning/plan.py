@@ -24,8 +24,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pdserve.cluster.cluster_desc import ClusterDesc
-from pdserve.cluster.simulator.config import ColocatedPlanSpec, DisaggPlanSpec, InstanceSpec
+from pdserve.cluster.planning.cluster_desc import ClusterDesc
+from pdserve.cluster.planning.simulator.config import (
+    ColocatedPlanSpec,
+    DisaggPlanSpec,
+    InstanceSpec,
+)
 from pdserve.router.slo import SloConfig
 
 FORMAT = "pdserve-plan-v1"

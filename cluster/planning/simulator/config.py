@@ -30,7 +30,7 @@ class HostContention:
     ``f`` of its duration is stretched by ``1 + (k - 1) * f``, with ``k`` = ``prefill`` or
     ``decode`` (``disagg.py`` says how ``f`` is predicted). Both 1.0 (or
     ``contention=None``) is the usual case of pools on separate GPUs.
-    ``cluster/calibration.py`` measures them from the workers' step logs.
+    ``cluster/planning/calibration.py`` measures them from the workers' step logs.
     """
 
     prefill: float = 1.0

@@ -1,4 +1,8 @@
-"""``pdserve serve`` and ``pdserve generate``: run the cluster, talk to it."""
+"""``pdserve serve``: start (or join) a Ray cluster and serve the gRPC endpoint until Ctrl-C.
+
+The pools come from ``--prefill``/``--decode`` (or ``--colocated``), or exactly from a
+plan written by ``pdserve plan`` (``--plan``); SIGINT or SIGTERM shuts everything down.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,13 @@ import signal
 import sys
 import threading
 
+from pdserve.cluster.cli.common import resolve_model
+
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from pdserve.cluster.cli import resolve_model
-    from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
+    from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
     from pdserve.engine.config import EngineConfig
     from pdserve.kv_transfer.backend_config import KVTransferConfig
     from pdserve.router.actor import RouterConfig
@@ -55,8 +60,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     what = (f"{args.prefill + args.decode} colocated workers" if args.colocated
             else f"{args.prefill} prefill + {args.decode} decode workers")
     if args.plan:
-        from pdserve.cluster.plan import Plan
-        from pdserve.cluster.plan_launcher import launch_plan
+        from pdserve.cluster.launch.plan_launcher import launch_plan
+        from pdserve.cluster.planning.plan import Plan
 
         plan = Plan.load(args.plan)
         print(f"pdserve: launching plan {args.plan} ({plan.mode}, {plan.affinity} affinity, "
@@ -115,7 +120,7 @@ def worker_gpus(device: str, gpus_per_worker: float | None, address: str | None)
     import ray
 
     if address or ray.is_initialized():
-        from pdserve.cluster.launcher import init_ray  # auto: whatever the cluster has
+        from pdserve.cluster.launch.launcher import init_ray  # auto: whatever the cluster has
 
         init_ray(address)
         return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -129,54 +134,8 @@ def local_gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def add_client_security_args(p: argparse.ArgumentParser) -> None:
-    """Flags of every command that talks to an endpoint (generate, bench)."""
-    g = p.add_argument_group("secured endpoints (docs/security.md)")
-    g.add_argument("--tls", action="store_true",
-                   help="use TLS, trusting the system's root CAs (implied by --tls-ca)")
-    g.add_argument("--tls-ca", default=None, help="PEM CA that signed the server's certificate")
-    g.add_argument("--tls-cert", default=None, help="client certificate PEM (mutual TLS)")
-    g.add_argument("--tls-key", default=None, help="client private key PEM (mutual TLS)")
-    g.add_argument("--auth-token-file", default=None,
-                   help="file holding the bearer token (default: $PDSERVE_AUTH_TOKEN)")
-
-
-def client_security_from_args(args: argparse.Namespace):
-    from pdserve.cluster.client import TOKEN_ENV, ClientSecurity
-
-    return ClientSecurity(tls=args.tls, root_ca_file=args.tls_ca,
-                          client_cert_file=args.tls_cert, client_key_file=args.tls_key,
-                          token_file=args.auth_token_file, token_env=TOKEN_ENV)
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    import grpc
-
-    from pdserve.cluster.client import Client, build_request
-
-    req = build_request(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                        top_p=args.top_p, seed=args.seed, stop=args.stop or ())
-    with Client(args.address, timeout_s=args.timeout,
-                security=client_security_from_args(args)) as client:
-        try:
-            usage = None
-            for msg in client.stream(req):
-                sys.stdout.write(msg.text)
-                sys.stdout.flush()
-                if msg.HasField("usage"):
-                    usage = msg.usage
-        except grpc.RpcError as exc:
-            print(f"\npdserve: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    if usage is not None:
-        print(f"\n[{usage.completion_tokens} tokens, ttft {usage.ttft_ms:.1f} ms, "
-              f"total {usage.e2e_ms:.1f} ms]", file=sys.stderr)
-    return 0
-
-
 def register(sub) -> None:
-    from pdserve.cluster.cli import add_sampling_args
-    from pdserve.cluster.placement_check import (
+    from pdserve.cluster.launch.placement_check import (
         DEFAULT_PLACEMENT_TIMEOUT_S,
         DEFAULT_READY_TIMEOUT_S,
     )
@@ -241,12 +200,3 @@ def register(sub) -> None:
                    help="most time for every worker to be placed and load the model "
                         "(default %(default)g)")
     p.set_defaults(func=_cmd_serve)
-
-    p = sub.add_parser("generate", help="stream a completion from a running pdserve endpoint")
-    p.add_argument("prompt")
-    p.add_argument("--address", default="127.0.0.1:50051")
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--timeout", type=float, default=None)
-    add_sampling_args(p)
-    add_client_security_args(p)
-    p.set_defaults(func=_cmd_generate)

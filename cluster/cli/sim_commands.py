@@ -1,7 +1,7 @@
 """``pdserve simulate`` and ``pdserve plan``: the simulator and the placement planner from the CLI.
 
-``register(sub)`` adds both subcommands to the ``pdserve`` parser (hooked in by the CLI
-owner). Handlers import the simulator lazily so ``pdserve --help`` stays instant; they
+``register(sub)`` adds both subcommands to the ``pdserve`` parser (``main`` calls
+it). Handlers import the simulator lazily so ``pdserve --help`` stays instant; they
 return an exit code and raise ``ValueError`` for bad input (the CLI prints it, exit 2).
 
 Traces: a CSV (Azure or BurstGPT, detected by ``load_trace``) or a synthetic spec
@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from pdserve.cluster.cli.common import azure_trace_path
 
 DISTSERVE_PROFILE = "distserve-opt13b"
 
@@ -36,7 +38,7 @@ def _range(text: str) -> tuple[int, int]:
 def load_trace_spec(spec: str, max_requests: int | None = None):
     """A trace from a CSV path, ``azure``, or a ``poisson:``/``gamma:`` spec, optionally sliced to a
     representative window of ``max_requests``."""
-    from pdserve.cluster.simulator import representative_slice
+    from pdserve.cluster.planning.simulator import representative_slice
     from pdserve.workloads.formats import load_trace
     from pdserve.workloads.synthetic import synthetic
 
@@ -55,8 +57,6 @@ def load_trace_spec(spec: str, max_requests: int | None = None):
         trace = synthetic(n, rate, _range(parts[3]), _range(parts[4]), cv=cv)
     else:
         if spec == "azure":  # the shared Azure conversation trace, as `pdserve bench` takes it
-            from pdserve.cluster.bench_commands import azure_trace_path
-
             spec = str(azure_trace_path())
         if not Path(spec).exists():
             raise FileNotFoundError(f"trace {spec} not found")
@@ -71,15 +71,15 @@ def _slo(args):
 
 
 def _sim_config(args):
-    from pdserve.cluster.simulator import SimConfig
+    from pdserve.cluster.planning.simulator import SimConfig
 
     return SimConfig(args.prefill_token_budget, args.chunked_prefill, args.max_decode_batch,
                      args.request_overhead, args.step_overhead)
 
 
 def _plan_spec(args):
-    from pdserve.cluster.plan import Plan
-    from pdserve.cluster.simulator import ColocatedPlanSpec, DisaggPlanSpec, InstanceSpec
+    from pdserve.cluster.planning.plan import Plan
+    from pdserve.cluster.planning.simulator import ColocatedPlanSpec, DisaggPlanSpec, InstanceSpec
 
     if args.plan:
         return Plan.load(args.plan).spec()
@@ -97,7 +97,7 @@ def _write(path: str | None, payload: dict) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from pdserve.cluster.simulator import goodput, simulate
+    from pdserve.cluster.planning.simulator import goodput, simulate
 
     profile, slo, cfg = load_profile(args.profile), _slo(args), _sim_config(args)
     trace = load_trace_spec(args.trace, args.max_requests)
@@ -132,8 +132,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from pdserve.cluster.cluster_desc import ClusterDesc
-    from pdserve.cluster.planner import Planner, PlannerConfig
+    from pdserve.cluster.planning.cluster_desc import ClusterDesc
+    from pdserve.cluster.planning.planner import Planner, PlannerConfig
 
     cluster = ClusterDesc.load(args.cluster) if args.cluster else ClusterDesc(
         args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.intra_bw, args.inter_bw,

@@ -1,8 +1,8 @@
 """``pdserve profile``: measure this host's latency profile for a model and write it.
 
 ``register(sub)`` adds the subcommand to the ``pdserve`` parser; ``main(argv)`` runs it
-standalone (``python -m pdserve.cluster.profile_commands ...``). The command runs
-``profile_model`` (see ``pdserve.cluster.profiler``), writes the ``LatencyProfile`` JSON
+standalone (``python -m pdserve.cluster.cli.profile_commands ...``). The command runs
+``profile_model`` (see ``pdserve.cluster.planning.profiler``), writes the ``LatencyProfile`` JSON
 to ``--out``, prints a summary (coefficients, held-out errors, bandwidths) and, when
 asked, a Markdown report (``--markdown``) and a measured-vs-predicted plot of the
 held-out points (``--plot``, needs matplotlib). Progress goes to stderr.
@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from pdserve.cluster.cli.common import resolve_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +57,7 @@ def register(sub) -> None:
 
 
 def options_from_args(args: argparse.Namespace):
-    from pdserve.cluster.profiler import ProfileOptions
+    from pdserve.cluster.planning.profiler import ProfileOptions
 
     overrides = {name: getattr(args, name) for name in (
         "reps", "decode_repeat", "max_prompt_len", "max_batch_tokens", "max_prefill_seqs", "max_batch",
@@ -70,8 +72,7 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from pdserve.cluster.cli import resolve_model
-    from pdserve.cluster.profiler import profile_model
+    from pdserve.cluster.planning.profiler import profile_model
     from pdserve.engine.config import EngineConfig
 
     options = options_from_args(args)

@@ -22,7 +22,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from pdserve.cluster.launcher import (
+from pdserve.cluster.launch.launcher import (
     LOCAL_GRACE_S,
     Cluster,
     ClusterSpec,
@@ -32,7 +32,7 @@ from pdserve.cluster.launcher import (
     local_ray_cpus,
     shm_segments_of,
 )
-from pdserve.cluster.placement_check import (
+from pdserve.cluster.launch.placement_check import (
     DEFAULT_PLACEMENT_TIMEOUT_S,
     DEFAULT_READY_TIMEOUT_S,
     Demand,
@@ -41,7 +41,7 @@ from pdserve.cluster.placement_check import (
     wait_ready,
     wait_until_placeable,
 )
-from pdserve.cluster.plan import PlacementGroupSpec, Plan
+from pdserve.cluster.planning.plan import PlacementGroupSpec, Plan
 from pdserve.engine.config import EngineConfig
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.router.actor import RouterConfig

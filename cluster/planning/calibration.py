@@ -22,7 +22,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from pdserve.cluster.simulator.config import HostContention
+from pdserve.cluster.planning.simulator.config import HostContention
 from pdserve.engine.latency_profile import DecodeFit, LatencyProfile, PrefillFit
 from pdserve.engine.step_log import StepRecord
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pdserve.cluster.simulator.config import PlanSpec, SimConfig
-from pdserve.cluster.simulator.simulate import as_workload, simulate
-from pdserve.cluster.simulator.workload import Workload
+from pdserve.cluster.planning.simulator.config import PlanSpec, SimConfig
+from pdserve.cluster.planning.simulator.simulate import as_workload, simulate
+from pdserve.cluster.planning.simulator.workload import Workload
 from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.router.slo import SloConfig
 from pdserve.workloads.trace import Trace

@@ -7,17 +7,17 @@ degrees) and routes to the disaggregated or the colocated event loop. It accepts
 
 from __future__ import annotations
 
-from pdserve.cluster.simulator.colocated import run_colocated
-from pdserve.cluster.simulator.config import (
+from pdserve.cluster.planning.simulator.colocated import run_colocated
+from pdserve.cluster.planning.simulator.config import (
     PHASES,
     ColocatedPlanSpec,
     DisaggPlanSpec,
     PlanSpec,
     SimConfig,
 )
-from pdserve.cluster.simulator.disagg import run_disagg
-from pdserve.cluster.simulator.result import SimResult
-from pdserve.cluster.simulator.workload import Workload
+from pdserve.cluster.planning.simulator.disagg import run_disagg
+from pdserve.cluster.planning.simulator.result import SimResult
+from pdserve.cluster.planning.simulator.workload import Workload
 from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.workloads.trace import Trace
 
