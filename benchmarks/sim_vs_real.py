@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     if args.profile:
         profile = LatencyProfile.load(args.profile)
     else:
-        from pdserve.cluster.planning.profiler import ProfileOptions, profile_model
+        from pdserve.cluster.planning.profiler.options import ProfileOptions
+        from pdserve.cluster.planning.profiler.run import profile_model
 
         print("measuring the latency profile ...", file=sys.stderr)
         profile = profile_model(engine, ProfileOptions()).to_profile()

@@ -57,7 +57,7 @@ def register(sub) -> None:
 
 
 def options_from_args(args: argparse.Namespace):
-    from pdserve.cluster.planning.profiler import ProfileOptions
+    from pdserve.cluster.planning.profiler.options import ProfileOptions
 
     overrides = {name: getattr(args, name) for name in (
         "reps", "decode_repeat", "max_prompt_len", "max_batch_tokens", "max_prefill_seqs", "max_batch",
@@ -72,7 +72,7 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from pdserve.cluster.planning.profiler import profile_model
+    from pdserve.cluster.planning.profiler.run import profile_model
     from pdserve.engine.config import EngineConfig
 
     options = options_from_args(args)

@@ -18,17 +18,16 @@ from pdserve.cluster.cli.profile_commands import (
     register,
     summary,
 )
-from pdserve.cluster.planning.profiler import (
+from pdserve.cluster.planning.profiler.fitting import (
     Measurement,
-    ProfileOptions,
-    decode_grid,
-    drift_corrected_medians,
     fit_decode,
     fit_prefill,
-    prefill_grid,
-    profile_model,
     split_indices,
 )
+from pdserve.cluster.planning.profiler.grids import decode_grid, prefill_grid
+from pdserve.cluster.planning.profiler.options import ProfileOptions
+from pdserve.cluster.planning.profiler.run import profile_model
+from pdserve.cluster.planning.profiler.timing import drift_corrected_medians
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.latency_profile import LatencyProfile
 
