@@ -88,3 +88,10 @@ def mixed_step_s(pc: PrefillCost, dc: DecodeCost, tokens: int, sq: int, ctx_sum:
         return dc.lane_ms(ctx_sum, n) / 1e3
     shared = min(pc.a, dc.fixed_ms(n))
     return (pc.unpipelined_ms(tokens, sq) + dc.lane_ms(ctx_sum, n) - shared) / 1e3
+
+
+def contended_s(dur: float, slow: float, other_busy_s: float) -> float:
+    """A step of ``dur`` on a host shared with the other pool (``HostContention``):
+    stretched by ``1 + (slow - 1) * f``, ``f`` the share of it the other pool stays busy."""
+    share = min(1.0, other_busy_s / dur) if other_busy_s > 0 else 0.0
+    return dur * (1 + (slow - 1) * share)

@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pdserve.cluster.planning.simulator.workload import Workload
 from pdserve.router.slo import SloConfig
 
 
@@ -77,6 +78,22 @@ class SimResult:
 
     def __len__(self) -> int:
         return len(self.arrival)
+
+    @classmethod
+    def from_run(cls, label: str, phase: str, num_gpus: int, w: Workload, first: list[float],
+                 last: list[float], rejected: list[bool], overhead_s: float, num_events: int,
+                 decoded: bool = True, admission_rejected: tuple[bool, ...] = ()) -> SimResult:
+        """What an event loop hands over, per request: TTFT = first token - arrival +
+        ``overhead_s`` (infinite when rejected), TPOT = (last - first) / (output - 1) for
+        requests that ``decoded`` more than one token."""
+        arr, out = w.arrival, w.output
+        n = len(arr)
+        ttft = tuple(math.inf if rejected[r] else first[r] - arr[r] + overhead_s
+                     for r in range(n))
+        tpot = tuple(None if (rejected[r] or not decoded or out[r] < 2)
+                     else (last[r] - first[r]) / (out[r] - 1) for r in range(n))
+        return cls(label, phase, num_gpus, w.rate, arr, w.prompt, out, tuple(first),
+                   tuple(last), ttft, tpot, sum(rejected), num_events, admission_rejected)
 
     @property
     def records(self) -> tuple[RequestRecord, ...]:
