@@ -72,7 +72,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pdserve.benchmarks.hostinfo import cpu_model
+from pdserve.cluster.planning.profiler.hostinfo import cpu_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -70,7 +70,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pdserve.benchmarks.hostinfo import cpu_model
+from pdserve.cluster.planning.profiler.hostinfo import cpu_model
 from pdserve.engine.kv_cache import KVCacheSpec
 from pdserve.kv_transfer.base import KVDestination, KVEndpoint, TransferState
 from pdserve.kv_transfer.checksum import checksum_blocks

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import ray
 
-from pdserve.benchmarks.loadgen import LoadGenConfig, run_trace
 from pdserve.cluster.cli.client import Client, build_request
+from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, run_trace
 from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
 from pdserve.cluster.planning.calibration import calibrate, corrected
 from pdserve.cluster.planning.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate

@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from pdserve.benchmarks.loadgen import LoadGenConfig, run_trace
-from pdserve.benchmarks.report import summarize
+from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, run_trace
+from pdserve.cluster.cli.replay.report import summarize
 from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
 from pdserve.cluster.planning.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate
 from pdserve.cluster.planning.simulator.workload import representative_slice

@@ -46,10 +46,10 @@ from pathlib import Path
 import grpc
 import ray
 
-from pdserve.benchmarks.hostinfo import cpu_model
-from pdserve.benchmarks.loadgen import FIRST_PROMPT_TOKEN_ID, LoadGenConfig, run_trace
 from pdserve.cluster.cli.client import Client, build_request
+from pdserve.cluster.cli.replay.loadgen import FIRST_PROMPT_TOKEN_ID, LoadGenConfig, run_trace
 from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
+from pdserve.cluster.planning.profiler.hostinfo import cpu_model
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.demo_model import create_demo_model
 from pdserve.kv_transfer.backend_config import KVTransferConfig

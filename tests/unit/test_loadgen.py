@@ -12,9 +12,9 @@ import json
 
 import pytest
 
-from pdserve.benchmarks.loadgen import LoadGenConfig, build_bench_request, run_trace
-from pdserve.benchmarks.report import summarize
-from pdserve.benchmarks.sweep import SweepConfig, compare, load_sweep, run_sweep
+from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, build_bench_request, run_trace
+from pdserve.cluster.cli.replay.report import summarize
+from pdserve.cluster.cli.replay.sweep import SweepConfig, compare, load_sweep, run_sweep
 from pdserve.cluster.launch.local import LocalCluster
 from pdserve.engine.config import EngineConfig
 from pdserve.router.slo import SloConfig

@@ -52,7 +52,7 @@ from pdserve.engine.latency_profile import LatencyProfile, ParallelEntry
 def hardware_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from pdserve.benchmarks.hostinfo import cpu_model
+    from pdserve.cluster.planning.profiler.hostinfo import cpu_model
 
     return cpu_model()
 

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pdserve.benchmarks.loadgen import LoadGenConfig, RunResult, run_trace
-from pdserve.benchmarks.plots import plot_attainment, plot_cdf, tpot_samples, ttft_samples
-from pdserve.benchmarks.report import (
+from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, RunResult, run_trace
+from pdserve.cluster.cli.replay.plots import plot_attainment, plot_cdf, tpot_samples, ttft_samples
+from pdserve.cluster.cli.replay.report import (
     RunReport,
     goodput_from_sweep,
     markdown_report,
