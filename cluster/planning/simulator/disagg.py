@@ -34,10 +34,10 @@ phase ``"decode"`` starts at step 4 with the KV present at arrival (first token 
 Per-step work is O(1) plus the requests finishing: finishing steps are bucketed by index,
 and context sums are kept incrementally, so no per-token loop over the batch is needed.
 
-``run_disagg`` runs a ``_DisaggSim``: one method per event (arrival, prefill batch done,
-KV landed, stage 0 free) except the end of a decode step, nearly every event, which the
-loop handles on local names; hot methods copy attributes into locals first (the planner
-runs thousands of simulations).
+``run_disagg`` runs a ``_DisaggSim``: its loop handles the end of a decode step (nearly
+every event) and of a prefill batch on local names, and calls a method for the rest
+(arrival, batch formation, KV landed, decode admission); hot methods copy attributes into
+locals first (the planner runs thousands of simulations).
 """
 
 from __future__ import annotations
@@ -146,9 +146,11 @@ class _DisaggSim:
 
     def run(self) -> None:
         heap, arr, n = self.heap, self.arr, len(self.arr)
-        prefill_done, kv_landed, kick_decode = self._prefill_done, self._kv_landed, \
-            self._kick_decode
-        # A decode step is nearly every event: it is handled here, on locals.
+        kv_landed, kick_decode, form_prefill = self._kv_landed, self._kick_decode, \
+            self._form_prefill
+        do_decode, pp, first = self.do_decode, self.pp, self.first
+        # The end of a decode step (nearly every event) and of a prefill batch are handled
+        # here, on local names; other events have a method each.
         d_steps, d_ctx, d_n, d_finish, d_busy = self.d_steps, self.d_ctx, self.d_n, \
             self.d_finish, self.d_busy
         prompt, out, last = self.prompt, self.out, self.last
@@ -177,13 +179,25 @@ class _DisaggSim:
                             d_assigned_tok[lane] -= f
                     d_busy[lane] = False
                     kick_decode(lane, now)
-                elif kind == _PDONE:
-                    prefill_done(x, payload, kv_at, now)
+                elif kind == _PDONE:  # first tokens; KV moves on (or is in flight)
+                    for rid in payload:
+                        first[rid] = now
+                        if not do_decode or out[rid] == 1:
+                            last[rid] = now
+                    if do_decode:
+                        moving = [rid for rid in payload if out[rid] > 1]
+                        if moving:
+                            if kv_at <= now:
+                                kv_landed(moving, now)
+                            else:
+                                heappush(heap, (kv_at, next(self.seq), _KV, -1, moving, 0.0))
+                    if pp == 1:
+                        form_prefill(x, now)
                 elif kind == _KV:
                     kv_landed(payload, now)
                 else:  # _PFREE: stage 0 freed, or a kick after arrivals at an idle instance
                     self.p_kick[x] = False
-                    self._form_prefill(x, now)
+                    form_prefill(x, now)
             elif i < n:
                 events += 1
                 self._arrive(i, arr[i])
@@ -202,22 +216,39 @@ class _DisaggSim:
             self.do_decode, tuple(self.admission_rejected))
 
     def _arrive(self, rid: int, now: float) -> None:
+        """Reject ``rid``, or queue it at a prefill instance (least outstanding prompt
+        tokens, round robin, or lowest predicted TTFT with admission control) after
+        picking its decode lane, as pdserve's orchestrator reserves on decode first."""
         p_len, o_len = self.prompt[rid], self.out[rid]
+        do_prefill = self.do_prefill
         needs_decode = self.do_decode and o_len > 1
-        if (self.do_prefill and p_len > self.pre_cap) or (
+        if (do_prefill and p_len > self.pre_cap) or (
                 needs_decode and p_len + o_len > self.lane_cap):
             self.rejected[rid] = True
             return
-        p = self._choose_prefill(rid, p_len, now)
-        if p is None:
-            return
+        n_pre = self.n_pre
+        if not do_prefill:
+            p = -1
+        elif self.slo_aware:
+            preds = [self._predicted_ttft(x, p_len, now) for x in range(n_pre)]
+            p = min(range(n_pre), key=preds.__getitem__)
+            self.rates[p].observe(now, p_len)
+            limit = self.cfg.admission_ttft_s
+            if limit is not None and preds[p] > limit:
+                self.rejected[rid] = self.admission_rejected[rid] = True
+                return
+        elif self.least_loaded:
+            p = min(range(n_pre), key=self.p_outstanding.__getitem__)
+        else:
+            p = self.rr[0] % n_pre
+            self.rr[0] += 1
         if needs_decode:
             lane = self._pick_lane(p_len + o_len, self.unit_lanes[p // self.pre_per_unit]
                                    if p >= 0 else self.all_lanes)
             self.lane_of[rid] = lane
             self.d_assigned[lane] += 1
             self.d_assigned_tok[lane] += p_len + o_len
-        if not self.do_prefill:
+        if not do_prefill:
             self.first[rid] = now
             if needs_decode:
                 self.d_wait[lane].append(rid)
@@ -230,26 +261,6 @@ class _DisaggSim:
         if not self.p_kick[p] and self.p_stage_free[p][0] <= now:
             self.p_kick[p] = True
             heappush(self.heap, (now, next(self.seq), _PFREE, p, None, 0.0))
-
-    def _choose_prefill(self, rid: int, p_len: int, now: float) -> int | None:
-        """The prefill instance for ``rid`` (-1: decode-only run), or None when admission
-        control rejected it."""
-        if not self.do_prefill:
-            return -1
-        if self.slo_aware:
-            preds = [self._predicted_ttft(x, p_len, now) for x in range(self.n_pre)]
-            p = min(range(self.n_pre), key=preds.__getitem__)
-            self.rates[p].observe(now, p_len)
-            limit = self.cfg.admission_ttft_s
-            if limit is not None and preds[p] > limit:
-                self.rejected[rid] = self.admission_rejected[rid] = True
-                return None
-            return p
-        if self.least_loaded:
-            return min(range(self.n_pre), key=self.p_outstanding.__getitem__)
-        p = self.rr[0] % self.n_pre
-        self.rr[0] += 1
-        return p
 
     def _pick_lane(self, f: int, lanes: range) -> int:
         d_assigned_tok, lane_cap = self.d_assigned_tok, self.lane_cap
@@ -323,22 +334,6 @@ class _DisaggSim:
         heappush(self.heap, (t, next(self.seq), _PDONE, p, completing, kv_at))
         if self.pp > 1:
             heappush(self.heap, (sf[0], next(self.seq), _PFREE, p, None, 0.0))
-
-    def _prefill_done(self, p: int, rids: list[int], kv_at: float, now: float) -> None:
-        first, last, out, do_decode = self.first, self.last, self.out, self.do_decode
-        for rid in rids:
-            first[rid] = now
-            if not do_decode or out[rid] == 1:
-                last[rid] = now
-        if do_decode:
-            moving = [rid for rid in rids if out[rid] > 1]
-            if moving:
-                if kv_at <= now:
-                    self._kv_landed(moving, now)
-                else:
-                    heappush(self.heap, (kv_at, next(self.seq), _KV, -1, moving, 0.0))
-        if self.pp == 1:
-            self._form_prefill(p, now)
 
     def _kv_landed(self, rids: list[int], now: float) -> None:
         d_wait, lane_of = self.d_wait, self.lane_of
