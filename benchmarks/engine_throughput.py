@@ -69,7 +69,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pdserve.benchmarks.progress import bar, is_terminal
+from pdserve.cluster.cli.progress import bar, is_terminal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pdserve.benchmarks.hostinfo import cpu_model
+from pdserve.cluster.planning.profiler.hostinfo import cpu_model
 
 
 def machine_info() -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pdserve.benchmarks.progress import note
+from pdserve.cluster.cli.progress import note
 
 
 def log(msg: str) -> None:

@@ -82,7 +82,7 @@ from pdserve.benchmarks.kv_transfer_report import (
     summarize,
     write_markdown,
 )
-from pdserve.benchmarks.progress import bar, note
+from pdserve.cluster.cli.progress import bar, note
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "results"

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pdserve.benchmarks.hostinfo import cpu_model
 from pdserve.benchmarks.kv_transfer_bench import CASES, CHECKSUM_BACKENDS, spec_for
+from pdserve.cluster.planning.profiler.hostinfo import cpu_model
 
 
 def host_info(threads: int) -> dict:

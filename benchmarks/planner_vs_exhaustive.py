@@ -29,13 +29,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pdserve.benchmarks.trace import Trace, TraceRequest, load_azure_csv
-from pdserve.cluster.cluster_desc import ClusterDesc
-from pdserve.cluster.planner import Planner, PlannerConfig
-from pdserve.cluster.profile import distserve_opt13b_a100
-from pdserve.cluster.simulator import SimConfig, simulate
-from pdserve.cluster.simulator.evaluator import Evaluation
+from pdserve.cluster.planning.cluster_desc import ClusterDesc
+from pdserve.cluster.planning.planner import Planner, PlannerConfig
+from pdserve.cluster.planning.simulator import SimConfig, simulate
+from pdserve.cluster.planning.simulator.evaluator import Evaluation
+from pdserve.engine.latency_profile import distserve_opt13b_a100
 from pdserve.router.slo import SloConfig
+from pdserve.workloads.formats import load_azure_csv
+from pdserve.workloads.trace import Trace, TraceRequest
 
 AZURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "azure_llm_2023_conv.csv"
 RESULTS = Path(__file__).resolve().parent / "results"

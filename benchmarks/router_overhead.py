@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from pdserve.benchmarks.progress import bar
-from pdserve.cluster.client import Client, build_request
+from pdserve.cluster.cli.client import Client, build_request
+from pdserve.cluster.cli.progress import bar
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.demo_model import create_demo_model
 from pdserve.kv_transfer.backend_config import KVTransferConfig
@@ -80,14 +80,14 @@ def main(argv=None) -> int:
     engine = EngineConfig(model=model, device="cpu", num_kv_blocks=1024, max_num_seqs=16)
     kv = KVTransferConfig(backend=args.kv_backend)
     if args.no_ray:
-        from pdserve.cluster.local import LocalCluster
+        from pdserve.cluster.launch.local import LocalCluster
 
         ctx = LocalCluster(engine, kv=kv)
         cluster = ctx.__enter__()
         address, stop = cluster.address, lambda: ctx.__exit__(None, None, None)
         mode = "in-process"
     else:
-        from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
+        from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
         from pdserve.router.config import RouterConfig
         from pdserve.router.server import ServerConfig
 

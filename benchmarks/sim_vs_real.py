@@ -12,7 +12,7 @@ Calibration, done before and apart from the replays (nothing is fitted to them):
   sequential requests: client TTFT minus the prefill worker's compute time;
 - from the workers' step logs over a separate calibration replay (a different window of
   the trace, replayed at each load level just before that level's evaluation replay),
-  ``cluster/calibration.py`` measures per phase the ratio
+  ``cluster/planning/calibration.py`` measures per phase the ratio
   of logged to predicted step time for steps that ran alone (the profile's correction),
   and the extra slow-down of steps that ran while the other pool was busy
   (``HostContention``): the profiler times a step alone on an idle machine, while in this
@@ -36,20 +36,20 @@ from pathlib import Path
 
 import ray
 
-from pdserve.benchmarks.loadgen import LoadGenConfig, run_trace
-from pdserve.benchmarks.progress import note
-from pdserve.benchmarks.trace import load_azure_csv
-from pdserve.cluster.calibration import calibrate, corrected
-from pdserve.cluster.client import Client, build_request
-from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
-from pdserve.cluster.profile import LatencyProfile
-from pdserve.cluster.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate
-from pdserve.cluster.simulator.workload import representative_slice
+from pdserve.cluster.cli.client import Client, build_request
+from pdserve.cluster.cli.progress import note
+from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, run_trace
+from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
+from pdserve.cluster.planning.calibration import calibrate, corrected
+from pdserve.cluster.planning.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate
+from pdserve.cluster.planning.simulator.workload import representative_slice
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.demo_model import create_demo_model
+from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.router.config import RouterConfig
 from pdserve.router.server import ServerConfig
+from pdserve.workloads.formats import load_azure_csv
 
 AZURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "azure_llm_2023_conv.csv"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -86,7 +86,7 @@ def calibrate_overhead(address: str, prompt_len: int, n: int = 30) -> float:
 def calibration_window(azure, args):
     """A different block of the same trace (requests 2000.., far from the evaluation
     slice), shaped the same way: same workload, different requests."""
-    from pdserve.benchmarks.trace import Trace, TraceRequest
+    from pdserve.workloads.trace import Trace, TraceRequest
 
     sel = azure.requests[2000:2000 + args.requests]
     t0 = sel[0].arrival_s
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     if args.profile:
         profile = LatencyProfile.load(args.profile)
     else:
-        from pdserve.cluster.profiler import ProfileOptions, profile_model
+        from pdserve.cluster.planning.profiler.options import ProfileOptions
+        from pdserve.cluster.planning.profiler.run import profile_model
 
         note("measuring the latency profile ...")
         profile = profile_model(engine, ProfileOptions(),

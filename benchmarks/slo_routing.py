@@ -22,20 +22,20 @@ import json
 import time
 from pathlib import Path
 
-from pdserve.benchmarks.loadgen import LoadGenConfig, run_trace
-from pdserve.benchmarks.progress import note
-from pdserve.benchmarks.report import summarize
-from pdserve.benchmarks.trace import load_azure_csv
-from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
-from pdserve.cluster.profile import LatencyProfile, distserve_opt13b_a100
-from pdserve.cluster.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate
-from pdserve.cluster.simulator.workload import representative_slice
+from pdserve.cluster.cli.progress import note
+from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, run_trace
+from pdserve.cluster.cli.replay.report import summarize
+from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
+from pdserve.cluster.planning.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate
+from pdserve.cluster.planning.simulator.workload import representative_slice
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.demo_model import create_demo_model
+from pdserve.engine.latency_profile import LatencyProfile, distserve_opt13b_a100
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.router.config import RouterConfig
 from pdserve.router.server import ServerConfig
 from pdserve.router.slo import SloConfig
+from pdserve.workloads.formats import load_azure_csv
 
 AZURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "azure_llm_2023_conv.csv"
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -43,9 +43,6 @@ from pathlib import Path
 
 import ray
 
-from pdserve.benchmarks.hostinfo import cpu_model
-from pdserve.benchmarks.loadgen import LoadGenConfig, run_trace
-from pdserve.benchmarks.progress import note
 from pdserve.benchmarks.soak_load import VOCAB, side_traffic, soak_trace
 from pdserve.benchmarks.soak_probe import Sampler, actor_pid, take_sample
 from pdserve.benchmarks.soak_report import (
@@ -57,13 +54,18 @@ from pdserve.benchmarks.soak_report import (
     slope,
     summarize,
 )
-from pdserve.benchmarks.trace import Trace, load_azure_csv, synthetic
-from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
+from pdserve.cluster.cli.progress import note
+from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, run_trace
+from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
+from pdserve.cluster.planning.profiler.hostinfo import cpu_model
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.demo_model import create_demo_model
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.router.config import RouterConfig
 from pdserve.router.server import ServerConfig
+from pdserve.workloads.formats import load_azure_csv
+from pdserve.workloads.synthetic import synthetic
+from pdserve.workloads.trace import Trace
 
 __all__ = ["growth", "main", "slope", "soak_trace"]
 

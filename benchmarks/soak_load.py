@@ -18,9 +18,9 @@ from dataclasses import replace
 
 import grpc
 
-from pdserve.benchmarks.loadgen import FIRST_PROMPT_TOKEN_ID
-from pdserve.benchmarks.trace import Trace
-from pdserve.cluster.client import Client, build_request
+from pdserve.cluster.cli.client import Client, build_request
+from pdserve.cluster.cli.replay.loadgen import FIRST_PROMPT_TOKEN_ID
+from pdserve.workloads.trace import Trace
 
 VOCAB = 900  # prompt ids are drawn from [3, VOCAB), as in the other demo-model benchmarks
 

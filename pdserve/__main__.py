@@ -1,5 +1,5 @@
 """``python -m pdserve`` is the ``pdserve`` command."""
 
-from pdserve.cluster.cli import main
+from pdserve.cluster.cli.main import main
 
 raise SystemExit(main())

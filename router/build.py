@@ -36,7 +36,7 @@ def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
         max_tokens_limit=config.max_tokens_limit)
     profile = None
     if config.profile:
-        from pdserve.cluster.profile import LatencyProfile
+        from pdserve.engine.latency_profile import LatencyProfile
 
         profile = LatencyProfile.load(config.profile)
     policy = create_policy(config.policy, profile, config.prefill_token_budget)

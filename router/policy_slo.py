@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
-from pdserve.cluster.profile import InstanceModel, LatencyProfile
+from pdserve.engine.latency_profile import InstanceModel, LatencyProfile
 from pdserve.router.policy import RoutingPolicy, RoutingRequest, WorkerLoad
 
 

@@ -71,7 +71,7 @@ def generate_through(prefill: tuple[str, object], decode: tuple[str, object], pr
 def chaos_spec(model, num_prefill: int, num_decode: int, backend: str):
     """A Ray ``ClusterSpec`` for the failure tests: the demo engine, one CPU and one torch
     thread per worker, a fast heartbeat (0.2 s) so deaths and rejoins are seen quickly."""
-    from pdserve.cluster.launcher import ClusterSpec, PoolSpec
+    from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec
     from pdserve.kv_transfer.backend_config import KVTransferConfig
     from pdserve.router.config import RouterConfig
     from pdserve.router.reliability import ReliabilityConfig

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = "shm" if args.dry_run else "cuda_ipc"
     reps = 2 if args.dry_run else args.reps
 
-    from pdserve.cluster.profiler import measure_transfer_bandwidth
+    from pdserve.cluster.planning.profiler.bandwidth import measure_transfer_bandwidth
 
     bw = copy_bandwidth(device)
     log(TAG, f"copy bandwidth {bw['copy_bytes_per_s'] / 1e9:.0f} GB/s (bytes copied)")

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = 3 if args.dry_run else args.reps
     ckpt = make_checkpoint(args.workdir, shape, device)
 
-    from pdserve.cluster.profiler import StepTimer
+    from pdserve.cluster.planning.profiler.timing import StepTimer
 
     blocks = max(batches) * -(-(context + 1) // 16) + 64
     loaded, runner = load_runner(ckpt, device, blocks, "torch" if args.dry_run else "flashinfer")

@@ -22,9 +22,9 @@ two CUDA contexts (no MPS here): this is the same-GPU case, not a two-GPU deploy
 2. Load: the first ``--num-requests`` requests of the Azure LLM conversation trace
    (Patel et al., Splitwise, ISCA 2024; CC-BY 4.0), lengths clipped to
    ``--max-prompt``/``--max-output``, arrivals time-scaled to ``--rate`` req/s, replayed
-   open-loop by ``benchmarks/loadgen.py`` (random token-id prompts of the traced lengths,
+   open-loop by ``cluster/cli/replay/loadgen.py`` (random token-id prompts of the traced lengths,
    greedy, EOS ignored). TTFT, TPOT, e2e percentiles and SLO attainment
-   (``benchmarks/report.py``) are reported side by side. Without the trace file a
+   (``cluster/cli/replay/report.py``) are reported side by side. Without the trace file a
    Poisson trace with the same clipping is used and the report says so.
 """
 
@@ -55,7 +55,8 @@ def find_trace(explicit: str | None) -> Path | None:
 
 
 def build_trace(args, max_prompt: int, max_output: int):
-    from pdserve.benchmarks.trace import load_azure_csv, synthetic
+    from pdserve.workloads.formats import load_azure_csv
+    from pdserve.workloads.synthetic import synthetic
 
     path = find_trace(args.trace)
     if path is not None:
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from proc_hosts import ProcCluster, sequential_greedy
 
-    from pdserve.benchmarks.loadgen import LoadGenConfig, run_trace
-    from pdserve.benchmarks.report import markdown_table, summarize
+    from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, run_trace
+    from pdserve.cluster.cli.replay.report import markdown_table, summarize
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.model_config import ModelConfig
     from pdserve.kv_transfer.backend_config import KVTransferConfig

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from decode_floor import load_runner
 
-    from pdserve.cluster.profiler import StepTimer
+    from pdserve.cluster.planning.profiler.timing import StepTimer
 
     blocks = max(sum(-(-n // 16) for n in lens) for lens in cases.values()) + 64
     loaded, runner = load_runner(ckpt, device, blocks, "torch" if args.dry_run else "flashinfer")

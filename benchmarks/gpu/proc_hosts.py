@@ -1,6 +1,6 @@
 """Workers in their own processes, router in this one, no Ray: ``LocalCluster`` across processes.
 
-``cluster/local.py`` runs the real workers and router in ONE process. Disaggregation on
+``cluster/launch/local.py`` runs the real workers and router in ONE process. Disaggregation on
 one GPU needs the prefill and decode workers in separate processes (each its own CUDA
 context, KV moving by CUDA IPC), and the GPU hosts have no Ray. So:
 
@@ -307,7 +307,7 @@ def sequential_greedy(address: str, prompts: Sequence[Sequence[int]], max_tokens
                       timeout_s: float = 300.0) -> list[list[int]]:
     """Each prompt alone (the next is sent when the last finished), greedy, EOS ignored by
     construction of the checkpoints (no EOS id): identical batch shapes in every mode."""
-    from pdserve.cluster.client import Client, build_request
+    from pdserve.cluster.cli.client import Client, build_request
 
     out = []
     with Client(address, timeout_s=timeout_s) as client:

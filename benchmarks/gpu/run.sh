@@ -176,8 +176,8 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("device:", torch.cuda.get_device_name(0), f"sm_{p.major}{p.minor}", p.multi_processor_count,
           "SMs", round(p.total_memory / 2**30, 1), "GiB")
-for m in ("pdserve.engine.llm_engine", "pdserve.cluster.local", "pdserve.router.server",
-          "pdserve.benchmarks.loadgen", "transformers"):
+for m in ("pdserve.engine.llm_engine", "pdserve.cluster.launch.local", "pdserve.router.server",
+          "pdserve.cluster.cli.replay.loadgen", "transformers"):
     importlib.import_module(m)
 if os.environ.get("DRY_RUN") != "1":
     import flashinfer

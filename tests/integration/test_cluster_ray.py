@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pdserve.cluster.client import Client, build_request
-from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
+from pdserve.cluster.cli.client import Client, build_request
+from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams

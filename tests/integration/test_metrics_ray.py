@@ -9,8 +9,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdserve.cluster.client import Client, build_request
-from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
+from pdserve.cluster.cli.client import Client, build_request
+from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
 from pdserve.engine.config import EngineConfig
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.router.config import RouterConfig

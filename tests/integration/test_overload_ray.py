@@ -21,8 +21,8 @@ import time
 import grpc
 import pytest
 
-from pdserve.cluster.client import build_request
-from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
+from pdserve.cluster.cli.client import build_request
+from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.backend_config import KVTransferConfig

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
-from pdserve.cluster.placement_check import PlacementError
-from pdserve.cluster.plan import Plan, low_affinity_groups
-from pdserve.cluster.plan_launcher import launch_plan
-from pdserve.cluster.simulator.config import InstanceSpec
+from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
+from pdserve.cluster.launch.placement_check import PlacementError
+from pdserve.cluster.launch.plan_launcher import launch_plan
+from pdserve.cluster.planning.plan import Plan, low_affinity_groups
+from pdserve.cluster.planning.simulator.config import InstanceSpec
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.router.config import RouterConfig
 from pdserve.router.server import ServerConfig

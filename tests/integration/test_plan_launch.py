@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.cluster.client import Client, build_request
-from pdserve.cluster.plan import Plan, low_affinity_groups
-from pdserve.cluster.plan_launcher import check_launchable, launch_plan
-from pdserve.cluster.simulator.config import InstanceSpec
+from pdserve.cluster.cli.client import Client, build_request
+from pdserve.cluster.launch.plan_launcher import check_launchable, launch_plan
+from pdserve.cluster.planning.plan import Plan, low_affinity_groups
+from pdserve.cluster.planning.simulator.config import InstanceSpec
 from pdserve.engine.config import EngineConfig
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.router.config import RouterConfig

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.cluster.client import Client, build_request
-from pdserve.cluster.launcher import ClusterSpec, PoolSpec, launch
+from pdserve.cluster.cli.client import Client, build_request
+from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
 from pdserve.engine.config import EngineConfig
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.router.config import RouterConfig

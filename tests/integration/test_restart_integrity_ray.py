@@ -18,8 +18,8 @@ import signal
 
 import pytest
 
-from pdserve.cluster.client import Client, build_request
-from pdserve.cluster.launcher import launch
+from pdserve.cluster.cli.client import Client, build_request
+from pdserve.cluster.launch.launcher import launch
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
 from tests.cluster_helpers import chaos_spec, engine_config, generate_through, wait_until

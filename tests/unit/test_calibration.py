@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.cluster.calibration import calibrate, corrected, correction_factors
-from pdserve.cluster.profile import DecodeFit, LatencyProfile, ParallelEntry, PrefillFit
+from pdserve.cluster.planning.calibration import calibrate, corrected, correction_factors
+from pdserve.engine.latency_profile import DecodeFit, LatencyProfile, ParallelEntry, PrefillFit
 from pdserve.engine.step_log import StepLog, StepRecord
 
 PROFILE = LatencyProfile("toy", "test", (ParallelEntry(1, PrefillFit(2.0, 0.1, 1e-5),

@@ -160,7 +160,7 @@ def test_router_container_runs_pdserve_serve():
 
 
 def test_router_command_is_accepted_by_the_cli():
-    cli = pytest.importorskip("pdserve.cluster.cli")
+    cli = pytest.importorskip("pdserve.cluster.cli.main")
     for argv in serve_argv(router_command()):
         args = cli.build_parser().parse_args(argv)
         assert args.command == "serve"

@@ -66,7 +66,7 @@ def serve_commands(markdown: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_documented_serve_commands_parse(doc):
-    cli = pytest.importorskip("pdserve.cluster.cli")
+    cli = pytest.importorskip("pdserve.cluster.cli.main")
     commands = serve_commands(doc.read_text())
     assert commands, f"no pdserve serve command in {doc}"
     for argv in commands:

@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pdserve.cluster.local import LocalCluster
+from pdserve.cluster.launch.local import LocalCluster
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams

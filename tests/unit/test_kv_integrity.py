@@ -278,8 +278,8 @@ def test_decode_refuses_blocks_that_changed_after_the_write(demo_model_dir, engi
 
 
 def test_router_retries_a_request_whose_kv_fails_the_checksum(demo_model_dir, engine_want):
-    from pdserve.cluster.client import Client, build_request
-    from pdserve.cluster.local import LocalCluster
+    from pdserve.cluster.cli.client import Client, build_request
+    from pdserve.cluster.launch.local import LocalCluster
     from tests.cluster_helpers import local_idle, wait_until
 
     prompts, want = engine_want

@@ -17,8 +17,8 @@ import socket
 import pytest
 import torch
 
-from pdserve.cluster.client import Client, build_request
-from pdserve.cluster.local import LocalCluster
+from pdserve.cluster.cli.client import Client, build_request
+from pdserve.cluster.launch.local import LocalCluster
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_cache import KVCache, KVCacheSpec
 from pdserve.kv_transfer.backend_config import SECRET_ENV, KVTransferConfig

@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdserve.cluster.client import Client, build_request
-from pdserve.cluster.local import LocalCluster
+from pdserve.cluster.cli.client import Client, build_request
+from pdserve.cluster.launch.local import LocalCluster
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.metrics import WorkerMetrics
 from pdserve.router.metrics_server import MetricsAggregator

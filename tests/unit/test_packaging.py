@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pdserve.cluster.cli import build_parser
+from pdserve.cluster.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.cluster.launcher import ClusterSpec, PoolSpec, local_ray_cpus, pool_demands
-from pdserve.cluster.placement_check import (
+from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, local_ray_cpus, pool_demands
+from pdserve.cluster.launch.placement_check import (
     Demand,
     PlacementError,
     check_fits,
     wait_until_placeable,
 )
-from pdserve.cluster.plan import PlacementGroupSpec
-from pdserve.cluster.plan_launcher import group_demands
+from pdserve.cluster.launch.plan_launcher import group_demands
+from pdserve.cluster.planning.plan import PlacementGroupSpec
 from pdserve.engine.config import EngineConfig
 
 
@@ -139,7 +139,7 @@ def test_auto_device_on_a_local_cluster_does_not_start_ray(monkeypatch):
     """The root cause of the 2-core hang: deciding GPUs started a 2-CPU Ray first."""
     import ray
 
-    from pdserve.cluster import commands
+    from pdserve.cluster.cli import serve_commands as commands
 
     def no_ray(*a, **k):
         raise AssertionError("worker_gpus started Ray")
@@ -155,7 +155,7 @@ def test_auto_device_on_a_local_cluster_does_not_start_ray(monkeypatch):
 
 
 def test_serve_flags_and_their_checks():
-    from pdserve.cluster.cli import build_parser, main
+    from pdserve.cluster.cli.main import build_parser, main
 
     args = build_parser().parse_args(["serve"])
     assert args.placement_timeout == 10.0 and args.ready_timeout == 600.0

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.benchmarks.trace import synthetic
-from pdserve.cluster.cluster_desc import ClusterDesc, a100_cluster
-from pdserve.cluster.plan import Plan, low_affinity_groups
-from pdserve.cluster.planner import Planner, PlannerConfig, PlanningError
-from pdserve.cluster.profile import DecodeFit, LatencyProfile, ParallelEntry, PrefillFit
-from pdserve.cluster.simulator import DisaggPlanSpec, InstanceSpec, goodput
+from pdserve.cluster.planning.cluster_desc import ClusterDesc, a100_cluster
+from pdserve.cluster.planning.plan import Plan, low_affinity_groups
+from pdserve.cluster.planning.planner import Planner, PlannerConfig, PlanningError
+from pdserve.cluster.planning.simulator import DisaggPlanSpec, InstanceSpec, goodput
+from pdserve.engine.latency_profile import DecodeFit, LatencyProfile, ParallelEntry, PrefillFit
 from pdserve.router.slo import SloConfig
+from pdserve.workloads.synthetic import synthetic
 
 
 def obvious_profile() -> LatencyProfile:
@@ -144,7 +144,7 @@ def test_cli_plan_then_simulate(tmp_path, capsys):
     import argparse
     import json
 
-    from pdserve.cluster.sim_commands import register
+    from pdserve.cluster.cli.sim_commands import register
 
     parser = argparse.ArgumentParser(prog="pdserve")
     register(parser.add_subparsers(dest="command", required=True))

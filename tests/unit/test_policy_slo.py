@@ -7,10 +7,10 @@ import dataclasses
 import grpc
 import pytest
 
-from pdserve.cluster.client import Client, build_request
-from pdserve.cluster.local import LocalCluster
-from pdserve.cluster.profile import DecodeFit, LatencyProfile, ParallelEntry, PrefillFit
+from pdserve.cluster.cli.client import Client, build_request
+from pdserve.cluster.launch.local import LocalCluster
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.latency_profile import DecodeFit, LatencyProfile, ParallelEntry, PrefillFit
 from pdserve.router.config import RouterConfig
 from pdserve.router.policy import RoutingRequest, WorkerLoad
 from pdserve.router.policy_slo import SloAware

@@ -11,26 +11,25 @@ import numpy as np
 import pytest
 import torch
 
-from pdserve.cluster.profile import LatencyProfile
-from pdserve.cluster.profile_commands import (
+from pdserve.cluster.cli.profile_commands import (
     markdown_report,
     options_from_args,
     plot_heldout,
     register,
     summary,
 )
-from pdserve.cluster.profiler import (
+from pdserve.cluster.planning.profiler.fitting import (
     Measurement,
-    ProfileOptions,
-    decode_grid,
-    drift_corrected_medians,
     fit_decode,
     fit_prefill,
-    prefill_grid,
-    profile_model,
     split_indices,
 )
+from pdserve.cluster.planning.profiler.grids import decode_grid, prefill_grid
+from pdserve.cluster.planning.profiler.options import ProfileOptions
+from pdserve.cluster.planning.profiler.run import profile_model
+from pdserve.cluster.planning.profiler.timing import drift_corrected_medians
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.latency_profile import LatencyProfile
 
 
 def _noisy(values: list[float], rel_noise: float, seed: int) -> list[float]:

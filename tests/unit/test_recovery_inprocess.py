@@ -14,8 +14,8 @@ import time
 import grpc
 import pytest
 
-from pdserve.cluster.client import Client, build_request
-from pdserve.cluster.local import LocalCluster
+from pdserve.cluster.cli.client import Client, build_request
+from pdserve.cluster.launch.local import LocalCluster
 from pdserve.router.config import RouterConfig
 from pdserve.router.reliability import ReliabilityConfig
 from pdserve.router.server import ServerConfig

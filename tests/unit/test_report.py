@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pdserve.benchmarks.loadgen import LoadGenConfig, RequestRecord, RunResult, UsageRecord
-from pdserve.benchmarks.report import (
+from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, RequestRecord, RunResult, UsageRecord
+from pdserve.cluster.cli.replay.report import (
     Percentiles,
     RunReport,
     goodput_from_sweep,

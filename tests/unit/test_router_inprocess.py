@@ -13,8 +13,8 @@ import threading
 import grpc
 import pytest
 
-from pdserve.cluster.client import Client, build_request
-from pdserve.cluster.local import LocalCluster
+from pdserve.cluster.cli.client import Client, build_request
+from pdserve.cluster.launch.local import LocalCluster
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams

@@ -26,16 +26,17 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from pdserve.benchmarks.loadgen import LoadGenConfig, RunResult, run_trace
-from pdserve.benchmarks.trace import synthetic
-from pdserve.cluster.cli import build_parser, main
-from pdserve.cluster.client import Client, ClientSecurity, build_request, open_channel
-from pdserve.cluster.commands import client_security_from_args, security_summary
-from pdserve.cluster.local import LocalCluster
+from pdserve.cluster.cli.client import Client, ClientSecurity, build_request, open_channel
+from pdserve.cluster.cli.common import client_security_from_args
+from pdserve.cluster.cli.main import build_parser, main
+from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, RunResult, run_trace
+from pdserve.cluster.cli.serve_commands import security_summary
+from pdserve.cluster.launch.local import LocalCluster
 from pdserve.engine.config import EngineConfig
 from pdserve.router.auth import TOKENS_ENV, TokenSet, bearer_token, load_tokens
 from pdserve.router.config import RouterConfig
 from pdserve.router.server import ServerConfig
+from pdserve.workloads.synthetic import synthetic
 
 FILE_TOKENS = ("file-token-0123456789abcdef", "second-file-token-fedcba9876")
 ENV_TOKEN = "env-token-0123456789ABCDEFG"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.benchmarks.trace import synthetic
-from pdserve.cluster.profile import DecodeFit, LatencyProfile, ParallelEntry, PrefillFit
-from pdserve.cluster.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate
+from pdserve.cluster.planning.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate
+from pdserve.engine.latency_profile import DecodeFit, LatencyProfile, ParallelEntry, PrefillFit
 from pdserve.router.slo import SloConfig
+from pdserve.workloads.synthetic import synthetic
 
 PROFILE = LatencyProfile("toy", "test", (ParallelEntry(1, PrefillFit(2.0, 0.05, 0.0),
                                                        DecodeFit(2.0, 0.0005, 0.1), 200_000),),

@@ -11,15 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.benchmarks.trace import Trace, TraceRequest, load_azure_csv, synthetic
-from pdserve.cluster.profile import (
-    DecodeFit,
-    LatencyProfile,
-    ParallelEntry,
-    PrefillFit,
-    distserve_opt13b_a100,
-)
-from pdserve.cluster.simulator import (
+from pdserve.cluster.planning.simulator import (
     ColocatedPlanSpec,
     DisaggPlanSpec,
     GoodputSearch,
@@ -31,7 +23,17 @@ from pdserve.cluster.simulator import (
     representative_slice,
     simulate,
 )
+from pdserve.engine.latency_profile import (
+    DecodeFit,
+    LatencyProfile,
+    ParallelEntry,
+    PrefillFit,
+    distserve_opt13b_a100,
+)
 from pdserve.router.slo import SloConfig
+from pdserve.workloads.formats import load_azure_csv
+from pdserve.workloads.synthetic import synthetic
+from pdserve.workloads.trace import Trace, TraceRequest
 
 AZURE = Path(__file__).resolve().parents[3] / "shared" / "data" / "azure_llm_2023_conv.csv"
 

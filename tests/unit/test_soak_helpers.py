@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pdserve.benchmarks.soak import growth, slope, soak_trace
-from pdserve.benchmarks.trace import Trace, TraceRequest
+from pdserve.workloads.trace import Trace, TraceRequest
 
 
 def _trace(arrivals):

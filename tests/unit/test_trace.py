@@ -9,14 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pdserve.benchmarks.trace import (
-    Trace,
-    TraceRequest,
-    load_azure_csv,
-    load_burstgpt_csv,
-    load_trace,
-    synthetic,
-)
+from pdserve.workloads.formats import load_azure_csv, load_burstgpt_csv, load_trace
+from pdserve.workloads.synthetic import synthetic
+from pdserve.workloads.trace import Trace, TraceRequest
 
 # tests/unit/ -> tests/ -> the checkout -> its parent, which holds shared/.
 AZURE_CONV = Path(__file__).resolve().parents[3] / "shared" / "data" / "azure_llm_2023_conv.csv"

@@ -1,0 +1,60 @@
+"""Helpers more than one ``pdserve`` subcommand uses: the model to load, sampling and
+client-security flags, and where the shared Azure trace is.
+
+Imported by the ``*_commands`` modules (never the reverse), and light: anything heavy
+is imported inside the function that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+AZURE_CONV = Path("shared") / "data" / "azure_llm_2023_conv.csv"
+
+
+def resolve_model(model: str | None) -> str:
+    """The named local checkpoint, or the demo model (created on first use)."""
+    if model:
+        return model
+    from pdserve.engine.demo_model import create_demo_model
+
+    return str(create_demo_model())
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def add_client_security_args(p: argparse.ArgumentParser) -> None:
+    """Flags of every command that talks to an endpoint (generate, bench)."""
+    g = p.add_argument_group("secured endpoints (docs/security.md)")
+    g.add_argument("--tls", action="store_true",
+                   help="use TLS, trusting the system's root CAs (implied by --tls-ca)")
+    g.add_argument("--tls-ca", default=None, help="PEM CA that signed the server's certificate")
+    g.add_argument("--tls-cert", default=None, help="client certificate PEM (mutual TLS)")
+    g.add_argument("--tls-key", default=None, help="client private key PEM (mutual TLS)")
+    g.add_argument("--auth-token-file", default=None,
+                   help="file holding the bearer token (default: $PDSERVE_AUTH_TOKEN)")
+
+
+def client_security_from_args(args: argparse.Namespace):
+    from pdserve.cluster.cli.client import TOKEN_ENV, ClientSecurity
+
+    return ClientSecurity(tls=args.tls, root_ca_file=args.tls_ca,
+                          client_cert_file=args.tls_cert, client_key_file=args.tls_key,
+                          token_file=args.auth_token_file, token_env=TOKEN_ENV)
+
+
+def azure_trace_path() -> Path:
+    """The shared Azure conversation trace, looked for beside the checkout (``../shared``,
+    relative to the working directory, then to this source tree)."""
+    here = Path(__file__).resolve().parents[2]  # cluster/cli/ -> the checkout
+    candidates = [Path.cwd().parent / AZURE_CONV, here.parent / AZURE_CONV, Path.cwd() / AZURE_CONV]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(f"Azure trace not found (looked in {', '.join(map(str, candidates))})")

@@ -1,0 +1,211 @@
+"""``pdserve simulate`` and ``pdserve plan``: the simulator and the placement planner from the CLI.
+
+``register(sub)`` adds both subcommands to the ``pdserve`` parser (``main`` calls
+it). Handlers import the simulator lazily so ``pdserve --help`` stays instant; they
+return an exit code and raise ``ValueError`` for bad input (the CLI prints it, exit 2).
+
+Traces: a CSV (Azure or BurstGPT, detected by ``load_trace``) or a synthetic spec
+``poisson:RATE:N:PLO-PHI:OLO-OHI`` (``gamma:...:CV`` for bursty arrivals), lengths drawn
+uniformly from the given ranges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pdserve.cluster.cli.common import azure_trace_path
+
+DISTSERVE_PROFILE = "distserve-opt13b"
+
+
+def load_profile(spec: str):
+    from pdserve.engine.latency_profile import LatencyProfile, distserve_opt13b_a100
+
+    return distserve_opt13b_a100() if spec == DISTSERVE_PROFILE else LatencyProfile.load(spec)
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    a, b = int(lo), int(hi or lo)
+    if not (1 <= a <= b):
+        raise ValueError(f"bad length range {text!r} (want LO-HI, 1 <= LO <= HI)")
+    return a, b
+
+
+def load_trace_spec(spec: str, max_requests: int | None = None):
+    """A trace from a CSV path, ``azure``, or a ``poisson:``/``gamma:`` spec, optionally sliced to a
+    representative window of ``max_requests``."""
+    from pdserve.cluster.planning.simulator import representative_slice
+    from pdserve.workloads.formats import load_trace
+    from pdserve.workloads.synthetic import synthetic
+
+    kind = spec.split(":", 1)[0]
+    if kind in ("poisson", "gamma"):
+        parts = spec.split(":")
+        want = 5 if kind == "poisson" else 6
+        if len(parts) != want:
+            raise ValueError(f"bad trace spec {spec!r}: want {kind}:RATE:N:PLO-PHI:OLO-OHI"
+                             + (":CV" if kind == "gamma" else ""))
+        try:
+            rate, n = float(parts[1]), int(parts[2])
+            cv = float(parts[5]) if kind == "gamma" else 1.0
+        except ValueError as exc:
+            raise ValueError(f"bad trace spec {spec!r}: {exc}") from exc
+        trace = synthetic(n, rate, _range(parts[3]), _range(parts[4]), cv=cv)
+    else:
+        if spec == "azure":  # the shared Azure conversation trace, as `pdserve bench` takes it
+            spec = str(azure_trace_path())
+        if not Path(spec).exists():
+            raise FileNotFoundError(f"trace {spec} not found")
+        trace = load_trace(spec)
+    return representative_slice(trace, max_requests) if max_requests else trace
+
+
+def _slo(args):
+    from pdserve.router.slo import SloConfig
+
+    return SloConfig(args.slo_ttft, args.slo_tpot, args.attainment)
+
+
+def _sim_config(args):
+    from pdserve.cluster.planning.simulator import SimConfig
+
+    return SimConfig(args.prefill_token_budget, args.chunked_prefill, args.max_decode_batch,
+                     args.request_overhead, args.step_overhead)
+
+
+def _plan_spec(args):
+    from pdserve.cluster.planning.plan import Plan
+    from pdserve.cluster.planning.simulator import ColocatedPlanSpec, DisaggPlanSpec, InstanceSpec
+
+    if args.plan:
+        return Plan.load(args.plan).spec()
+    if args.colocated:
+        return ColocatedPlanSpec(InstanceSpec(args.tp, args.pp, args.count))
+    return DisaggPlanSpec(InstanceSpec(args.prefill_tp, args.prefill_pp, args.num_prefill),
+                          InstanceSpec(args.decode_tp, args.decode_pp, args.num_decode),
+                          args.bandwidth)
+
+
+def _write(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from pdserve.cluster.planning.simulator import goodput, simulate
+
+    profile, slo, cfg = load_profile(args.profile), _slo(args), _sim_config(args)
+    trace = load_trace_spec(args.trace, args.max_requests)
+    spec = _plan_spec(args)
+    out: dict = {"plan": spec.label(), "trace": trace.name, "requests": len(trace),
+                 "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s,
+                         "attainment": slo.attainment}}
+    print(f"{spec.label()} on {spec.num_gpus} GPUs; trace {trace.name} ({len(trace)} requests)")
+    if args.goodput:
+        g = goodput(spec, profile, trace, slo, cfg)
+        out["goodput"] = {"rate": g.rate, "per_gpu_rate": g.per_gpu_rate,
+                          "interpolated_rate": g.interpolated_rate,
+                          "attainment_at_rate": g.attainment_at_rate,
+                          "searched": [list(x) for x in g.searched]}
+        print(f"goodput {g.rate:.3f} req/s ({g.per_gpu_rate:.3f} req/s/GPU; interpolated "
+              f"{g.interpolated_rate:.3f}) after {g.num_sims} simulations")
+        rate = g.rate if g.rate > 0 else None
+    else:
+        rate = args.rate
+    if rate is not None or not args.goodput:
+        res = simulate(spec, profile, trace.at_rate(rate) if rate else trace, cfg)
+        s = res.summary(slo)
+        out["simulation"] = s
+        print(f"rate {s['rate']:.3f} req/s: attainment {s['attainment']:.3f} (TTFT "
+              f"{s['ttft_attainment']:.3f}, TPOT {s['tpot_attainment']:.3f}); rejected "
+              f"{s['num_rejected']}")
+        print("TTFT p50/p90/p99 {:.3f}/{:.3f}/{:.3f} s; TPOT p50/p90/p99 {:.4f}/{:.4f}/{:.4f} s"
+              .format(*(s[k] for k in ("ttft_p50", "ttft_p90", "ttft_p99", "tpot_p50",
+                                       "tpot_p90", "tpot_p99"))))
+    _write(args.out, out)
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pdserve.cluster.planning.cluster_desc import ClusterDesc
+    from pdserve.cluster.planning.planner import Planner, PlannerConfig
+
+    cluster = ClusterDesc.load(args.cluster) if args.cluster else ClusterDesc(
+        args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.intra_bw, args.inter_bw,
+        args.gpu_type)
+    planner = Planner(cluster, load_profile(args.profile), load_trace_spec(args.trace), _slo(args),
+                      _sim_config(args), PlannerConfig(max_requests=args.max_requests,
+                                                       max_pp=args.max_pp,
+                                                       consider_colocated=args.consider_colocated))
+    plan = planner.plan(args.affinity)
+    what = (f"P={plan.prefill.label()} D={plan.decode.label()} units={plan.units}"
+            if plan.mode == "disaggregated" else plan.colocated.label())
+    print(f"{plan.mode} ({plan.affinity} affinity) {what}: goodput {plan.expected_rate:.3f} "
+          f"req/s = {plan.expected_per_gpu_goodput:.3f} req/s/GPU on {plan.num_gpus} of "
+          f"{cluster.num_gpus} GPUs; {plan.search.simulations} simulations in "
+          f"{plan.search.runtime_s:.1f} s")
+    if args.out:
+        plan.save(args.out)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default=DISTSERVE_PROFILE,
+                   help=f"profile JSON, or {DISTSERVE_PROFILE} (DistServe's OPT-13B A100 model)")
+    p.add_argument("--trace", required=True,
+                   help="trace CSV, or poisson:RATE:N:PLO-PHI:OLO-OHI / gamma:...:CV")
+    p.add_argument("--slo-ttft", type=float, default=0.25)
+    p.add_argument("--slo-tpot", type=float, default=0.1)
+    p.add_argument("--attainment", type=float, default=0.9)
+    p.add_argument("--prefill-token-budget", type=int, default=4096)
+    p.add_argument("--chunked-prefill", action="store_true")
+    p.add_argument("--max-decode-batch", type=int, default=256)
+    p.add_argument("--request-overhead", type=float, default=0.0, help="seconds added to TTFT")
+    p.add_argument("--step-overhead", type=float, default=0.0, help="seconds added per step")
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("simulate", help="simulate a plan on a trace: TTFT/TPOT, SLO attainment")
+    _add_common(p)
+    p.add_argument("--max-requests", type=int, default=None,
+                   help="simulate a representative window of this many requests")
+    p.add_argument("--plan", default=None, help="plan JSON written by `pdserve plan`")
+    p.add_argument("--prefill-tp", type=int, default=1)
+    p.add_argument("--prefill-pp", type=int, default=1)
+    p.add_argument("--num-prefill", type=int, default=1)
+    p.add_argument("--decode-tp", type=int, default=1)
+    p.add_argument("--decode-pp", type=int, default=1)
+    p.add_argument("--num-decode", type=int, default=1)
+    p.add_argument("--bandwidth", type=float, default=25e9, help="KV transfer bytes/s")
+    p.add_argument("--colocated", action="store_true", help="simulate the colocated baseline")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--count", type=int, default=1)
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--rate", type=float, default=None, help="replay at this mean rate (req/s)")
+    how.add_argument("--goodput", action="store_true", help="bisect the goodput")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("plan", help="search the placement with the best per-GPU goodput")
+    _add_common(p)
+    p.add_argument("--cluster", default=None, help="cluster JSON (pdserve-cluster-v1)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    p.add_argument("--intra-bw", type=float, default=300e9, help="intra-node bytes/s")
+    p.add_argument("--inter-bw", type=float, default=25e9, help="inter-node bytes/s")
+    p.add_argument("--gpu-type", default="")
+    p.add_argument("--affinity", choices=("auto", "high", "low"), default="auto")
+    p.add_argument("--max-requests", type=int, default=1500,
+                   help="plan on a representative window of this many requests")
+    p.add_argument("--max-pp", type=int, default=4)
+    p.add_argument("--consider-colocated", action="store_true",
+                   help="return a colocated plan when it beats disaggregation")
+    p.set_defaults(func=_cmd_plan)

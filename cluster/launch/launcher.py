@@ -1,0 +1,275 @@
+"""Launching a disaggregated cluster on Ray: decode pool, prefill pool, router.
+
+Lifecycle: ``launch(spec)`` resolves the KV shared secret (``with_cluster_secret``: the
+configured one, else ``$PDSERVE_KV_SECRET``, else a random one for this cluster when the
+backend is tcp), connects to (``address``) or starts a local Ray cluster, creates the
+decode workers first (each publishes where its KV cache can be written), then the prefill
+workers, waits until every worker has loaded its model, creates the
+router actor with handles to both pools and starts its gRPC server. A local Ray is sized
+for the workers it will hold. Before any actor exists, ``placement_check`` makes sure the
+cluster can hold every pool (retrying up to ``placement_timeout_s`` for nodes that join
+late) and otherwise raises at once, naming the pool and what is missing; the wait for the
+workers is bounded too (``ready_timeout_s``), and a failed launch stops what it started.
+The returned
+``Cluster`` knows the endpoint and every handle; ``shutdown()`` stops the router
+(in-flight streams get a grace period), then the workers, then Ray if it started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdserve.cluster.launch.placement_check import (
+    DEFAULT_PLACEMENT_TIMEOUT_S,
+    DEFAULT_READY_TIMEOUT_S,
+    Demand,
+    wait_ready,
+    wait_until_placeable,
+)
+from pdserve.engine.config import EngineConfig
+from pdserve.kv_transfer.backend_config import KVTransferConfig
+from pdserve.router.config import RouterConfig
+
+log = logging.getLogger(__name__)
+
+# Nothing joins a local Ray that launch() started, so its check is not retried for long.
+LOCAL_GRACE_S = 2.0
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One pool's size and where its actors may go (Ray resources / node labels)."""
+
+    count: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: tuple[tuple[str, float], ...] = ()
+    label_selector: tuple[tuple[str, str], ...] = ()
+    # Ray restarts a worker whose process dies this many times (-1: always); the router's
+    # heartbeat sees it back and returns it to the pool. 0 leaves a dead worker dead.
+    max_restarts: int = 10
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError("a pool needs at least one worker")
+        if self.max_restarts < -1:
+            raise ValueError("max_restarts must be >= -1")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError("num_cpus and num_gpus must be >= 0")
+
+    def actor_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                                "max_restarts": self.max_restarts}
+        if self.resources:
+            opts["resources"] = dict(self.resources)
+        if self.label_selector:
+            opts["label_selector"] = dict(self.label_selector)
+        return opts
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    engine: EngineConfig
+    prefill: PoolSpec = PoolSpec()
+    decode: PoolSpec = PoolSpec()
+    kv: KVTransferConfig = KVTransferConfig()
+    router: RouterConfig | None = None
+    torch_threads: int | None = None  # per worker; default: cores / workers, at least 1
+    # Colocated baseline: this pool's workers each do both phases; prefill/decode unused.
+    colocated: PoolSpec | None = None
+
+    @property
+    def num_workers(self) -> int:
+        if self.colocated is not None:
+            return self.colocated.count
+        return self.prefill.count + self.decode.count
+
+    def router_config(self) -> RouterConfig:
+        return self.router or RouterConfig(model=self.engine.model,
+                                           max_model_len=self.engine.max_model_len)
+
+    def threads_per_worker(self) -> int:
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, (os.cpu_count() or 1) // self.num_workers)
+
+
+@dataclass
+class Cluster:
+    spec: ClusterSpec
+    address: str
+    router: Any
+    prefills: list[tuple[str, Any]]
+    decodes: list[tuple[str, Any]]
+    started_ray: bool = False
+    metrics_address: str | None = None
+    placement_groups: list = field(default_factory=list)
+    # Shared-memory KV segments of the decode workers: unlinked at shutdown even if a worker
+    # was killed before it could unlink its own (a SIGKILL skips all cleanup).
+    shm_segments: list[str] = field(default_factory=list)
+    _closed: bool = field(default=False, repr=False)
+
+    def stats(self) -> dict[str, Any]:
+        import ray
+
+        return {
+            **{w: ray.get(h.stats.remote()) for w, h in self.prefills},
+            **{w: ray.get(h.stats.remote()) for w, h in self.decodes},
+        }
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        import ray
+
+        try:
+            ray.get(self.router.stop.remote(), timeout=30)
+        except Exception:  # the router may already be gone; workers still need stopping
+            log.warning("router did not stop cleanly", exc_info=True)
+        for _, h in (*self.prefills, *self.decodes):
+            try:
+                ray.get(h.shutdown.remote(), timeout=30)
+            except Exception:
+                log.warning("worker did not shut down cleanly", exc_info=True)
+            ray.kill(h)
+        ray.kill(self.router)
+        unlink_shm_segments(self.shm_segments)
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
+        if self.started_ray:
+            ray.shutdown()
+
+
+def unlink_shm_segments(names: list[str]) -> None:
+    """Retire and remove leftover shared-memory segments on this host (others' nodes are
+    theirs)."""
+    from pdserve.kv_transfer.incarnation import retire_segment
+
+    for name in names:
+        with contextlib.suppress(OSError):
+            retire_segment(name)
+
+
+def shm_segments_of(decodes: list[tuple[str, Any]]) -> list[str]:
+    import ray
+
+    names = []
+    for _, h in decodes:
+        ep = ray.get(h.kv_endpoint.remote())
+        if ep is not None and ep.backend == "shm":
+            names.append(ep.address)
+    return names
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Connect to ``address`` or start a local Ray; returns True if this call started it.
+
+    ``num_cpus`` sizes a local Ray (ignored when joining a cluster or when Ray is already
+    up), so it must be decided before anything else starts Ray.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def local_ray_cpus(cpus_asked: float) -> int:
+    """CPUs for a local Ray holding workers that ask for ``cpus_asked`` in all: at least
+    the machine's cores, and one spare. Ray CPUs are a scheduling count, not a limit, so
+    a small machine may host more (mostly idle) workers than it has cores."""
+    return max(math.ceil(cpus_asked - 1e-9) + 1, os.cpu_count() or 1)
+
+
+def pool_demands(spec: ClusterSpec) -> list[Demand]:
+    if spec.colocated is not None:
+        return [Demand.of_pool("colocated", spec.colocated)]
+    return [Demand.of_pool("prefill", spec.prefill), Demand.of_pool("decode", spec.decode)]
+
+
+def abandon(workers: list[tuple[str, Any]], started_ray: bool) -> None:
+    """Undo a launch that failed half-way: stop the workers created so far (briefly, the
+    ones still loading or unplaced are killed), then Ray if the launch started it."""
+    import ray
+
+    handles = [h for _, h in workers]
+    calls = [h.stop.remote() if wid == "router" else h.shutdown.remote() for wid, h in workers]
+    if calls:
+        with contextlib.suppress(Exception):
+            ray.wait(calls, num_returns=len(calls), timeout=5)
+    for h in handles:
+        with contextlib.suppress(Exception):
+            ray.kill(h)
+    if started_ray:
+        ray.shutdown()
+
+
+def launch(spec: ClusterSpec, address: str | None = None,
+           placement_timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S,
+           ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S) -> Cluster:
+    """Start the cluster ``spec`` describes (see the module doc). ``placement_timeout_s``:
+    how long a cluster that cannot hold the pools yet may take to grow (nothing joins a
+    local Ray this call starts, so that one is only checked briefly); ``ready_timeout_s``:
+    how long placing the workers and loading the model may take."""
+    import ray
+
+    from pdserve.decode_worker.actor import DecodeWorkerActor
+    from pdserve.prefill_worker.actor import PrefillWorkerActor
+    from pdserve.router.actor import RouterActor
+
+    # One secret for every worker of this cluster, resolved before any of them exists.
+    spec = dataclasses.replace(spec, kv=spec.kv.with_cluster_secret())
+    n_workers = spec.num_workers
+    pools = [spec.colocated] if spec.colocated else [spec.prefill, spec.decode]
+    started = init_ray(address,
+                       num_cpus=local_ray_cpus(sum(p.num_cpus * p.count for p in pools)))
+    demands = pool_demands(spec)
+    workers: list[tuple[str, Any]] = []
+    try:
+        wait_until_placeable(demands, min(placement_timeout_s, LOCAL_GRACE_S) if started
+                             else placement_timeout_s)
+        threads = spec.threads_per_worker()
+        if spec.colocated is not None:
+            log.info("launching %d colocated workers", spec.colocated.count)
+            prefills = []
+            decodes = [(f"colocated-{i}", DecodeWorkerActor.options(
+                **spec.colocated.actor_options()).remote(f"colocated-{i}", spec.engine, None,
+                                                         threads))
+                for i in range(spec.colocated.count)]
+        else:
+            log.info("launching %d prefill + %d decode workers", spec.prefill.count,
+                     spec.decode.count)
+            decodes = [(f"decode-{i}", DecodeWorkerActor.options(
+                **spec.decode.actor_options()).remote(f"decode-{i}", spec.engine, spec.kv,
+                                                      threads))
+                for i in range(spec.decode.count)]
+            prefills = [(f"prefill-{i}", PrefillWorkerActor.options(
+                **spec.prefill.actor_options()).remote(f"prefill-{i}", spec.engine, spec.kv,
+                                                       threads))
+                for i in range(spec.prefill.count)]
+        workers = [*decodes, *prefills]
+        wait_ready(workers, ready_timeout_s=ready_timeout_s,
+                   placement_timeout_s=placement_timeout_s, demands=demands)
+        router = RouterActor.options(num_cpus=0).remote(spec.router_config(), prefills, decodes)
+        workers.append(("router", router))
+        endpoint = ray.get(router.start.remote())
+        metrics = ray.get(router.metrics_address.remote())
+    except BaseException:
+        abandon(workers, started)
+        raise
+    log.info("router listening on %s (%d workers); metrics on %s", endpoint, n_workers, metrics)
+    return Cluster(spec, endpoint, router, prefills, decodes, started_ray=started,
+                   metrics_address=metrics, shm_segments=shm_segments_of(decodes))

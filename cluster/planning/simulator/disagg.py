@@ -1,0 +1,390 @@
+"""Discrete-event simulation of a disaggregated plan: prefill pool -> KV transfer -> decode pool.
+
+Request lifecycle (times are virtual seconds):
+
+1. *Arrival*: the dispatcher picks a prefill instance (least outstanding prompt tokens)
+   and a decode lane (fewest assigned requests among lanes whose KV has room for the
+   request's final footprint, prompt + output; else the fewest assigned overall; with
+   ``units`` > 1, only lanes of the prefill instance's unit). Picking both at arrival
+   mirrors pdserve's orchestrator, which reserves on decode first.
+2. *Prefill*: FIFO queue per instance. When stage 0 is free, a batch takes queued prompts
+   while their tokens fit ``prefill_token_budget`` (a longer prompt runs alone, or is cut
+   into budget-sized chunks with ``chunked_prefill``). The batch passes ``pp`` stages of
+   ``PrefillCost.stage_s`` each; the first token exists when it leaves the last stage.
+   TTFT = that time - arrival + ``request_overhead_s``.
+3. *KV transfer*: pdserve sends KV layer by layer while prefill runs, so a batch's KV
+   lands at ``max(prefill_end, link_start + bytes / bandwidth)``, where the link (one per
+   prefill instance, shared by its batches in order) starts at the batch's start or when
+   it frees. The transfer is therefore hidden unless the link is slower than prefill.
+4. *Decode*: continuous batching per lane (``costs.py`` explains lanes for ``pp > 1``).
+   A request whose KV has arrived waits in the lane's FIFO until its final footprint fits
+   the lane's free KV and the batch has room, and joins at a step boundary. The simulator
+   knows each output length, so admission reserves prompt + output tokens: an oracle
+   admission control that never needs preemption. The step time uses the live contexts
+   (prompt + tokens generated so far). TPOT = (last - first token) / (output - 1).
+
+*Shared host* (``SimConfig.contention``): pools on one CPU host slow each other down. A
+step is stretched by ``1 + (k - 1) * f``, where ``f`` is the share of it during which the
+other pool stays busy: for a decode step, the running prefill batch's remaining time;
+for a prefill batch, how long the decode lanes keep running their current requests.
+``k`` is the measured factor (``HostContention``, from ``cluster/planning/calibration.py``).
+
+Requests with one output token finish at prefill. Phase ``"prefill"`` stops after step 2;
+phase ``"decode"`` starts at step 4 with the KV present at arrival (first token = arrival).
+Per-step work is O(1) plus the requests finishing: finishing steps are bucketed by index,
+and context sums are kept incrementally, so no per-token loop over the batch is needed.
+
+``run_disagg`` runs a ``_DisaggSim``: its loop handles the end of a decode step (nearly
+every event) and of a prefill batch on local names, and calls a method for the rest
+(arrival, batch formation, KV landed, decode admission); hot methods copy attributes into
+locals first (the planner runs thousands of simulations).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from heapq import heappop, heappush
+
+from pdserve.cluster.planning.simulator.config import DisaggPlanSpec, SimConfig
+from pdserve.cluster.planning.simulator.costs import DecodeCost, PrefillCost, contended_s
+from pdserve.cluster.planning.simulator.result import SimResult
+from pdserve.cluster.planning.simulator.workload import Workload
+from pdserve.engine.latency_profile import LatencyProfile
+from pdserve.router.policy_slo import TokenRate, predict_ttft_s
+
+# Event kinds. An event is (time, seq, kind, instance or lane, request ids, kv_at); seq
+# increases with every push, so events at one instant run in the order they were pushed.
+_PDONE, _PFREE, _KV, _DSTEP = 0, 1, 2, 3
+
+
+def run_disagg(plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload, cfg: SimConfig,
+               phase: str = "both") -> SimResult:
+    sim = _DisaggSim(plan, profile, w, cfg, phase)
+    sim.run()
+    return sim.result(plan, phase)
+
+
+class _DisaggSim:
+    """The state of one run. Requests are indexed ``rid`` (their place in the workload),
+    prefill instances ``p``, decode lanes ``lane``; per-index state lives in flat lists."""
+
+    # Every field, by concern. Slots keep attribute access as fast as the local names the
+    # event loop once used: with this many fields in a __dict__, CPython's shared-key fast
+    # path is lost and a run took ~10% longer.
+    __slots__ = (
+        # the run: workload, phases, per-request results, events, round-robin cursors
+        "w", "cfg", "arr", "prompt", "out", "do_prefill", "do_decode", "first", "last",
+        "rejected", "admission_rejected", "lane_of", "heap", "seq", "events", "rr",
+        "least_loaded", "slo_aware",
+        # prefill instances
+        "pc", "pp", "pre_cap", "n_pre", "budget", "chunked", "p_slow", "secs_per_token",
+        "p_queue", "p_outstanding", "p_stage_free", "p_link_free", "p_kick", "p_done",
+        "rates",
+        # decode lanes
+        "dc", "lane_cap", "n_lanes", "max_batch", "step_oh", "d_slow", "d_wait", "d_n",
+        "d_ctx", "d_reserved", "d_steps", "d_finish", "d_busy", "d_assigned",
+        "d_assigned_tok", "pre_per_unit", "unit_lanes", "all_lanes",
+    )
+
+    def __init__(self, plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload,
+                 cfg: SimConfig, phase: str):
+        self.w, self.cfg = w, cfg
+        self.arr, self.prompt, self.out = w.arrival, w.prompt, w.output
+        self.do_prefill, self.do_decode = phase != "decode", phase != "prefill"
+        self.least_loaded = cfg.dispatch == "least_loaded"
+        self.slo_aware = cfg.dispatch == "slo_aware"
+        self.step_oh = cfg.step_overhead_s
+        n = len(self.arr)
+        self.first, self.last = [math.nan] * n, [math.nan] * n
+        self.rejected, self.admission_rejected = [False] * n, [False] * n
+        self.lane_of = [-1] * n
+        self.heap: list = []
+        self.seq = itertools.count(1)
+        self.events = 0
+        self.rr = [0, 0]  # round-robin cursors: prefill instance, decode lane
+        cont = cfg.contention
+        self._init_prefill(plan, profile, cont.prefill if cont is not None else 1.0)
+        self._init_decode(plan, profile, cont.decode if cont is not None else 1.0)
+
+    def _init_prefill(self, plan: DisaggPlanSpec, profile: LatencyProfile, slow: float) -> None:
+        pre = profile.instance(plan.prefill.tp, plan.prefill.pp)
+        self.pc, self.pp, self.pre_cap = PrefillCost.of(pre), pre.pp, pre.kv_capacity_tokens
+        self.budget, self.chunked = self.cfg.prefill_token_budget, self.cfg.chunked_prefill
+        self.p_slow = slow
+        self.secs_per_token = profile.kv_bytes_per_token / plan.transfer_bandwidth
+        self.n_pre = n_pre = plan.prefill.count
+        self.p_queue = [deque() for _ in range(n_pre)]
+        self.p_outstanding = [0] * n_pre  # prompt tokens assigned and not yet batched
+        self.p_stage_free = [[0.0] * self.pp for _ in range(n_pre)]
+        self.p_link_free = [0.0] * n_pre
+        self.p_kick = [False] * n_pre  # a same-instant batch formation is scheduled
+        self.p_done = [0] * len(self.arr)  # per request: prompt tokens already batched
+        self.rates = [TokenRate() for _ in range(n_pre)]
+
+    def _init_decode(self, plan: DisaggPlanSpec, profile: LatencyProfile, slow: float) -> None:
+        dec = profile.instance(plan.decode.tp, plan.decode.pp)
+        self.dc, self.lane_cap, self.d_slow = DecodeCost.of(dec), dec.entry.kv_capacity_tokens, slow
+        self.max_batch = self.cfg.max_decode_batch
+        self.n_lanes = n_lanes = plan.decode.count * plan.decode.pp
+        self.d_wait = [deque() for _ in range(n_lanes)]
+        self.d_n = [0] * n_lanes  # running requests
+        self.d_ctx = [0] * n_lanes  # sum of their contexts
+        self.d_reserved = [0] * n_lanes  # KV tokens reserved by running requests
+        self.d_steps = [0] * n_lanes
+        self.d_finish: list[dict[int, list[int]]] = [{} for _ in range(n_lanes)]
+        self.d_busy = [False] * n_lanes
+        self.d_assigned = [0] * n_lanes  # requests dispatched here and not finished
+        self.d_assigned_tok = [0] * n_lanes
+        # Low-affinity units: prefill instance p sends its KV only to its own unit's lanes.
+        units = plan.units
+        self.pre_per_unit = self.n_pre // units
+        per_unit = n_lanes // units
+        self.unit_lanes = [range(u * per_unit, (u + 1) * per_unit) for u in range(units)]
+        self.all_lanes = range(n_lanes)
+
+    def run(self) -> None:
+        heap, arr, n = self.heap, self.arr, len(self.arr)
+        kv_landed, kick_decode, form_prefill = self._kv_landed, self._kick_decode, \
+            self._form_prefill
+        do_decode, pp, first = self.do_decode, self.pp, self.first
+        # The end of a decode step (nearly every event) and of a prefill batch are handled
+        # here, on local names; other events have a method each.
+        d_steps, d_ctx, d_n, d_finish, d_busy = self.d_steps, self.d_ctx, self.d_n, \
+            self.d_finish, self.d_busy
+        prompt, out, last = self.prompt, self.out, self.last
+        d_reserved, d_assigned, d_assigned_tok = self.d_reserved, self.d_assigned, \
+            self.d_assigned_tok
+        i = events = 0
+        while True:
+            # Arrivals go before events at the same instant, so that simultaneous arrivals
+            # can share a batch (an idle instance starts one through a same-time kick event).
+            if heap and (i >= n or heap[0][0] < arr[i]):
+                now, _, kind, x, payload, kv_at = heappop(heap)
+                events += 1
+                if kind == _DSTEP:  # every running request gained a token; free the finished
+                    lane = x
+                    d_steps[lane] += 1
+                    d_ctx[lane] += d_n[lane]
+                    done_now = d_finish[lane].pop(d_steps[lane], None)
+                    if done_now:
+                        for rid in done_now:
+                            last[rid] = now
+                            f = prompt[rid] + out[rid]
+                            d_n[lane] -= 1
+                            d_ctx[lane] -= f
+                            d_reserved[lane] -= f
+                            d_assigned[lane] -= 1
+                            d_assigned_tok[lane] -= f
+                    d_busy[lane] = False
+                    kick_decode(lane, now)
+                elif kind == _PDONE:  # first tokens; KV moves on (or is in flight)
+                    for rid in payload:
+                        first[rid] = now
+                        if not do_decode or out[rid] == 1:
+                            last[rid] = now
+                    if do_decode:
+                        moving = [rid for rid in payload if out[rid] > 1]
+                        if moving:
+                            if kv_at <= now:
+                                kv_landed(moving, now)
+                            else:
+                                heappush(heap, (kv_at, next(self.seq), _KV, -1, moving, 0.0))
+                    if pp == 1:
+                        form_prefill(x, now)
+                elif kind == _KV:
+                    kv_landed(payload, now)
+                else:  # _PFREE: stage 0 freed, or a kick after arrivals at an idle instance
+                    self.p_kick[x] = False
+                    form_prefill(x, now)
+            elif i < n:
+                events += 1
+                self._arrive(i, arr[i])
+                i += 1
+            else:
+                break
+        self.events = events
+
+    def result(self, plan: DisaggPlanSpec, phase: str) -> SimResult:
+        label = plan.label() + ("" if phase == "both" else f" [{phase} only]")
+        gpus = (plan.prefill.num_gpus if self.do_prefill else 0) + (
+            plan.decode.num_gpus if self.do_decode else 0)
+        return SimResult.from_run(
+            label, phase, gpus, self.w, self.first, self.last, self.rejected,
+            self.cfg.request_overhead_s if self.do_prefill else 0.0, self.events,
+            self.do_decode, tuple(self.admission_rejected))
+
+    def _arrive(self, rid: int, now: float) -> None:
+        """Reject ``rid``, or queue it at a prefill instance (least outstanding prompt
+        tokens, round robin, or lowest predicted TTFT with admission control) after
+        picking its decode lane, as pdserve's orchestrator reserves on decode first."""
+        p_len, o_len = self.prompt[rid], self.out[rid]
+        do_prefill = self.do_prefill
+        needs_decode = self.do_decode and o_len > 1
+        if (do_prefill and p_len > self.pre_cap) or (
+                needs_decode and p_len + o_len > self.lane_cap):
+            self.rejected[rid] = True
+            return
+        n_pre = self.n_pre
+        if not do_prefill:
+            p = -1
+        elif self.slo_aware:
+            preds = [self._predicted_ttft(x, p_len, now) for x in range(n_pre)]
+            p = min(range(n_pre), key=preds.__getitem__)
+            self.rates[p].observe(now, p_len)
+            limit = self.cfg.admission_ttft_s
+            if limit is not None and preds[p] > limit:
+                self.rejected[rid] = self.admission_rejected[rid] = True
+                return
+        elif self.least_loaded:
+            p = min(range(n_pre), key=self.p_outstanding.__getitem__)
+        else:
+            p = self.rr[0] % n_pre
+            self.rr[0] += 1
+        if needs_decode:
+            lane = self._pick_lane(p_len + o_len, self.unit_lanes[p // self.pre_per_unit]
+                                   if p >= 0 else self.all_lanes)
+            self.lane_of[rid] = lane
+            self.d_assigned[lane] += 1
+            self.d_assigned_tok[lane] += p_len + o_len
+        if not do_prefill:
+            self.first[rid] = now
+            if needs_decode:
+                self.d_wait[lane].append(rid)
+                self._kick_decode(lane, now)
+            else:
+                self.last[rid] = now
+            return
+        self.p_outstanding[p] += p_len
+        self.p_queue[p].append(rid)
+        if not self.p_kick[p] and self.p_stage_free[p][0] <= now:
+            self.p_kick[p] = True
+            heappush(self.heap, (now, next(self.seq), _PFREE, p, None, 0.0))
+
+    def _pick_lane(self, f: int, lanes: range) -> int:
+        d_assigned_tok, lane_cap = self.d_assigned_tok, self.lane_cap
+        if not self.least_loaded:
+            rr = self.rr
+            for _ in lanes:
+                lane = lanes[rr[1] % len(lanes)]
+                rr[1] += 1
+                if d_assigned_tok[lane] + f <= lane_cap:
+                    return lane
+            return lane
+        d_assigned = self.d_assigned
+        best, best_key = -1, None
+        for lane in lanes:
+            key = (d_assigned_tok[lane] + f > lane_cap, d_assigned[lane])
+            if best_key is None or key < best_key:
+                best, best_key = lane, key
+        return best
+
+    def _predicted_ttft(self, p: int, p_len: int, now: float) -> float:
+        """The router's SloAware prediction (same function), from the simulator's state."""
+        prompt, p_done = self.prompt, self.p_done
+        queue = [prompt[r] - p_done[r] for r in self.p_queue[p]]
+        return predict_ttft_s(self._batch_s, queue, p_len, self.budget,
+                              busy_s=max(0.0, self.p_stage_free[p][-1] - now),
+                              tokens_per_s=self.rates[p].rate(now)) + self.cfg.request_overhead_s
+
+    def _batch_s(self, lens: list[int]) -> float:
+        return self.pc.stage_s(sum(lens), sum(x * x for x in lens)) * self.pp + self.step_oh
+
+    def _form_prefill(self, p: int, now: float) -> None:
+        q = self.p_queue[p]
+        sf = self.p_stage_free[p]
+        if not q or sf[0] > now:
+            return
+        prompt, p_done, budget, chunked = self.prompt, self.p_done, self.budget, self.chunked
+        tokens = sq = 0
+        completing = []
+        while q:
+            rid = q[0]
+            done = p_done[rid]
+            rem = prompt[rid] - done
+            if chunked:
+                take = min(rem, budget - tokens)
+                if take <= 0:
+                    break
+            else:
+                if tokens and tokens + rem > budget:
+                    break
+                take = rem
+            end = done + take
+            tokens += take
+            sq += end * end - done * done
+            if take == rem:
+                q.popleft()
+                completing.append(rid)
+            else:
+                p_done[rid] = end
+        self.p_outstanding[p] -= tokens
+        dur = self.pc.stage_s(tokens, sq) + self.step_oh
+        if self.p_slow != 1.0:
+            dur = contended_s(dur, self.p_slow, self._decode_busy_for(now))
+        t = now
+        for s in range(self.pp):
+            start = sf[s] if sf[s] > t else t
+            t = start + dur
+            sf[s] = t
+        link_start = max(now, self.p_link_free[p])
+        kv_at = max(t, link_start + tokens * self.secs_per_token)
+        self.p_link_free[p] = kv_at
+        heappush(self.heap, (t, next(self.seq), _PDONE, p, completing, kv_at))
+        if self.pp > 1:
+            heappush(self.heap, (sf[0], next(self.seq), _PFREE, p, None, 0.0))
+
+    def _kv_landed(self, rids: list[int], now: float) -> None:
+        d_wait, lane_of = self.d_wait, self.lane_of
+        lanes = set()
+        for rid in rids:
+            d_wait[lane_of[rid]].append(rid)
+            lanes.add(lane_of[rid])
+        for lane in sorted(lanes):
+            self._kick_decode(lane, now)
+
+    def _decode_busy_for(self, now: float) -> float:
+        """How long the decode pool stays busy with what it runs now: each lane until its
+        longest request finishes (the simulator knows output lengths), at its current
+        step time. Requests still waiting to join are left out."""
+        longest = 0.0
+        for lane in range(self.n_lanes):
+            if self.d_n[lane]:
+                steps_left = max(self.d_finish[lane]) - self.d_steps[lane]
+                step = self.dc.lane_ms(self.d_ctx[lane], self.d_n[lane]) / 1e3 + self.step_oh
+                longest = max(longest, steps_left * step)
+        return longest
+
+    def _kick_decode(self, lane: int, now: float) -> None:
+        """Start the lane's next step unless it is running one, first admitting waiting
+        requests whose final footprint fits."""
+        if self.d_busy[lane]:
+            return
+        wq = self.d_wait[lane]
+        d_n = self.d_n
+        k = d_n[lane]
+        max_batch = self.max_batch
+        if wq and k < max_batch:
+            prompt, out, lane_cap = self.prompt, self.out, self.lane_cap
+            d_reserved, d_ctx = self.d_reserved, self.d_ctx
+            reserved, ctx, fin, step = d_reserved[lane], d_ctx[lane], self.d_finish[lane], \
+                self.d_steps[lane]
+            while wq and k < max_batch:
+                rid = wq[0]
+                f = prompt[rid] + out[rid]
+                if reserved + f > lane_cap:
+                    break
+                wq.popleft()
+                k += 1
+                reserved += f
+                ctx += prompt[rid] + 1
+                fin.setdefault(step + out[rid] - 1, []).append(rid)
+            d_reserved[lane], d_ctx[lane], d_n[lane] = reserved, ctx, k
+        if k == 0:
+            return
+        self.d_busy[lane] = True
+        dur = self.dc.lane_ms(self.d_ctx[lane], k) / 1e3 + self.step_oh
+        if self.d_slow != 1.0:
+            dur = contended_s(dur, self.d_slow, max(sf[-1] for sf in self.p_stage_free) - now)
+        heappush(self.heap, (now + dur, next(self.seq), _DSTEP, lane, None, 0.0))

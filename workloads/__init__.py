@@ -1,0 +1,7 @@
+"""pdserve.workloads: request traces, what arrives when with how many tokens.
+
+``trace`` holds the ``Trace`` type every consumer shares, ``formats`` reads the public
+trace files (Azure, BurstGPT CSV) and ``synthetic`` draws Poisson or Gamma arrivals.
+Pure Python with no pdserve imports, so the simulator and planner (``cluster/``) and the
+load generators (``benchmarks/``) can all sit above it.
+"""
