@@ -31,7 +31,8 @@ import torch
 from gpu_common import common_args, log, pick_device, sync, write_result
 from make_checkpoint import make_checkpoint
 
-from pdserve.benchmarks.engine_throughput import PAD_ID, Case, compare, left_pad, make_prompts
+from pdserve.benchmarks.engine_throughput_setup import Case, make_prompts
+from pdserve.benchmarks.engine_throughput_sides import PAD_ID, compare, left_pad
 
 TAG = "vs_hf_generate"
 GOAL = 3.0

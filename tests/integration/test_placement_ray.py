@@ -16,7 +16,7 @@ from pdserve.cluster.planning.simulator.config import InstanceSpec
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.router.config import RouterConfig
 from pdserve.router.server import ServerConfig
-from tests.cluster_helpers import engine_config
+from tests.cluster_helpers import engine_config, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +29,16 @@ def free_cpus() -> float:
     import ray
 
     return ray.available_resources().get("CPU", 0.0)
+
+
+@pytest.fixture(autouse=True)
+def idle_ray(ray_cluster):
+    """The session's Ray cluster shared with earlier test modules: wait until the actors
+    they created have given back their CPUs, so what is free is what the cluster has."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    assert wait_until(lambda: free_cpus() == total, 60), (free_cpus(), total)
 
 
 @pytest.mark.parametrize(("decode", "message"), [
