@@ -178,7 +178,9 @@ class AttemptRunner:
             load = self.admission.decode_load[a.decode_id]
             load.in_flight -= 1
             load.decode_contexts.pop(a.aid, None)
-        if not a.finished:
+        # Nothing to release for an attempt refused before it reserved or sent anything
+        # (the common case under overload: no task per rejected request).
+        if not a.finished and (a.decode_id is not None or a.prefill_task is not None):
             self.spawn(self.release(a.aid, a.decode_id, a.prefill_id, a.prefill_task))
 
     async def _reserve(self, routing: RoutingRequest):

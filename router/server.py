@@ -52,6 +52,11 @@ class ServerConfig:
     metrics_refresh_s: float = 1.0
     # Bound on any single message either way; prompts are limited far below this.
     max_message_bytes: int = 16 << 20
+    # Calls gRPC may hold that the router's loop has not picked up yet. Under overload the
+    # loop answers RESOURCE_EXHAUSTED at its own pace; gRPC's default bound on this queue
+    # (about a thousand) made it cancel the excess instead, so clients saw CANCELLED they
+    # never asked for. Each waiting call holds at most its stream's flow-control window.
+    max_pending_calls: int = 4096
     grace_s: float = 5.0
     # TLS: server certificate chain and its private key (PEM). A client CA as well turns on
     # mutual TLS: clients without a certificate signed by it are refused in the handshake.
@@ -66,6 +71,8 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_message_bytes < 1024:
             raise ValueError("max_message_bytes must be >= 1024")
+        if self.max_pending_calls < 1:
+            raise ValueError("max_pending_calls must be >= 1")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("TLS needs both a certificate (--tls-cert) and its private key "
                              "(--tls-key); got only the "
@@ -157,7 +164,9 @@ class RouterServer:
     async def start(self) -> str:
         cfg = self.config
         opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
-                ("grpc.max_send_message_length", cfg.max_message_bytes)]
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.server.max_pending_requests", cfg.max_pending_calls),
+                ("grpc.server.max_pending_requests_hard_limit", cfg.max_pending_calls)]
         interceptors = [BearerTokenInterceptor(cfg.auth_tokens)] if cfg.auth_tokens else []
         server = grpc.aio.server(options=opts, interceptors=interceptors)
         # (not the generated add_GenerationServicer_to_server: its parser makes gRPC answer
