@@ -17,6 +17,11 @@ One run:
    ``--use-server-token-count``: output lengths (hence ITL) come from the server's
    ``usage``, because re-tokenizing the demo model's random-token output on the client
    does not give back the tokens it generated (24 generated tokens re-tokenize to 26-37).
+   ``--request-rate 1000 --arrival-pattern constant`` caps the concurrency loop's pace
+   (``--rate-cap``; 0 drops it): in pure ``--concurrency`` mode AIPerf 0.13.0's timing
+   manager polls for a free slot without sleeping and keeps a whole core busy, a third
+   of the throughput on a 2-core host shared with the server. With the cap it checks
+   once per millisecond; the loop stays closed at the concurrency.
 4. For each concurrency, ``pdserve bench --api http`` drives the same load through
    ``/v1/completions``: the same number of requests, the prompt length the server
    counted for AIPerf's chat requests (``usage.prompt_tokens``), the same output length,
@@ -85,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=4, help="AIPerf warm-up requests per concurrency")
     ap.add_argument("--isl", type=int, default=96, help="prompt tokens (AIPerf's count)")
     ap.add_argument("--osl", type=int, default=24, help="output tokens")
+    ap.add_argument("--rate-cap", type=float, default=1000.0,
+                    help="AIPerf --request-rate beside --concurrency (req/s; 0: pure "
+                         "concurrency mode, whose slot polling keeps a core busy)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--export-level", default="records", choices=("summary", "records", "raw"),
                     help="AIPerf's --export-level (raw: also every request and response)")
@@ -105,8 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--concurrencies must be comma-separated integers, got {args.concurrencies!r}")
     if not args.concurrency_list or min(args.concurrency_list) < 1:
         ap.error("--concurrencies must be positive")
-    if args.requests < 1 or args.warmup < 0 or args.isl < 1 or args.osl < 2:
-        ap.error("need --requests >= 1, --warmup >= 0, --isl >= 1, --osl >= 2 (ITL needs 2)")
+    if args.requests < 1 or args.warmup < 0 or args.isl < 1 or args.osl < 2 or args.rate_cap < 0:
+        ap.error("need --requests >= 1, --warmup >= 0, --isl >= 1, --osl >= 2 (ITL needs 2), "
+                 "--rate-cap >= 0")
     return args
 
 
@@ -219,6 +228,8 @@ def aiperf_command(aiperf: Path, args: argparse.Namespace, url: str, model: str,
         str(aiperf), "profile", "--model", model, "--url", url,
         "--endpoint-type", "chat", "--streaming", "--tokenizer", tokenizer,
         "--concurrency", str(concurrency), "--request-count", str(args.requests),
+        *(["--request-rate", f"{args.rate_cap:g}", "--arrival-pattern", "constant"]
+          if args.rate_cap else []),
         "--warmup-request-count", str(args.warmup),
         "--isl", str(args.isl), "--isl-stddev", "0", "--osl", str(args.osl), "--osl-stddev", "0",
         "--extra-inputs", "ignore_eos:true", "--extra-inputs", f"min_tokens:{args.osl}",
@@ -328,14 +339,19 @@ def markdown(results: list[ClientResult], meta: dict[str, Any]) -> str:
     lines = [
         "# AIPerf vs pdserve bench on the OpenAI HTTP API",
         "",
-        f"{meta['model']} on {meta['server']}; {meta['host']}. "
-        f"AIPerf {meta['aiperf_version']} (`--endpoint-type chat --streaming`), "
-        f"pdserve bench (`--api http`, `/v1/completions` streamed). "
-        f"{meta['requests']} measured requests per concurrency and client "
-        f"(AIPerf: after {meta['warmup']} warm-up requests); prompts {meta['isl']} tokens "
-        f"by AIPerf's count, {meta['prompt_tokens']} as the server counts them with the chat "
-        f"template (pdserve bench sends that many token ids); {meta['osl']} output tokens "
-        "(ignore_eos, min_tokens), greedy. Closed loop at each concurrency.",
+        f"{meta['model']} served by {meta['server']}; {meta['host']}; pdserve "
+        f"{meta['pdserve_commit']}, {meta['date']}.",
+        "",
+        f"- AIPerf {meta['aiperf_version']}: `--endpoint-type chat --streaming`, "
+        f"{meta['aiperf_load']}, {meta['requests']} measured requests per concurrency after "
+        f"{meta['warmup']} warm-up requests. Synthetic prompts of {meta['isl']} tokens by "
+        f"AIPerf's count ({meta['prompt_tokens']} as the server counts them, with the chat "
+        f"template), {meta['osl']} output tokens forced with `ignore_eos` and `min_tokens`, "
+        "greedy; token counts from the server's `usage` (`--use-server-token-count`).",
+        "- pdserve bench: `--api http` (`/v1/completions` streamed), the same number of "
+        "requests, prompts of the server-counted length as token ids, the same output length, "
+        "all arriving at once and held to the concurrency by `--max-in-flight`; run right "
+        "after AIPerf at each concurrency.",
         "",
         "| concurrency | client | ok | errors | TTFT p50 / p90 / p99 ms | "
         "ITL p50 / p90 / p99 ms | req/s | output tok/s |",
@@ -347,11 +363,11 @@ def markdown(results: list[ClientResult], meta: dict[str, Any]) -> str:
                      f"| {r.output_token_throughput:.1f} |")
     lines += [
         "",
-        "ITL: AIPerf's inter-token latency, (request latency - TTFT) / (output tokens - 1) "
-        "with the server's token count (`--use-server-token-count`); for pdserve bench its "
-        "TPOT, (last token - first token) / (tokens - 1). TTFT: request start (send) to the "
-        "first response carrying output. AIPerf's req/s divides by its benchmark duration, "
-        "pdserve bench's by the run's wall time.",
+        "TTFT: request sent to the first response carrying output. ITL: AIPerf's "
+        "inter-token latency, (request latency - TTFT) / (output tokens - 1); for pdserve "
+        "bench its TPOT, (last token - first token) / (tokens - 1). req/s: completed requests "
+        "over AIPerf's benchmark duration, or over pdserve bench's wall time. Both clients run "
+        "on the server's host; see benchmarks/README.md (AIPerf) for how that shows.",
     ]
     errs = [r for r in results if r.errors or r.error_detail]
     if errs:
@@ -361,7 +377,7 @@ def markdown(results: list[ClientResult], meta: dict[str, Any]) -> str:
     if meta.get("bench_hook"):
         lines += ["", f"pdserve bench: {meta['bench_hook']}"]
     lines += ["", "AIPerf's own artifacts (JSON/CSV exports, per-request records, console "
-              "table): `benchmarks/results/aiperf/c<N>/`; pdserve bench's: "
+              "table, log): `benchmarks/results/aiperf/c<N>/`; pdserve bench's: "
               f"`benchmarks/results/aiperf/{BENCH_DIR}/`.", "",
               f"Reproduce: `{meta['command']}`", ""]
     return "\n".join(lines)
@@ -492,6 +508,10 @@ def main(argv=None) -> int:
         "warmup": args.warmup, "isl": args.isl, "osl": args.osl,
         "prompt_tokens": " / ".join(sorted({f"{p:g}" for p in prompt_tokens})),
         "concurrencies": args.concurrency_list, "url": url, "tokenizer": tokenizer,
+        "aiperf_load": ("`--concurrency N --request-rate "
+                        f"{args.rate_cap:g} --arrival-pattern constant` (closed loop; the rate "
+                        "only paces AIPerf's slot checks)" if args.rate_cap
+                        else "`--concurrency N` (closed loop)"),
         "command": shlex.join(["python", "benchmarks/aiperf_openai.py", *shown_argv]),
         "bench_hook": hook, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

@@ -52,9 +52,12 @@ def test_aiperf_command_streams_chat_with_forced_lengths(tmp_path):
                  "--extra-inputs ignore_eos:true", "--extra-inputs min_tokens:16",
                  "--use-server-token-count", "--no-server-metrics", f"--output-artifact-dir {tmp_path}"):
         assert part in joined, part
-    args = parse_args(["--server-metrics", "http://127.0.0.1:9400/metrics"])
+    # The concurrency loop is paced by a request-rate cap unless it is turned off.
+    assert cmd[cmd.index("--request-rate") + 1] == "1000"
+    assert cmd[cmd.index("--arrival-pattern") + 1] == "constant"
+    args = parse_args(["--server-metrics", "http://127.0.0.1:9400/metrics", "--rate-cap", "0"])
     cmd = aiperf_command(Path("aiperf"), args, "u", "m", "t", 1, tmp_path)
-    assert "--no-server-metrics" not in cmd
+    assert "--no-server-metrics" not in cmd and "--request-rate" not in cmd
     assert cmd[cmd.index("--server-metrics") + 1] == "http://127.0.0.1:9400/metrics"
 
 
@@ -104,6 +107,7 @@ def test_read_bench_and_markdown(tmp_path):
     assert b.ttft_ms["p50"] == 50.0 and b.itl_ms["p90"] == 12.0
     a = read_aiperf(_aiperf_export(tmp_path), 1, 10)
     meta = {"model": "demo", "server": "s", "host": "h", "aiperf_version": "0.13.0",
+            "pdserve_commit": "abc", "date": "today", "aiperf_load": "`--concurrency N`",
             "requests": 10, "warmup": 2, "isl": 96, "osl": 24, "prompt_tokens": "117",
             "command": "python benchmarks/aiperf_openai.py", "bench_hook": None}
     text = markdown([a, b], meta)
