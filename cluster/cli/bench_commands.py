@@ -68,7 +68,7 @@ def load_trace_spec(spec: str, prompt_len: tuple[int, int], output_len: tuple[in
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pdserve.cluster.cli.replay.loadgen import LoadGenConfig
+    from pdserve.cluster.cli.replay.config import LoadGenConfig
     from pdserve.cluster.cli.replay.report import markdown_table
     from pdserve.cluster.cli.replay.sweep import SweepConfig, run_sweep
     from pdserve.router.slo import SloConfig

@@ -12,7 +12,10 @@ import json
 
 import pytest
 
-from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, build_bench_request, run_trace
+from pdserve.cluster.cli.replay.config import LoadGenConfig
+from pdserve.cluster.cli.replay.grpc_driver import grpc_request
+from pdserve.cluster.cli.replay.loadgen import run_trace
+from pdserve.cluster.cli.replay.prompts import build_bench_request
 from pdserve.cluster.cli.replay.report import summarize
 from pdserve.cluster.cli.replay.sweep import SweepConfig, compare, load_sweep, run_sweep
 from pdserve.cluster.launch.local import LocalCluster
@@ -39,16 +42,20 @@ def short_trace() -> Trace:
 
 def test_bench_request_follows_the_trace():
     cfg = LoadGenConfig(vocab_size=50, seed=1, slo_ttft_s=0.25, slo_tpot_s=0.05)
-    req = build_bench_request(4, TraceRequest(0.0, 30, 7), cfg, "run-4")
+    req = grpc_request(build_bench_request(4, TraceRequest(0.0, 30, 7), cfg, "run-4"))
     assert len(req.token_ids.ids) == 30 and all(3 <= t < 50 for t in req.token_ids.ids)
     assert (req.sampling.max_tokens, req.sampling.temperature, req.stop.ignore_eos) == (7, 0, True)
     assert (req.slo.ttft_ms, req.slo.tpot_ms, req.request_id) == (250.0, 50.0, "run-4")
     # Seeded per index: the same request again, a different one for another index.
-    assert build_bench_request(4, TraceRequest(0.0, 30, 7), cfg, "x").token_ids == req.token_ids
-    assert build_bench_request(5, TraceRequest(0.0, 30, 7), cfg, "x").token_ids != req.token_ids
-    text = build_bench_request(0, TraceRequest(0.0, 5, 1), LoadGenConfig(prompt_mode="text"), "t")
+    assert build_bench_request(4, TraceRequest(0.0, 30, 7), cfg, "x").prompt == tuple(
+        req.token_ids.ids)
+    assert build_bench_request(5, TraceRequest(0.0, 30, 7), cfg, "x").prompt != tuple(
+        req.token_ids.ids)
+    text = grpc_request(build_bench_request(0, TraceRequest(0.0, 5, 1),
+                                            LoadGenConfig(prompt_mode="text"), "t"))
     assert text.WhichOneof("prompt") == "text" and len(text.text.split()) == 5
-    assert not build_bench_request(0, TraceRequest(0.0, 5, 1), LoadGenConfig(), "t").HasField("slo")
+    plain = build_bench_request(0, TraceRequest(0.0, 5, 1), LoadGenConfig(), "t")
+    assert not grpc_request(plain).HasField("slo")
     with pytest.raises(ValueError):
         LoadGenConfig(vocab_size=3)
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, RequestRecord, RunResult, UsageRecord
+from pdserve.cluster.cli.replay.config import LoadGenConfig
+from pdserve.cluster.cli.replay.records import RequestRecord, RunResult, UsageRecord
 from pdserve.cluster.cli.replay.report import (
     Percentiles,
     RunReport,

@@ -29,7 +29,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pdserve.cluster.cli.client import Client, ClientSecurity, build_request, open_channel
 from pdserve.cluster.cli.common import client_security_from_args
 from pdserve.cluster.cli.main import build_parser, main
-from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, RunResult, run_trace
+from pdserve.cluster.cli.replay.config import LoadGenConfig
+from pdserve.cluster.cli.replay.loadgen import run_trace
+from pdserve.cluster.cli.replay.records import RunResult
 from pdserve.cluster.cli.serve_commands import security_summary
 from pdserve.cluster.launch.local import LocalCluster
 from pdserve.engine.config import EngineConfig

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pdserve.cluster.cli.replay.loadgen import RequestRecord, RunResult
+from pdserve.cluster.cli.replay.records import RequestRecord, RunResult
 from pdserve.router.slo import SloConfig
 
 
