@@ -53,7 +53,8 @@ class ModelStep:
         # seeded request draws alike in one engine, split across workers, or recomputed.
         tokens = self.sampler(logits, [r.params for r in reqs],
                               [next_token_generator(r.params, len(r.output_token_ids))
-                               for r in reqs])
+                               for r in reqs],
+                              [len(r.output_token_ids) for r in reqs])
         return list(zip(reqs, tokens, strict=True))
 
 
@@ -81,7 +82,7 @@ class EngineParts:
         blocks = BlockManager(spec.num_blocks, spec.block_size, caching)
         scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                               config.enable_chunked_prefill), blocks)
-        return cls(loaded, runner, scheduler, Sampler())
+        return cls(loaded, runner, scheduler, Sampler(loaded.eos_token_ids))
 
     @property
     def blocks(self) -> BlockManager:

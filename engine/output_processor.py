@@ -44,7 +44,10 @@ def token_stop_reason(token: int, num_output_tokens: int, total_tokens: int,
                       params: SamplingParams, eos_token_ids: frozenset[int],
                       max_model_len: int) -> FinishReason | None:
     """Stop decision for the token just appended (counts include it)."""
-    if token in params.stop_token_ids or (not params.ignore_eos and token in eos_token_ids):
+    # Below min_tokens the sampler never draws a stop id; the rule is checked here too so
+    # it holds for whatever fed this token.
+    if not params.below_min_tokens(num_output_tokens) and (
+            token in params.stop_token_ids or (not params.ignore_eos and token in eos_token_ids)):
         return FinishReason.STOP
     if num_output_tokens >= params.max_tokens or total_tokens >= max_model_len:
         return FinishReason.LENGTH
@@ -55,8 +58,11 @@ class TextStream:
     """Incremental text of one request's generated tokens, with stop strings applied."""
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int],
-                 stop: Sequence[str] = ()):
+                 stop: Sequence[str] = (), min_tokens: int = 0):
         self._tokenizer = tokenizer
+        # Stop strings match only in text decoded once min_tokens tokens are out (vLLM).
+        self._min_tokens = min_tokens
+        self._tokens = 0
         self._detok = tokenizer.detokenizer(prompt_token_ids)
         self._stop = tuple(stop)
         self._hold = max((len(s) for s in self._stop), default=1) - 1
@@ -69,8 +75,9 @@ class TextStream:
             return ""
         before = len(self._detok.text)
         self._detok.add(token_ids)
+        self._tokens += len(token_ids)
         text = self._detok.text
-        if self._stop:
+        if self._stop and self._tokens >= self._min_tokens:
             # A stop string may straddle earlier text; search from where it could start.
             search_from = max(0, before - self._hold)
             hits = [i for i in (text.find(s, search_from) for s in self._stop) if i >= 0]
@@ -108,7 +115,8 @@ class OutputProcessor:
     def register(self, request: Request) -> None:
         if self.tokenizer is None:
             return
-        stream = TextStream(self.tokenizer, request.prompt_token_ids, request.params.stop)
+        stream = TextStream(self.tokenizer, request.prompt_token_ids, request.params.stop,
+                            request.params.min_tokens)
         self._text[request.request_id] = stream
 
     def release(self, request_id: str) -> None:

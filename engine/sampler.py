@@ -10,14 +10,18 @@ Contract:
   from the resulting softmax. A row with a generator draws only from that generator, so a
   seeded request gets the same tokens whatever else shares its batch; rows without one use
   torch's global RNG.
+* A row whose request is still below its ``min_tokens`` (``output_counts`` says how many
+  tokens it has) cannot draw an end-of-sequence id or one of its ``stop_token_ids``:
+  their logits are masked before greedy or random selection.
 * Log-probabilities always describe the raw model distribution (``log_softmax`` of the
-  logits before temperature and filtering) and are computed only when some row asks.
+  logits before temperature, filtering and ``min_tokens`` masking) and are computed only
+  when some row asks.
 * Results are plain Python ints and floats: the caller ships them over the wire.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -98,15 +102,22 @@ def apply_top_k_top_p(
 
 
 class Sampler:
-    """Stateless per-step sampler; see the module docstring for the contract."""
+    """Stateless per-step sampler; see the module docstring for the contract.
+
+    ``eos_token_ids``: the model's end-of-sequence ids, masked for ``min_tokens``."""
+
+    def __init__(self, eos_token_ids: Iterable[int] = ()):
+        self.eos_token_ids = tuple(sorted(set(eos_token_ids)))
 
     def __call__(
         self,
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
+        output_counts: Sequence[int] | None = None,
     ) -> list[SampledToken]:
-        """Sample one token per row of ``logits`` according to ``params``."""
+        """Sample one token per row of ``logits`` according to ``params``; ``output_counts``
+        (tokens each row's request has generated so far) enables ``min_tokens``."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
         batch, vocab = logits.shape
@@ -119,6 +130,9 @@ class Sampler:
 
         device = logits.device
         logits = logits.float()
+        raw = logits
+        if output_counts is not None:
+            logits = self._mask_min_tokens(logits, params, output_counts)
         token_ids = torch.empty(batch, dtype=torch.long, device=device)
 
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
@@ -137,7 +151,26 @@ class Sampler:
         token_list: list[int] = token_ids.tolist()
         if not logprob_rows:
             return [SampledToken(t, None, ()) for t in token_list]
-        return self._with_logprobs(logits, token_ids, token_list, logprob_rows, params)
+        return self._with_logprobs(raw, token_ids, token_list, logprob_rows, params)
+
+    def _mask_min_tokens(self, logits: torch.Tensor, params: Sequence[SamplingParams],
+                         output_counts: Sequence[int]) -> torch.Tensor:
+        """``logits`` with each young row's stop ids at -inf (a copy, only if any row is)."""
+        rows: list[int] = []
+        cols: list[int] = []
+        vocab = logits.shape[-1]
+        for i, (p, n) in enumerate(zip(params, output_counts, strict=True)):
+            if p.below_min_tokens(n):
+                banned = set(p.stop_token_ids) | set(self.eos_token_ids)
+                ids = [t for t in banned if t < vocab]
+                rows += [i] * len(ids)
+                cols += ids
+        if not rows:
+            return logits
+        masked = logits.clone()
+        masked[torch.tensor(rows, device=logits.device),
+               torch.tensor(cols, device=logits.device)] = float("-inf")
+        return masked
 
     @staticmethod
     def _sample_random(

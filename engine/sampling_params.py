@@ -24,7 +24,10 @@ class SamplingParams:
     for the sampled token's log-probability plus that many top alternatives
     (0 = only the sampled token). ``stop`` strings end generation and are not
     included in the returned text; ``stop_token_ids`` end it and are included in
-    the token ids (EOS too unless ``ignore_eos``).
+    the token ids (EOS too unless ``ignore_eos``). ``min_tokens`` keeps a request
+    going that long: until it has that many output tokens, EOS and ``stop_token_ids``
+    cannot be sampled and stop strings do not match (vLLM's semantics; benchmark tools
+    send it with ``ignore_eos`` to fix output lengths).
     """
 
     max_tokens: int = 16
@@ -36,6 +39,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: int | None = None
+    min_tokens: int = 0
     # Output tokens produced before this request began: a request resumed after a worker
     # failure has them at the end of its prompt. Per-token seeds are numbered from here,
     # so a resumed seeded request draws exactly what the uninterrupted one would have.
@@ -54,6 +58,12 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if not isinstance(self.output_offset, int) or self.output_offset < 0:
             raise ValueError(f"output_offset must be an integer >= 0, got {self.output_offset!r}")
+        # Counted over the whole request: a resumed one has fewer max_tokens left but the
+        # same min_tokens (see below_min_tokens).
+        limit = self.output_offset + self.max_tokens
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= limit:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={limit}], "
+                             f"got {self.min_tokens!r}")
         if self.logprobs is not None and not (0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         # Lists are accepted for convenience but stored as tuples so the object stays hashable.
@@ -67,3 +77,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def below_min_tokens(self, num_output_tokens: int) -> bool:
+        """Whether a request with ``num_output_tokens`` outputs (this attempt's; a resumed
+        request's earlier ones are counted through ``output_offset``) must not stop yet."""
+        return self.output_offset + num_output_tokens < self.min_tokens

@@ -27,6 +27,9 @@ class RouterActor:
     async def metrics_address(self) -> str | None:
         return self.server.metrics_address
 
+    async def http_address(self) -> str | None:
+        return self.server.http_address
+
     async def in_flight(self) -> int:
         return self.server.orchestrator.in_flight()
 

@@ -47,4 +47,5 @@ def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
     metrics = RouterMetrics(model_label(config.model), config.slo)
     orch.on_retry = lambda cause: metrics.retries.labels(metrics.model, cause).inc()
     aggregator = MetricsAggregator({c.worker_id: c.metrics_text for c in (*pclients, *dclients)})
-    return RouterServer(config.server, orch, tokenizer, limits, metrics, aggregator)
+    return RouterServer(config.server, orch, tokenizer, limits, metrics, aggregator,
+                        model_name=config.served_model_name or model_label(config.model))

@@ -17,6 +17,9 @@ class RouterConfig:
 
     model: str
     server: ServerConfig = ServerConfig()
+    # The model's name in the OpenAI API (``model`` field, /v1/models); default: the
+    # checkpoint directory's name.
+    served_model_name: str | None = None
     policy: str = "least_loaded"
     max_model_len: int | None = None
     max_tokens_limit: int = 4096

@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +29,11 @@ from grpc_reflection.v1alpha import reflection
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.protos import pdserve_pb2
 from pdserve.router.auth import BearerTokenInterceptor, validate_token
+from pdserve.router.generation import Frontend
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.metrics_server import MetricsAggregator, serve_metrics
+from pdserve.router.openai_http.app import OpenAIApp, ServedModel
+from pdserve.router.openai_http.server import HttpServer, tls_context
 from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.request_types import ValidationLimits
 from pdserve.router.service import GenerationService, add_generation_service
@@ -46,6 +50,9 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 50051
+    # The OpenAI-compatible HTTP endpoint on the same host; None = off, 0 = a free port.
+    # (`pdserve serve --http-port` defaults to 8000, and its 0 means off.)
+    http_port: int | None = None
     # The aggregated Prometheus endpoint (router + every worker); None disables it.
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 9400
@@ -69,6 +76,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not (0 <= self.port <= 65535):
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.http_port is not None and not (0 <= self.http_port <= 65535):
+            raise ValueError(f"http_port must be in [0, 65535] or None, got {self.http_port}")
         if self.max_message_bytes < 1024:
             raise ValueError("max_message_bytes must be >= 1024")
         if self.max_pending_calls < 1:
@@ -143,17 +152,23 @@ def _is_loopback(host: str) -> bool:
 
 
 class RouterServer:
+    """``model_name``: the name the HTTP API serves the model under (``/v1/models``)."""
+
     def __init__(self, config: ServerConfig, orchestrator: Orchestrator,
                  tokenizer: Tokenizer | None, limits: ValidationLimits,
                  metrics: RouterMetrics | None = None,
-                 aggregator: MetricsAggregator | None = None):
+                 aggregator: MetricsAggregator | None = None, model_name: str = "pdserve"):
         self.config = config
         self.orchestrator = orchestrator
         self.tokenizer = tokenizer
         self.limits = limits
         self.metrics = metrics
         self.aggregator = aggregator
+        self.frontend = Frontend(orchestrator, tokenizer, limits, metrics)
+        self.model_name = model_name
         self.metrics_address: str | None = None
+        self.http_address: str | None = None
+        self._http: HttpServer | None = None
         self._metrics_http = None
         self._refresh_task: asyncio.Task | None = None
         self._server: grpc.aio.Server | None = None
@@ -171,8 +186,7 @@ class RouterServer:
         server = grpc.aio.server(options=opts, interceptors=interceptors)
         # (not the generated add_GenerationServicer_to_server: its parser makes gRPC answer
         # UNKNOWN to bytes that are no GenerateRequest; this one answers INVALID_ARGUMENT)
-        add_generation_service(
-            GenerationService(self.orchestrator, self.tokenizer, self.limits, self.metrics), server)
+        add_generation_service(GenerationService(self.frontend), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -187,9 +201,22 @@ class RouterServer:
         self._start_metrics()
         await server.start()
         self._server = server
+        await self._start_http()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
         return f"{host}:{self.port}"
+
+    async def _start_http(self) -> None:
+        cfg = self.config
+        if cfg.http_port is None:
+            return
+        model = ServedModel(self.model_name, self.limits.max_model_len, int(time.time()))
+        app = OpenAIApp(self.frontend, model, cfg.auth_tokens, cfg.max_message_bytes).build()
+        tls = (tls_context(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file)
+               if cfg.tls else None)
+        self._http = HttpServer(app, cfg.host, cfg.http_port, tls, backlog=cfg.max_pending_calls,
+                                grace_s=cfg.grace_s)
+        self.http_address = await self._http.start()
 
     def _warn_if_exposed(self) -> None:
         cfg = self.config
@@ -201,8 +228,8 @@ class RouterServer:
         if not (cfg.mutual_tls or cfg.auth_tokens):
             missing.append("client authentication (bearer tokens or mTLS)")
         if missing:
-            log.warning("the gRPC endpoint on %s is open to the network without %s; see "
-                        "docs/security.md", cfg.host, " or ".join(missing))
+            log.warning("the gRPC and HTTP endpoints on %s are open to the network without "
+                        "%s; see docs/security.md", cfg.host, " or ".join(missing))
 
     def _start_metrics(self) -> None:
         if self.metrics is None or self.config.metrics_port is None:
@@ -236,7 +263,9 @@ class RouterServer:
         if self._server is None:
             return
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self._server.stop(self.config.grace_s)
+        http, self._http = self._http, None
+        await asyncio.gather(self._server.stop(self.config.grace_s),
+                             *([http.stop()] if http is not None else []))
         await self.orchestrator.close()
         if self._refresh_task is not None:
             self._refresh_task.cancel()

@@ -1,12 +1,10 @@
-"""The ``pdserve.v1.Generation`` servicer: validate, orchestrate, detokenize, stream.
+"""The ``pdserve.v1.Generation`` servicer: the gRPC face of ``generation.Frontend``.
 
 Each ``Generate`` call validates at the edge (INVALID_ARGUMENT on bad input, nothing
-reaches a worker), then drives ``Orchestrator.generate`` and turns its token events
-into ``GenerateResponse`` messages: token ids, their text (incremental detokenization
-and stop strings happen here, next to the client), and on the last message the finish
-reason and usage. When the client cancels or the deadline passes, grpc.aio cancels
-this coroutine; closing the orchestrator's generator then releases the request's KV on
-both workers. A stop string found here ends the stream the same way.
+reaches a worker), then streams the frontend's chunks as ``GenerateResponse`` messages:
+token ids, their text, and on the last message the finish reason and usage. When the
+client cancels or the deadline passes, grpc.aio cancels this coroutine; closing the
+frontend's generator then releases the request's KV on both workers.
 
 Register the servicer with ``add_generation_service`` rather than the generated
 ``add_GenerationServicer_to_server``: the generated handler parses requests with
@@ -16,23 +14,17 @@ bytes, invalid UTF-8 in a string field) with UNKNOWN and the exception's text.
 
 from __future__ import annotations
 
-import asyncio
-import logging
+import contextlib
+import dataclasses
 import time
 
 import grpc
 
-from pdserve.engine.output_processor import TextStream
-from pdserve.engine.tokenizer import Tokenizer
 from pdserve.protos import pdserve_pb2, pdserve_pb2_grpc
-from pdserve.router.events import TokenEvent
-from pdserve.router.metrics import RouterMetrics
-from pdserve.router.orchestrator import Orchestrator
-from pdserve.router.request_types import RequestValidationError, ValidationLimits
-from pdserve.router.status import ServingError, abort_with, as_serving_error
-from pdserve.router.validation import parse_request, validate_request
-
-log = logging.getLogger(__name__)
+from pdserve.router.generation import Frontend, OutputChunk
+from pdserve.router.request_types import RequestValidationError
+from pdserve.router.status import ServingError, abort_with
+from pdserve.router.validation import parse_request
 
 _FINISH = {
     "stop": pdserve_pb2.FINISH_REASON_STOP,
@@ -75,104 +67,41 @@ def _deadline_passed(context) -> bool:
 
 
 class GenerationService(pdserve_pb2_grpc.GenerationServicer):
-    def __init__(self, orchestrator: Orchestrator, tokenizer: Tokenizer | None,
-                 limits: ValidationLimits, metrics: RouterMetrics | None = None):
-        self.orchestrator = orchestrator
-        self.tokenizer = tokenizer
-        self.limits = limits
-        self.metrics = metrics
+    """The gRPC face of a ``Frontend``: protobuf in, ``GenerateResponse`` chunks out."""
+
+    def __init__(self, frontend: Frontend):
+        self.frontend = frontend
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
         t0 = time.monotonic()
         try:
-            if isinstance(request, RequestValidationError):  # unparsable, see _deserialize
-                raise request
-            req = validate_request(request, self.tokenizer, self.limits)
-        except RequestValidationError as exc:
-            if self.metrics is not None:
-                self.metrics.requests.labels(self.metrics.model, "INVALID_ARGUMENT").inc()
-            await abort_with(context, as_serving_error(exc))
-        except Exception as exc:  # the tokenizer or a chat template failing: a server fault
-            log.exception("validating a request failed")
-            if self.metrics is not None:
-                self.metrics.requests.labels(self.metrics.model, "INTERNAL").inc()
-            await abort_with(context, as_serving_error(exc))
-        timeline = None
-        if self.metrics is not None:
-            orch_slo = self.orchestrator.slo
-            timeline = self.metrics.timeline(
-                orch_slo.with_overrides(req.slo.ttft_s, req.slo.tpot_s),
-                custom=req.slo.ttft_s is not None or req.slo.tpot_s is not None)
-            timeline.prompt_tokens = len(req.prompt_token_ids)
-        code, rejected, completed = "OK", None, False
-        text = (TextStream(self.tokenizer, req.prompt_token_ids, req.params.stop)
-                if self.tokenizer is not None else None)
-        events = self.orchestrator.generate(req)
-        completion = 0
-        ttft_ms = 0.0
-        first: TokenEvent | None = None
-        try:
-            async for ev in events:
-                if completion == 0:
-                    ttft_ms = (time.monotonic() - t0) * 1e3
-                    first = ev
-                completion += len(ev.token_ids)
-                if timeline is not None:
-                    timeline.tokens_sent(len(ev.token_ids))
-                    if ev is first:
-                        timeline.queue_time("prefill", ev.prefill_queue_s)
-                    if ev.decode_queue_s is not None:
-                        timeline.queue_time("decode", ev.decode_queue_s)
-                msg, finished = self._message(req.request_id, ev, text)
-                if finished:
-                    msg.usage.CopyFrom(pdserve_pb2.Usage(
-                        prompt_tokens=len(req.prompt_token_ids), completion_tokens=completion,
-                        cached_tokens=first.num_cached_tokens, ttft_ms=ttft_ms,
-                        e2e_ms=(time.monotonic() - t0) * 1e3,
-                        prefill_queue_ms=first.prefill_queue_s * 1e3,
-                        prefill_ms=first.prefill_s * 1e3,
-                        kv_transfer_wait_ms=first.transfer_wait_s * 1e3))
-                if finished:
-                    completed = True
-                yield msg
-                if finished:
-                    return
-        except ServingError as exc:
-            code, rejected = exc.code.name, getattr(exc, "reason", None)
-            await abort_with(context, exc)
-        except grpc.aio.AbortError:
-            raise
-        except asyncio.CancelledError:
+            req = self.frontend.validate(request)
+        except ServingError as err:
+            await abort_with(context, err)
+
+        def interrupted() -> str:
             # gRPC cancels the handler both when the client goes away and when the call's
             # deadline passes; only the deadline leaves no time remaining.
-            code = "DEADLINE_EXCEEDED" if _deadline_passed(context) else "CANCELLED"
-            raise
-        except Exception as exc:  # a bug must still end the RPC with a status, not hang it
-            log.exception("request %s failed", req.request_id)
-            err = as_serving_error(exc)
-            code = err.code.name
-            await abort_with(context, err)
-        finally:
-            await events.aclose()
-            if timeline is not None:
-                if code == "OK" and not completed:  # the client went away mid-stream
-                    code = "DEADLINE_EXCEEDED" if _deadline_passed(context) else "CANCELLED"
-                timeline.finish(code, rejected)
+            return "DEADLINE_EXCEEDED" if _deadline_passed(context) else "CANCELLED"
 
-    def _message(self, rid: str, ev: TokenEvent, text: TextStream | None):
-        finish = ev.finish_reason
-        new_text = ""
-        if text is not None:
-            new_text = text.add(ev.token_ids)
-            if text.stopped:
-                finish = "stop"
-            if finish is not None:
-                new_text += text.flush()
-        msg = pdserve_pb2.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=new_text)
-        for lp in ev.logprobs:
-            msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob or 0.0,
-                             top=[pdserve_pb2.TopLogprob(token_id=t, logprob=v)
-                                  for t, v in lp.top_logprobs])
-        if finish is not None:
-            msg.finish_reason = _FINISH[finish]
-        return msg, finish is not None
+        try:
+            async with contextlib.aclosing(
+                    self.frontend.generate(req, t0, interrupted)) as chunks:
+                async for chunk in chunks:
+                    yield _message(req.request_id, chunk)
+        except ServingError as err:
+            await abort_with(context, err)
+
+
+def _message(rid: str, chunk: OutputChunk) -> pdserve_pb2.GenerateResponse:
+    msg = pdserve_pb2.GenerateResponse(request_id=rid, token_ids=chunk.token_ids,
+                                       text=chunk.text)
+    for lp in chunk.logprobs:
+        msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob or 0.0,
+                         top=[pdserve_pb2.TopLogprob(token_id=t, logprob=v)
+                              for t, v in lp.top_logprobs])
+    if chunk.finish_reason is not None:
+        msg.finish_reason = _FINISH[chunk.finish_reason]
+    if chunk.usage is not None:
+        msg.usage.CopyFrom(pdserve_pb2.Usage(**dataclasses.asdict(chunk.usage)))
+    return msg

@@ -15,7 +15,7 @@ Contract:
   finite. Downstream code (scheduler, workers) may rely on this and not re-check.
 * Defaults for unset fields (mirrors the comments in ``protos/pdserve.proto``):
   temperature 1.0 (sampling, as in the OpenAI API and vLLM; send 0 for greedy),
-  top_p 1.0, top_k 0 (disabled), no seed, no logprobs,
+  top_p 1.0, top_k 0 (disabled), no seed, no logprobs, min_tokens 0,
   max_tokens ``min(default_max_tokens, max_model_len - prompt_len)``,
   add_special_tokens True, request id ``uuid4().hex``.
 * Temperatures in ``(0, 1e-5)`` are snapped to 0 (greedy): dividing logits by such a
@@ -132,10 +132,15 @@ def validate_request(
 
     prompt_ids, prompt_text = _prompt(req, tokenizer, limits)
     max_tokens = _fit_max_tokens(requested_max_tokens, len(prompt_ids), limits)
+    min_tokens = int(req.sampling.min_tokens) if req.sampling.HasField("min_tokens") else 0
+    if min_tokens > max_tokens:
+        raise RequestValidationError(
+            f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})")
 
     try:
         params = SamplingParams(
             max_tokens=max_tokens,
+            min_tokens=min_tokens,
             stop=stop,
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos,

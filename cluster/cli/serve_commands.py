@@ -19,6 +19,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
     from pdserve.engine.config import EngineConfig
+    from pdserve.engine.metrics import model_label
     from pdserve.kv_transfer.backend_config import KVTransferConfig
     from pdserve.router.auth import load_tokens
     from pdserve.router.config import RouterConfig
@@ -30,7 +31,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.placement_timeout < 0 or args.ready_timeout <= 0:
         raise ValueError("--placement-timeout must be >= 0 and --ready-timeout > 0")
     server = ServerConfig(
-        host=args.host, port=args.port, metrics_host=args.metrics_host,
+        host=args.host, port=args.port, http_port=args.http_port or None,
+        metrics_host=args.metrics_host,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
         tls_client_ca_file=args.tls_client_ca,
@@ -53,7 +55,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         decode=PoolSpec(count=args.decode, num_cpus=args.worker_cpus, num_gpus=gpus,
                         resources=((args.decode_resource, 1.0),) if args.decode_resource else ()),
         kv=kv,
-        router=RouterConfig(model=model, server=server, policy=args.policy,
+        router=RouterConfig(model=model, server=server, served_model_name=args.served_model_name,
+                            policy=args.policy,
                             max_model_len=args.max_model_len, slo=slo,
                             admission=args.admission, profile=args.profile),
     )
@@ -78,6 +81,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"pdserve: gRPC endpoint listening on {cluster.address} ({modes}; service "
           f"pdserve.v1.Generation; try: pdserve generate --address {cluster.address}{flags} "
           "\"Hello\")", flush=True)
+    if cluster.http_address:
+        scheme = "https" if server.tls else "http"
+        model_name = args.served_model_name or model_label(model)
+        print(f"pdserve: OpenAI-compatible HTTP API on {scheme}://{cluster.http_address}/v1 "
+              f"(model {model_name!r}; /v1/completions, /v1/chat/completions, /v1/models, "
+              "/health, /ready)", flush=True)
     if cluster.metrics_address:
         print(f"pdserve: Prometheus metrics (router + all workers) on "
               f"http://{cluster.metrics_address}/metrics", flush=True)
@@ -145,8 +154,13 @@ def register(sub) -> None:
     p.add_argument("--prefill", type=int, default=1, help="prefill workers")
     p.add_argument("--decode", type=int, default=1, help="decode workers")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (ray://... or auto)")
-    p.add_argument("--host", default="127.0.0.1", help="gRPC bind address")
-    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--host", default="127.0.0.1", help="gRPC and HTTP bind address")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP API port (0 turns it off)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's name in the HTTP API (default: the checkpoint "
+                        "directory's name)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="metrics HTTP bind address")
     p.add_argument("--metrics-port", type=int, default=9400,
                    help="aggregated Prometheus endpoint port (-1 disables)")

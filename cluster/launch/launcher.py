@@ -109,6 +109,7 @@ class Cluster:
     decodes: list[tuple[str, Any]]
     started_ray: bool = False
     metrics_address: str | None = None
+    http_address: str | None = None  # the OpenAI-compatible endpoint, when it is on
     placement_groups: list = field(default_factory=list)
     # Shared-memory KV segments of the decode workers: unlinked at shutdown even if a worker
     # was killed before it could unlink its own (a SIGKILL skips all cleanup).
@@ -200,6 +201,16 @@ def pool_demands(spec: ClusterSpec) -> list[Demand]:
     return [Demand.of_pool("prefill", spec.prefill), Demand.of_pool("decode", spec.decode)]
 
 
+def start_router(router: Any) -> dict[str, str | None]:
+    """Start a ``RouterActor``; its endpoints as ``Cluster`` fields (address: gRPC,
+    http_address, metrics_address)."""
+    import ray
+
+    grpc_address = ray.get(router.start.remote())
+    http, metrics = ray.get([router.http_address.remote(), router.metrics_address.remote()])
+    return {"address": grpc_address, "http_address": http, "metrics_address": metrics}
+
+
 def abandon(workers: list[tuple[str, Any]], started_ray: bool) -> None:
     """Undo a launch that failed half-way: stop the workers created so far (briefly, the
     ones still loading or unplaced are killed), then Ray if the launch started it."""
@@ -224,7 +235,6 @@ def launch(spec: ClusterSpec, address: str | None = None,
     how long a cluster that cannot hold the pools yet may take to grow (nothing joins a
     local Ray this call starts, so that one is only checked briefly); ``ready_timeout_s``:
     how long placing the workers and loading the model may take."""
-    import ray
 
     from pdserve.decode_worker.actor import DecodeWorkerActor
     from pdserve.prefill_worker.actor import PrefillWorkerActor
@@ -265,11 +275,12 @@ def launch(spec: ClusterSpec, address: str | None = None,
                    placement_timeout_s=placement_timeout_s, demands=demands)
         router = RouterActor.options(num_cpus=0).remote(spec.router_config(), prefills, decodes)
         workers.append(("router", router))
-        endpoint = ray.get(router.start.remote())
-        metrics = ray.get(router.metrics_address.remote())
+        endpoints = start_router(router)
     except BaseException:
         abandon(workers, started)
         raise
-    log.info("router listening on %s (%d workers); metrics on %s", endpoint, n_workers, metrics)
-    return Cluster(spec, endpoint, router, prefills, decodes, started_ray=started,
-                   metrics_address=metrics, shm_segments=shm_segments_of(decodes))
+    log.info("router listening on %s (%d workers); HTTP on %s; metrics on %s",
+             endpoints["address"], n_workers, endpoints["http_address"],
+             endpoints["metrics_address"])
+    return Cluster(spec, router=router, prefills=prefills, decodes=decodes, started_ray=started,
+                   shm_segments=shm_segments_of(decodes), **endpoints)

@@ -31,6 +31,7 @@ from pdserve.cluster.launch.launcher import (
     init_ray,
     local_ray_cpus,
     shm_segments_of,
+    start_router,
 )
 from pdserve.cluster.launch.placement_check import (
     DEFAULT_PLACEMENT_TIMEOUT_S,
@@ -98,7 +99,6 @@ def launch_plan(plan: Plan, engine: EngineConfig, kv: KVTransferConfig, router: 
     """``placement_timeout_s`` and ``ready_timeout_s`` mean what they mean for
     ``launcher.launch``; the placement groups themselves get ``placement_timeout_s`` (at
     least 10 s) to be reserved once the cluster has room for them."""
-    import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -145,18 +145,17 @@ def launch_plan(plan: Plan, engine: EngineConfig, kv: KVTransferConfig, router: 
         router = dataclasses.replace(router, units=tuple(sorted(units.items())))
         handle = RouterActor.options(num_cpus=0).remote(router, prefills, decodes)
         workers.append(("router", handle))
-        endpoint = ray.get(handle.start.remote())
-        metrics = ray.get(handle.metrics_address.remote())
+        endpoints = start_router(handle)
     except BaseException:
         for pg in pgs:
             remove_placement_group(pg)
         abandon(workers, started)
         raise
     log.info("plan launched: %d prefill, %d decode/colocated workers in %d placement groups; "
-             "router on %s", len(prefills), len(decodes), len(pgs), endpoint)
+             "router on %s", len(prefills), len(decodes), len(pgs), endpoints["address"])
     spec = ClusterSpec(engine=engine, kv=kv, router=router)
-    cluster = Cluster(spec, endpoint, handle, prefills, decodes, started_ray=started,
-                      metrics_address=metrics, shm_segments=shm_segments_of(decodes))
+    cluster = Cluster(spec, router=handle, prefills=prefills, decodes=decodes,
+                      started_ray=started, shm_segments=shm_segments_of(decodes), **endpoints)
     cluster.placement_groups = pgs
     return cluster
 

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API: request bodies, responses, errors, routes, listener."""
