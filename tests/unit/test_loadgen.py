@@ -2,8 +2,9 @@
 
 A short synthetic trace on the CPU demo model: every request is served with exactly its
 traced output length (ignore_eos), timestamps are consistent, an over-long prompt is
-counted as failed with INVALID_ARGUMENT, and a sweep writes its JSON, Markdown and PNGs.
-No timing thresholds: only orderings and counts.
+counted as failed with INVALID_ARGUMENT, the OpenAI HTTP endpoint records the same as
+gRPC, Mooncake-style prefix hashes hit the prefix cache, and a sweep writes its JSON,
+Markdown and PNGs. No timing thresholds: only orderings and counts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pdserve.cluster.cli.replay.report import summarize
 from pdserve.cluster.cli.replay.sweep import SweepConfig, compare, load_sweep, run_sweep
 from pdserve.cluster.launch.local import LocalCluster
 from pdserve.engine.config import EngineConfig
+from pdserve.router.config import RouterConfig
+from pdserve.router.server import ServerConfig
 from pdserve.router.slo import SloConfig
 from pdserve.workloads.synthetic import synthetic
 from pdserve.workloads.trace import Trace, TraceRequest
@@ -30,7 +33,8 @@ TOO_LONG = 5000  # the demo model's context is 4096 tokens
 @pytest.fixture(scope="module")
 def cluster(demo_model_dir):
     cfg = EngineConfig(model=str(demo_model_dir), device="cpu", num_kv_blocks=256)
-    with LocalCluster(cfg) as c:
+    server = ServerConfig(port=0, http_port=0, metrics_port=0)
+    with LocalCluster(cfg, router=RouterConfig(model=cfg.model, server=server)) as c:
         yield c
 
 
@@ -83,6 +87,37 @@ def test_replay_records_every_request(cluster):
     assert report.attainment == pytest.approx(20 / 21)
     assert report.attainment_admitted == pytest.approx(20 / 21)
     assert report.status_counts == {"OK": 20, "INVALID_ARGUMENT": 1}
+
+
+def test_http_records_what_grpc_records(cluster):
+    trace = short_trace()
+    grpc_run = run_trace(cluster.address, trace, quiet=True)
+    http_run = run_trace(cluster.server.http_address, trace, quiet=True, api="http")
+    assert http_run.config.api == "http"
+    for g, h in zip(grpc_run.records, http_run.records, strict=True):
+        assert (h.status, h.outcome, h.num_tokens, h.finish_reason) == (
+            g.status, g.outcome, g.num_tokens, g.finish_reason), h.error
+        if h.outcome == "ok":
+            assert (h.usage.prompt_tokens, h.usage.completion_tokens) == (
+                g.usage.prompt_tokens, g.usage.completion_tokens)
+            assert h.usage.ttft_ms > 0 and h.usage.e2e_ms >= h.usage.ttft_ms  # timing sent
+            assert h.send_s < h.first_token_s <= h.last_token_s <= h.end_s
+    assert "context" in http_run.records[-1].error  # the same validation message
+
+
+def test_shared_prefix_hashes_hit_the_prefix_cache(cluster):
+    # Two Mooncake-style requests sharing their first two 32-token blocks, sent one after
+    # the other: the second finds the first's blocks in the prefill worker's cache.
+    def one(hashes):
+        req = TraceRequest(0.0, 80, 2, prefix_hashes=hashes, prefix_block_size=32)
+        return run_trace(cluster.address, Trace("mooncake", (req,)), quiet=True,
+                         seed=123).records[0]
+
+    first, second = one((900, 901, 902)), one((900, 901, 903))
+    assert first.outcome == second.outcome == "ok"
+    assert first.usage.cached_tokens == 0
+    # Exactly the shared 64 tokens (four cache blocks of 16); the third blocks differ.
+    assert second.usage.cached_tokens == 64
 
 
 def test_sweep_writes_report_and_plots(cluster, tmp_path):
