@@ -13,6 +13,7 @@ import json
 
 import pytest
 
+from pdserve.cluster.cli.main import main
 from pdserve.cluster.cli.replay.config import LoadGenConfig
 from pdserve.cluster.cli.replay.grpc_driver import grpc_request
 from pdserve.cluster.cli.replay.loadgen import run_trace
@@ -140,3 +141,31 @@ def test_sweep_writes_report_and_plots(cluster, tmp_path):
     for p in paths.values():
         assert p.stat().st_size > 0
     assert "| again | 20 |" in paths["md"].read_text()
+
+
+def test_bench_cli_runs_both_apis_side_by_side(cluster, tmp_path, capsys):
+    trace = tmp_path / "mc.jsonl"
+    trace.write_text("\n".join(json.dumps(
+        {"timestamp": 100 * i, "input_length": 600 + i, "output_length": 60,
+         "hash_ids": [0, 1 + i]}) for i in range(6)) + "\n")
+    out_dir = tmp_path / "out"
+    args = ["bench", "--api", "grpc,http", "--trace", str(trace), "--length-scale", "0.05",
+            "--num-requests", "4", "--rates", "20", "--slo-ttft", "60", "--slo-tpot", "60",
+            "--out-dir", str(out_dir), "--label", "both", "--quiet"]
+    address = f"{cluster.address},http://{cluster.server.http_address}"
+    assert main([*args, "--address", address]) == 0
+    out = capsys.readouterr().out
+    assert "| both-grpc | grpc | 20 | 4 | 4 | 0 | 0 |" in out
+    assert "| both-http | http | 20 | 4 | 4 | 0 | 0 |" in out
+    assert "both-grpc 20 req/s; both-http 20 req/s" in out
+    for name in ("both-grpc.json", "both-http.json", "both-grpc_runs/rate_20.json",
+                 "both-http_runs/rate_20.json", "both.md", "both_attainment.png"):
+        assert (out_dir / name).stat().st_size > 0, name
+    assert [p.report.api for p in load_sweep(out_dir / "both-http.json").points] == ["http"]
+    side_by_side = (out_dir / "both.md").read_text()
+    assert "| both-grpc | grpc |" in side_by_side and "| both-http | http |" in side_by_side
+    # One address for two APIs, or an API nobody knows: a one-line error, nothing run.
+    assert main([*args, "--address", cluster.address]) == 2
+    assert "one address per --api entry" in capsys.readouterr().err
+    assert main([*args, "--api", "grpc,ws", "--address", address]) == 2
+    assert "--api must be" in capsys.readouterr().err
