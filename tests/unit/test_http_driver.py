@@ -18,7 +18,7 @@ from aiohttp import web
 
 from pdserve.cluster.cli.client import ClientSecurity
 from pdserve.cluster.cli.replay.config import LoadGenConfig
-from pdserve.cluster.cli.replay.http_driver import base_url, status_name
+from pdserve.cluster.cli.replay.http_driver import HttpDriver, base_url, status_name
 from pdserve.cluster.cli.replay.loadgen import run_trace_async
 from pdserve.cluster.cli.replay.prompts import build_bench_request
 from pdserve.cluster.cli.replay.sse import SSEParser
@@ -224,10 +224,23 @@ def test_addresses_statuses_and_config():
     assert [status_name(s) for s in (401, 404, 429, 503, 504, 418)] == [
         "UNAUTHENTICATED", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
         "DEADLINE_EXCEEDED", "UNKNOWN"]
-    with pytest.raises(ValueError, match="only over gRPC"):
-        LoadGenConfig(api="http", slo_ttft_s=1.0)
     with pytest.raises(ValueError, match="api must be"):
         LoadGenConfig(api="websocket")
+
+
+def test_body_is_what_the_server_maps_including_slo_targets():
+    from pdserve.cluster.cli.replay.prompts import BenchRequest
+    from pdserve.router.openai_http.protocol import CompletionRequest, to_generate_request
+
+    driver = HttpDriver("h:1", LoadGenConfig(api="http", slo_ttft_s=1.0, slo_tpot_s=0.05))
+    driver.model = "m"
+    body = driver.body(BenchRequest("run-1", (5, 6, 7), 9, 1.0, 0.05))
+    req = to_generate_request(CompletionRequest.model_validate(body), "run-1")
+    assert list(req.token_ids.ids) == [5, 6, 7] and req.sampling.max_tokens == 9
+    assert req.sampling.temperature == 0.0 and req.stop.ignore_eos
+    assert (req.slo.ttft_ms, req.slo.tpot_ms) == (1000.0, 50.0)
+    plain = driver.body(BenchRequest("run-2", "text", 4))
+    assert "slo" not in plain and plain["prompt"] == "text"
 
 
 def test_sse_parser_handles_split_lines_and_fields():

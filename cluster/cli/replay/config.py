@@ -48,8 +48,5 @@ class LoadGenConfig:
             raise ValueError("max_in_flight, num_channels, progress_interval_s must be positive")
         if self.api not in APIS:
             raise ValueError(f"api must be one of {', '.join(APIS)}, got {self.api!r}")
-        if self.api == "http" and (self.slo_ttft_s is not None or self.slo_tpot_s is not None):
-            raise ValueError("per-request SLO targets travel only over gRPC (the HTTP API has "
-                             "no field for them); drop --send-slo for --api http")
         if self.model is not None and not self.model:
             raise ValueError("model must be a non-empty name when set")

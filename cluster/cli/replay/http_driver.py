@@ -154,10 +154,16 @@ class HttpDriver(Driver):
         return str(data[0]["id"])
 
     def body(self, req: BenchRequest) -> dict:
-        return {"model": self.model, "prompt": list(req.prompt) if isinstance(req.prompt, tuple)
-                else req.prompt, "max_tokens": req.max_tokens, "temperature": 0.0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+        body = {"model": self.model, "prompt": list(req.prompt)
+                if isinstance(req.prompt, tuple) else req.prompt,
+                "max_tokens": req.max_tokens, "temperature": 0.0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True},
                 "return_token_ids": True, "request_id": req.request_id}
+        slo = {k: v * 1e3 for k, v in (("ttft_ms", req.slo_ttft_s), ("tpot_ms", req.slo_tpot_s))
+               if v is not None}
+        if slo:
+            body["slo"] = slo  # pdserve's extension
+        return body
 
     async def stream(self, req: BenchRequest) -> AsyncIterator[StreamEvent]:
         try:
