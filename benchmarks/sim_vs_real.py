@@ -38,7 +38,8 @@ import ray
 
 from pdserve.cluster.cli.client import Client, build_request
 from pdserve.cluster.cli.progress import note
-from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, run_trace
+from pdserve.cluster.cli.replay.config import LoadGenConfig
+from pdserve.cluster.cli.replay.loadgen import run_trace
 from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
 from pdserve.cluster.planning.calibration import calibrate, corrected
 from pdserve.cluster.planning.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate

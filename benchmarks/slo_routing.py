@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from pdserve.cluster.cli.progress import note
-from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, run_trace
+from pdserve.cluster.cli.replay.config import LoadGenConfig
+from pdserve.cluster.cli.replay.loadgen import run_trace
 from pdserve.cluster.cli.replay.report import summarize
 from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
 from pdserve.cluster.planning.simulator import DisaggPlanSpec, InstanceSpec, SimConfig, simulate

@@ -55,7 +55,8 @@ from pdserve.benchmarks.soak_report import (
     summarize,
 )
 from pdserve.cluster.cli.progress import note
-from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, run_trace
+from pdserve.cluster.cli.replay.config import LoadGenConfig
+from pdserve.cluster.cli.replay.loadgen import run_trace
 from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
 from pdserve.cluster.planning.profiler.hostinfo import cpu_model
 from pdserve.engine.config import EngineConfig

@@ -19,7 +19,7 @@ from dataclasses import replace
 import grpc
 
 from pdserve.cluster.cli.client import Client, build_request
-from pdserve.cluster.cli.replay.loadgen import FIRST_PROMPT_TOKEN_ID
+from pdserve.cluster.cli.replay.config import FIRST_PROMPT_TOKEN_ID
 from pdserve.workloads.trace import Trace
 
 VOCAB = 900  # prompt ids are drawn from [3, VOCAB), as in the other demo-model benchmarks

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from pdserve.cluster.cli.replay.loadgen import RunResult
+from pdserve.cluster.cli.replay.records import RunResult
 
 
 def slope(xs: list[float], ys: list[float]) -> float:

@@ -1,29 +1,24 @@
-"""Trace file formats: the Azure LLM inference CSV and the BurstGPT CSV.
+"""Trace file formats: the Azure and BurstGPT CSVs here, and ``load_trace``, which tells
+every format the package reads from the file's content.
 
 Azure (``TIMESTAMP,ContextTokens,GeneratedTokens``, wall-clock timestamps; Patel et al.,
 Splitwise, ISCA 2024) and BurstGPT (``Timestamp,Model,Request tokens,Response tokens,
 Total tokens,Log Type``, seconds; failed requests have 0 response tokens and are
 dropped). Rows with a zero length are skipped, the rest sorted and re-based so the first
-arrival is at 0; a malformed row raises ``ValueError`` naming its line. ``load_trace``
-picks the loader from the header.
+arrival is at 0; a malformed row raises ``ValueError`` naming its line. Mooncake JSONL
+and ShareGPT JSON have their own modules.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable
+import json
 from datetime import datetime
 from pathlib import Path
 
+from pdserve.workloads.mooncake import load_mooncake_jsonl
+from pdserve.workloads.sharegpt import ShareGPTOptions, load_sharegpt_json
 from pdserve.workloads.trace import Trace, TraceRequest
-
-
-def _rebase(name: str, rows: Iterable[tuple[float, int, int]]) -> Trace:
-    rows = sorted(rows)
-    if not rows:
-        raise ValueError(f"trace {name!r} has no usable rows")
-    t0 = rows[0][0]
-    return Trace(name, tuple(TraceRequest(t - t0, p, o) for t, p, o in rows))
 
 
 def _azure_time(text: str) -> float:
@@ -50,8 +45,8 @@ def load_azure_csv(path: str | Path) -> Trace:
             except (ValueError, TypeError) as exc:
                 raise ValueError(f"{path}:{line}: bad row {row}: {exc}") from exc
             if p > 0 and o > 0:
-                rows.append((t, p, o))
-    return _rebase(path.stem, rows)
+                rows.append(TraceRequest(t, p, o))
+    return Trace.rebased(path.stem, rows)
 
 
 BURSTGPT_COLUMNS = ("Timestamp", "Model", "Request tokens", "Response tokens", "Total tokens",
@@ -76,16 +71,54 @@ def load_burstgpt_csv(path: str | Path, model: str | None = None) -> Trace:
             except (ValueError, TypeError) as exc:
                 raise ValueError(f"{path}:{line}: bad row {row}: {exc}") from exc
             if p > 0 and o > 0:
-                rows.append((t, p, o))
-    return _rebase(path.stem, rows)
+                rows.append(TraceRequest(t, p, o))
+    return Trace.rebased(path.stem, rows)
 
 
-def load_trace(path: str | Path) -> Trace:
-    """Detect the CSV format from its header."""
+# A single-line JSON file can be hundreds of MB: detection reads at most this much of it.
+_HEAD_CHARS = 1 << 16
+_SHOWN_CHARS = 80
+
+
+def detect_format(path: str | Path) -> str:
+    """"azure", "burstgpt", "mooncake" or "sharegpt", from the start of the file: a JSON
+    list is ShareGPT (its loader checks the entries), a first line that is a JSON object
+    with Mooncake's keys is Mooncake, else the CSV header decides."""
     with Path(path).open(newline="") as fh:
-        header = next(csv.reader(fh), [])
-    if "TIMESTAMP" in header:
+        head = fh.read(_HEAD_CHARS)
+    text = head.lstrip("\ufeff \t\r\n")
+    first = text.split("\n", 1)[0].strip()
+    if text.startswith("["):
+        return "sharegpt"
+    if text.startswith("{"):
+        try:
+            row = json.loads(first)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and {"timestamp", "input_length"} <= row.keys():
+            return "mooncake"
+    else:
+        header = next(csv.reader([first]), [])
+        if "TIMESTAMP" in header:
+            return "azure"
+        if "Timestamp" in header and "Request tokens" in header:
+            return "burstgpt"
+    shown = first if len(first) <= _SHOWN_CHARS else first[:_SHOWN_CHARS] + "..."
+    raise ValueError(f"{path}: unknown trace format (starts {shown!r}); expected an Azure or "
+                     "BurstGPT CSV, Mooncake JSONL or ShareGPT JSON")
+
+
+def load_trace(path: str | Path, sharegpt: ShareGPTOptions | None = None) -> Trace:
+    """Load a trace in any known format (``detect_format``). ShareGPT has only text, so
+    it needs ``sharegpt`` (a token counter and the arrival process)."""
+    kind = detect_format(path)
+    if kind == "azure":
         return load_azure_csv(path)
-    if "Timestamp" in header and "Request tokens" in header:
+    if kind == "burstgpt":
         return load_burstgpt_csv(path)
-    raise ValueError(f"{path}: unknown trace format (header {header})")
+    if kind == "mooncake":
+        return load_mooncake_jsonl(path)
+    if sharegpt is None:
+        raise ValueError(f"{path} is a ShareGPT file: its lengths need a tokenizer "
+                         "(ShareGPTOptions)")
+    return load_sharegpt_json(path, sharegpt)

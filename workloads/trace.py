@@ -4,12 +4,28 @@ A ``Trace`` is frozen, non-empty and sorted by arrival; arrival times start at 0
 every loader (``formats``, ``synthetic``). ``Trace.scaled`` fits a trace to the hardware
 at hand: time scaling changes the rate, length scaling shrinks prompts/outputs for a
 small model on a CPU. ``at_rate``, ``head`` and ``window`` cut and re-time it.
+
+A request may say more about its prompt than its length, for load generators that build
+real prompts (the simulator reads only the lengths):
+
+* ``prefix_hashes``: the prompt as consecutive blocks of ``prefix_block_size`` tokens, one
+  id each (Mooncake traces). Requests with equal leading ids share that prompt prefix
+  exactly, which is what a prefix cache can reuse. The ids need not cover the whole
+  prompt; the rest is the request's own.
+* ``prompt_text``: the prompt itself (ShareGPT), for replaying real text.
+
+Scaling lengths keeps both meaningful: the block size scales with the prompt, so the
+shared share of each prompt stays what it was, and the text is cut to the same share of
+its characters (a text prompt's token count is the server's to tell anyway).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
+
+DEFAULT_PREFIX_BLOCK_SIZE = 512  # tokens per hash id in Mooncake's published traces
 
 
 @dataclass(frozen=True)
@@ -17,10 +33,33 @@ class TraceRequest:
     arrival_s: float
     prompt_len: int
     output_len: int
+    prefix_hashes: tuple[int, ...] = ()  # one id per prompt block, in order; () = unknown
+    prefix_block_size: int = DEFAULT_PREFIX_BLOCK_SIZE
+    prompt_text: str | None = None  # the real prompt, when the trace has it
 
     def __post_init__(self) -> None:
         if self.arrival_s < 0 or self.prompt_len < 1 or self.output_len < 1:
             raise ValueError(f"invalid trace request {self}")
+        if self.prefix_block_size < 1:
+            raise ValueError(f"prefix_block_size must be >= 1, got {self.prefix_block_size}")
+        if not isinstance(self.prefix_hashes, tuple):
+            raise ValueError("prefix_hashes must be a tuple of ints")
+
+    def scaled(self, time_scale: float, length_scale: float, max_prompt_len: int | None,
+               max_output_len: int | None) -> TraceRequest:
+        """This request in a trace scaled by ``Trace.scaled``."""
+
+        def length(n: int, cap: int | None) -> int:
+            n = max(1, round(n * length_scale))
+            return min(n, cap) if cap else n
+
+        prompt_len = length(self.prompt_len, max_prompt_len)
+        text = self.prompt_text
+        if text is not None and prompt_len != self.prompt_len:
+            text = text[:max(1, round(len(text) * prompt_len / self.prompt_len))]
+        return replace(self, arrival_s=self.arrival_s * time_scale, prompt_len=prompt_len,
+                       output_len=length(self.output_len, max_output_len), prompt_text=text,
+                       prefix_block_size=max(1, round(self.prefix_block_size * length_scale)))
 
 
 @dataclass(frozen=True)
@@ -33,6 +72,17 @@ class Trace:
             raise ValueError(f"trace {self.name!r} is empty")
         if any(b.arrival_s < a.arrival_s for a, b in zip(self.requests, self.requests[1:], strict=False)):
             raise ValueError(f"trace {self.name!r} is not sorted by arrival time")
+
+    @classmethod
+    def rebased(cls, name: str, requests: Iterable[TraceRequest]) -> Trace:
+        """A trace of ``requests`` in any order and on any clock: sorted by arrival (ties
+        by prompt, then output length, else in the order given) and shifted so the first
+        arrives at 0. ``ValueError`` when there are none."""
+        reqs = sorted(requests, key=lambda r: (r.arrival_s, r.prompt_len, r.output_len))
+        if not reqs:
+            raise ValueError(f"trace {name!r} has no usable rows")
+        t0 = reqs[0].arrival_s
+        return cls(name, tuple(replace(r, arrival_s=r.arrival_s - t0) for r in reqs))
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -52,14 +102,9 @@ class Trace:
         ``length_scale`` (at least 1 token) and clipped to the maxima."""
         if time_scale <= 0 or length_scale <= 0:
             raise ValueError("scales must be positive")
-
-        def length(n: int, cap: int | None) -> int:
-            n = max(1, round(n * length_scale))
-            return min(n, cap) if cap else n
-
-        return Trace(f"{self.name}", tuple(
-            TraceRequest(r.arrival_s * time_scale, length(r.prompt_len, max_prompt_len),
-                         length(r.output_len, max_output_len)) for r in self.requests))
+        return Trace(self.name, tuple(
+            r.scaled(time_scale, length_scale, max_prompt_len, max_output_len)
+            for r in self.requests))
 
     def at_rate(self, rate: float) -> Trace:
         """The same requests with arrivals rescaled to a mean rate of ``rate`` req/s."""

@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from proc_hosts import ProcCluster, sequential_greedy
 
-    from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, run_trace
+    from pdserve.cluster.cli.replay.config import LoadGenConfig
+    from pdserve.cluster.cli.replay.loadgen import run_trace
     from pdserve.cluster.cli.replay.report import markdown_table, summarize
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.model_config import ModelConfig

@@ -3,11 +3,23 @@
     pdserve bench --address localhost:50051 --trace poisson:4:200 --rates 1,2,4,8
     pdserve bench --address HOST:PORT --trace azure --length-scale 0.1 \\
         --max-prompt-len 512 --num-requests 300 --rates 0.5,1,2 --label 1p1d
+    pdserve bench --api grpc,http --address localhost:50051,localhost:8000 \\
+        --trace mooncake_trace.jsonl --length-scale 0.1 --num-requests 200 --rates 1,2
 
-Trace specs: a CSV path (Azure or BurstGPT, detected from the header), ``azure`` (the
-shared Azure conversation trace), ``poisson:RATE:N`` or ``gamma:RATE:CV:N`` (synthetic,
-lengths from ``--prompt-len``/``--output-len``). Heavy imports stay in the handler so
-``pdserve --help`` remains instant.
+Trace specs: a trace file (Azure or BurstGPT CSV, Mooncake JSONL, ShareGPT JSON; the
+format is detected from the content), ``azure`` (the shared Azure conversation trace),
+``poisson:RATE:N`` or ``gamma:RATE:CV:N`` (synthetic, lengths from
+``--prompt-len``/``--output-len``). ShareGPT has text and no timestamps: its lengths are
+counted with ``--tokenizer`` and its arrivals are Poisson at ``--trace-rate``
+(re-timed by ``--rates`` like any trace); ``--prompt-mode text`` sends its real prompts.
+
+``--api`` picks the protocol: ``grpc`` (pdserve's endpoint), ``http`` (the
+OpenAI-compatible ``/v1/completions``; ``--address`` may be a URL, ``--model`` names the
+model, else the first one ``/v1/models`` lists), or ``grpc,http`` to run the same trace
+and rates through both, one after the other (``--address`` then gives one address per
+API, in the same order). Each API's sweep is saved as ``<label>-<api>.json`` and the
+reports are printed and saved side by side in ``<label>.md``. Heavy imports stay in the
+handler so ``pdserve --help`` remains instant.
 """
 
 from __future__ import annotations
@@ -18,8 +30,9 @@ from pathlib import Path
 
 from pdserve.cluster.cli.common import (
     add_client_security_args,
-    azure_trace_path,
+    add_trace_file_args,
     client_security_from_args,
+    load_trace_file,
 )
 
 
@@ -45,9 +58,19 @@ def parse_rates(text: str) -> tuple[float, ...]:
     return rates
 
 
+def parse_apis(text: str) -> tuple[str, ...]:
+    from pdserve.cluster.cli.replay.config import APIS
+
+    apis = tuple(a.strip() for a in text.split(",") if a.strip())
+    if not apis or any(a not in APIS for a in apis) or len(set(apis)) != len(apis):
+        raise ValueError(f"--api must be {', '.join(APIS)} or several of them, each once, "
+                         f"comma-separated; got {text!r}")
+    return apis
+
+
 def load_trace_spec(spec: str, prompt_len: tuple[int, int], output_len: tuple[int, int],
-                    seed: int = 0):
-    from pdserve.workloads.formats import load_trace
+                    seed: int = 0, *, tokenizer: str | None = None, trace_rate: float = 1.0,
+                    max_requests: int | None = None):
     from pdserve.workloads.synthetic import synthetic
 
     kind, *params = spec.split(":")
@@ -61,42 +84,56 @@ def load_trace_spec(spec: str, prompt_len: tuple[int, int], output_len: tuple[in
         raise ValueError(f"bad trace spec {spec!r}: {exc}") from None
     if kind in ("poisson", "gamma"):
         raise ValueError(f"bad trace spec {spec!r}: use poisson:RATE:N or gamma:RATE:CV:N")
-    path = azure_trace_path() if spec == "azure" else Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"trace file not found: {path}")
-    return load_trace(path)
+    return load_trace_file(spec, tokenizer=tokenizer, rate=trace_rate, seed=seed,
+                           max_requests=max_requests)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pdserve.cluster.cli.replay.loadgen import LoadGenConfig
+    from pdserve.cluster.cli.replay.config import LoadGenConfig
     from pdserve.cluster.cli.replay.report import markdown_table
-    from pdserve.cluster.cli.replay.sweep import SweepConfig, run_sweep
+    from pdserve.cluster.cli.replay.sweep import SweepConfig, compare, run_sweep
     from pdserve.router.slo import SloConfig
 
+    apis = parse_apis(args.api)
+    addresses = [a.strip() for a in args.address.split(",")]
+    if len(addresses) != len(apis):
+        raise ValueError(f"--address needs one address per --api entry ({', '.join(apis)}), "
+                         f"comma-separated in the same order; got {args.address!r}")
     trace = load_trace_spec(args.trace, parse_range(args.prompt_len),
-                            parse_range(args.output_len), args.seed)
+                            parse_range(args.output_len), args.seed, tokenizer=args.tokenizer,
+                            trace_rate=args.trace_rate, max_requests=args.num_requests)
     rates = parse_rates(args.rates) if args.rates else (args.rate,) if args.rate else None
     slo = SloConfig(args.slo_ttft, args.slo_tpot, args.attainment)
-    cfg = SweepConfig(
-        label=args.label, rates=rates, slo=slo, time_scale=args.time_scale,
-        length_scale=args.length_scale, max_prompt_len=args.max_prompt_len,
-        max_output_len=args.max_output_len, num_requests=args.num_requests,
-        duration_s=args.duration,
+    configs = [SweepConfig(
+        label=args.label if len(apis) == 1 else f"{args.label}-{api}", rates=rates, slo=slo,
+        time_scale=args.time_scale, length_scale=args.length_scale,
+        max_prompt_len=args.max_prompt_len, max_output_len=args.max_output_len,
+        num_requests=args.num_requests, duration_s=args.duration,
         loadgen=LoadGenConfig(vocab_size=args.vocab_size, seed=args.seed,
                               prompt_mode=args.prompt_mode,
                               slo_ttft_s=args.slo_ttft if args.send_slo else None,
                               slo_tpot_s=args.slo_tpot if args.send_slo else None,
                               max_in_flight=args.max_in_flight, num_channels=args.channels,
                               timeout_s=args.timeout, quiet=args.quiet,
-                              security=client_security_from_args(args)),
-        save_runs=not args.no_raw)
-    print(f"pdserve bench: {trace.name}: {len(trace)} requests over {trace.duration_s:.0f} s "
-          f"({trace.rate:.3g} req/s) -> {args.address}", file=sys.stderr)
-    result = run_sweep(args.address, trace, cfg, args.out_dir)
-    print(markdown_table([p.report for p in result.points]), end="")
+                              security=client_security_from_args(args), api=api,
+                              model=args.model),
+        save_runs=not args.no_raw) for api in apis]  # all validated before any run starts
+    results = []
+    for cfg, address in zip(configs, addresses, strict=True):
+        print(f"pdserve bench: {trace.name}: {len(trace)} requests over {trace.duration_s:.0f} s "
+              f"({trace.rate:.3g} req/s) -> {cfg.loadgen.api} {address}", file=sys.stderr)
+        results.append(run_sweep(address, trace, cfg, args.out_dir))
+    print(markdown_table([p.report for r in results for p in r.points]), end="")
+    goodputs = "; ".join(f"{r.label} {r.goodput:.3g} req/s" if len(results) > 1
+                         else f"{r.goodput:.3g} req/s" for r in results)
     print(f"\ngoodput ({slo.attainment:.0%} within TTFT {slo.ttft_s * 1e3:g} ms, "
-          f"TPOT {slo.tpot_s * 1e3:g} ms): {result.goodput:.3g} req/s")
-    print(f"results: {Path(args.out_dir) / args.label}.{{json,md}} and plots", file=sys.stderr)
+          f"TPOT {slo.tpot_s * 1e3:g} ms): {goodputs}")
+    if len(results) > 1:
+        compare({r.label: r for r in results}, args.out_dir, name=args.label)
+    names = ",".join(r.label for r in results)
+    print(f"results: {Path(args.out_dir)}/{{{names}}}.{{json,md}} and plots"
+          + (f"; side by side: {Path(args.out_dir) / args.label}.md" if len(results) > 1
+             else ""), file=sys.stderr)
     return 0
 
 
@@ -104,9 +141,16 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="replay a request trace against a running endpoint",
                        description=__doc__.splitlines()[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--address", required=True, help="gRPC endpoint HOST:PORT")
+    p.add_argument("--address", required=True,
+                   help="endpoint HOST:PORT (for http also a URL); with --api grpc,http one "
+                        "per API, comma-separated")
+    p.add_argument("--api", default="grpc",
+                   help="grpc | http (OpenAI /v1/completions) | grpc,http (both in turn)")
+    p.add_argument("--model", default=None,
+                   help="model name for --api http (default: the first /v1/models lists)")
     p.add_argument("--trace", required=True,
-                   help="PATH.csv | azure | poisson:RATE:N | gamma:RATE:CV:N")
+                   help="trace file (Azure/BurstGPT CSV, Mooncake JSONL, ShareGPT JSON) | "
+                        "azure | poisson:RATE:N | gamma:RATE:CV:N")
     p.add_argument("--prompt-len", default="32-256", help="synthetic prompt lengths LO-HI")
     p.add_argument("--output-len", default="16-128", help="synthetic output lengths LO-HI")
     rate = p.add_mutually_exclusive_group()
@@ -137,4 +181,5 @@ def register(sub) -> None:
     p.add_argument("--no-raw", action="store_true", help="skip the per-request records files")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_client_security_args(p)
+    add_trace_file_args(p)
     p.set_defaults(func=_cmd_bench)

@@ -1,5 +1,6 @@
 """Helpers more than one ``pdserve`` subcommand uses: the model to load, sampling and
-client-security flags, and where the shared Azure trace is.
+client-security flags, and trace files (where the shared Azure trace is, and loading any
+trace file the workloads package reads).
 
 Imported by the ``*_commands`` modules (never the reverse), and light: anything heavy
 is imported inside the function that needs it.
@@ -8,6 +9,7 @@ is imported inside the function that needs it.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 AZURE_CONV = Path("shared") / "data" / "azure_llm_2023_conv.csv"
@@ -58,3 +60,44 @@ def azure_trace_path() -> Path:
         if c.is_file():
             return c
     raise FileNotFoundError(f"Azure trace not found (looked in {', '.join(map(str, candidates))})")
+
+
+def add_trace_file_args(p: argparse.ArgumentParser) -> None:
+    """Flags of every command that reads a trace file (bench, simulate, plan)."""
+    g = p.add_argument_group("trace files without token counts or timestamps (ShareGPT)")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory that counts ShareGPT's tokens (default: the "
+                        "demo model's; use the served model's)")
+    g.add_argument("--trace-rate", type=float, default=1.0,
+                   help="ShareGPT arrivals: Poisson at this rate (req/s), seeded by --seed")
+
+
+def token_counter(tokenizer_dir: str | None) -> Callable[[str], int]:
+    """Counts a text's tokens (no special tokens) with the tokenizer in ``tokenizer_dir``
+    (default: the demo model's), loaded on the first call: only a trace that needs
+    counting pays for importing transformers."""
+    loaded = []
+
+    def count(text: str) -> int:
+        if not loaded:
+            from pdserve.engine.tokenizer import Tokenizer
+
+            loaded.append(Tokenizer.from_pretrained(resolve_model(tokenizer_dir)))
+        return len(loaded[0].encode(text, add_special_tokens=False))
+
+    return count
+
+
+def load_trace_file(spec: str, *, tokenizer: str | None = None, rate: float = 1.0,
+                    seed: int = 0, max_requests: int | None = None):
+    """The trace in file ``spec`` (``azure``: the shared Azure trace), any format
+    ``workloads.formats.load_trace`` knows. ShareGPT lengths are counted with
+    ``tokenizer``, its arrivals Poisson at ``rate`` with ``seed``, and only its first
+    ``max_requests`` usable conversations are read when given."""
+    from pdserve.workloads.formats import load_trace
+    from pdserve.workloads.sharegpt import ShareGPTOptions
+
+    path = azure_trace_path() if spec == "azure" else Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"trace file not found: {path}")
+    return load_trace(path, ShareGPTOptions(token_counter(tokenizer), rate, seed, max_requests))

@@ -4,7 +4,9 @@
 it). Handlers import the simulator lazily so ``pdserve --help`` stays instant; they
 return an exit code and raise ``ValueError`` for bad input (the CLI prints it, exit 2).
 
-Traces: a CSV (Azure or BurstGPT, detected by ``load_trace``) or a synthetic spec
+Traces: a trace file (Azure or BurstGPT CSV, Mooncake JSONL, ShareGPT JSON; detected by
+``load_trace``; ShareGPT's lengths come from ``--tokenizer`` and its arrivals are Poisson
+at ``--trace-rate``), ``azure`` (the shared Azure conversation trace) or a synthetic spec
 ``poisson:RATE:N:PLO-PHI:OLO-OHI`` (``gamma:...:CV`` for bursty arrivals), lengths drawn
 uniformly from the given ranges.
 """
@@ -16,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from pdserve.cluster.cli.common import azure_trace_path
+from pdserve.cluster.cli.common import add_trace_file_args, load_trace_file
 
 DISTSERVE_PROFILE = "distserve-opt13b"
 
@@ -35,11 +37,12 @@ def _range(text: str) -> tuple[int, int]:
     return a, b
 
 
-def load_trace_spec(spec: str, max_requests: int | None = None):
-    """A trace from a CSV path, ``azure``, or a ``poisson:``/``gamma:`` spec, optionally sliced to a
-    representative window of ``max_requests``."""
+def load_trace_spec(spec: str, max_requests: int | None = None, *,
+                    tokenizer: str | None = None, trace_rate: float = 1.0, seed: int = 0):
+    """A trace from a file, ``azure``, or a ``poisson:``/``gamma:`` spec, optionally sliced
+    to a representative window of ``max_requests`` (of a ShareGPT file, whose arrivals
+    are drawn anyway, only the first ``max_requests`` conversations are read)."""
     from pdserve.cluster.planning.simulator import representative_slice
-    from pdserve.workloads.formats import load_trace
     from pdserve.workloads.synthetic import synthetic
 
     kind = spec.split(":", 1)[0]
@@ -54,14 +57,15 @@ def load_trace_spec(spec: str, max_requests: int | None = None):
             cv = float(parts[5]) if kind == "gamma" else 1.0
         except ValueError as exc:
             raise ValueError(f"bad trace spec {spec!r}: {exc}") from exc
-        trace = synthetic(n, rate, _range(parts[3]), _range(parts[4]), cv=cv)
+        trace = synthetic(n, rate, _range(parts[3]), _range(parts[4]), cv=cv, seed=seed)
     else:
-        if spec == "azure":  # the shared Azure conversation trace, as `pdserve bench` takes it
-            spec = str(azure_trace_path())
-        if not Path(spec).exists():
-            raise FileNotFoundError(f"trace {spec} not found")
-        trace = load_trace(spec)
+        trace = load_trace_file(spec, tokenizer=tokenizer, rate=trace_rate, seed=seed,
+                                max_requests=max_requests)
     return representative_slice(trace, max_requests) if max_requests else trace
+
+
+def _trace_file_options(args) -> dict:
+    return {"tokenizer": args.tokenizer, "trace_rate": args.trace_rate, "seed": args.seed}
 
 
 def _slo(args):
@@ -100,7 +104,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from pdserve.cluster.planning.simulator import goodput, simulate
 
     profile, slo, cfg = load_profile(args.profile), _slo(args), _sim_config(args)
-    trace = load_trace_spec(args.trace, args.max_requests)
+    trace = load_trace_spec(args.trace, args.max_requests, **_trace_file_options(args))
     spec = _plan_spec(args)
     out: dict = {"plan": spec.label(), "trace": trace.name, "requests": len(trace),
                  "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s,
@@ -138,7 +142,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cluster = ClusterDesc.load(args.cluster) if args.cluster else ClusterDesc(
         args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.intra_bw, args.inter_bw,
         args.gpu_type)
-    planner = Planner(cluster, load_profile(args.profile), load_trace_spec(args.trace), _slo(args),
+    trace = load_trace_spec(args.trace, **_trace_file_options(args))
+    planner = Planner(cluster, load_profile(args.profile), trace, _slo(args),
                       _sim_config(args), PlannerConfig(max_requests=args.max_requests,
                                                        max_pp=args.max_pp,
                                                        consider_colocated=args.consider_colocated))
@@ -159,7 +164,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=DISTSERVE_PROFILE,
                    help=f"profile JSON, or {DISTSERVE_PROFILE} (DistServe's OPT-13B A100 model)")
     p.add_argument("--trace", required=True,
-                   help="trace CSV, or poisson:RATE:N:PLO-PHI:OLO-OHI / gamma:...:CV")
+                   help="trace file (Azure/BurstGPT CSV, Mooncake JSONL, ShareGPT JSON), azure, "
+                        "or poisson:RATE:N:PLO-PHI:OLO-OHI / gamma:...:CV")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of synthetic traces and ShareGPT arrivals")
     p.add_argument("--slo-ttft", type=float, default=0.25)
     p.add_argument("--slo-tpot", type=float, default=0.1)
     p.add_argument("--attainment", type=float, default=0.9)
@@ -169,6 +177,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-overhead", type=float, default=0.0, help="seconds added to TTFT")
     p.add_argument("--step-overhead", type=float, default=0.0, help="seconds added per step")
     p.add_argument("--out", default=None, help="write the result as JSON here")
+    add_trace_file_args(p)
 
 
 def register(sub) -> None:

@@ -40,7 +40,8 @@ _INTERNAL = (500, "InternalServerError")
 
 # The field a shared validation message is about: its messages start with the field name.
 _PARAM_PREFIXES = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed",
-                   "logprobs", "stop_token_ids", "request_id", "stop", "prompt", "token id")
+                   "logprobs", "stop_token_ids", "request_id", "stop", "prompt", "token id",
+                   "slo")
 
 
 def param_of(message: str, kind: str) -> str | None:

@@ -11,7 +11,8 @@ there once, with the same messages.
 
 Server extensions read from the body, as vLLM and SGLang accept them: ``top_k`` (-1 or
 0 = off), ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``add_special_tokens``,
-``return_token_ids`` (each choice also carries its token ids) and ``request_id``.
+``return_token_ids`` (each choice also carries its token ids) and ``request_id``; and
+pdserve's own ``slo: {"ttft_ms", "tpot_ms"}`` (per-request targets, as gRPC's ``slo``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     include_usage: bool = True  # OpenAI: the object's presence asks for usage
     continuous_usage_stats: bool = False
+
+
+class SloBody(BaseModel):
+    """pdserve extension: the request's latency targets (gRPC's ``SloTargets``)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
 
 
 class _Common(BaseModel):
@@ -57,6 +66,7 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     return_token_ids: bool = False
     request_id: str | None = None
+    slo: SloBody | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(field, why) for every field set to something pdserve does not implement."""
@@ -182,6 +192,11 @@ def to_generate_request(body: CompletionRequest | ChatCompletionRequest,
     if body.stop_token_ids:
         req.stop.stop_token_ids.extend(body.stop_token_ids)
     req.stop.ignore_eos = body.ignore_eos
+    if body.slo is not None:  # ranges are validation's
+        if body.slo.ttft_ms is not None:
+            req.slo.ttft_ms = body.slo.ttft_ms
+        if body.slo.tpot_ms is not None:
+            req.slo.tpot_ms = body.slo.tpot_ms
 
     if isinstance(body, CompletionRequest):
         _completion_prompt(body, req)

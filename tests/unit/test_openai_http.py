@@ -76,7 +76,8 @@ def test_completion_body_maps_onto_the_shared_request():
     body = CompletionRequest.model_validate({
         "prompt": [[5, 6, 7]], "max_tokens": 9, "temperature": 0.5, "top_p": 0.9, "top_k": -1,
         "seed": 3, "stop": "END", "min_tokens": 2, "ignore_eos": True, "logprobs": 2,
-        "stop_token_ids": [4], "user": "u1", "some_future_field": {"x": 1}})
+        "stop_token_ids": [4], "user": "u1", "some_future_field": {"x": 1},
+        "slo": {"ttft_ms": 250.0, "tpot_ms": 50}})
     req = to_generate_request(body, "r1")
     assert list(req.token_ids.ids) == [5, 6, 7] and req.request_id == "r1"
     sp = req.sampling
@@ -85,6 +86,7 @@ def test_completion_body_maps_onto_the_shared_request():
     assert not sp.HasField("top_k")  # -1 = off
     assert list(req.stop.stop) == ["END"] and list(req.stop.stop_token_ids) == [4]
     assert req.stop.ignore_eos
+    assert (req.slo.ttft_ms, req.slo.tpot_ms) == (250.0, 50.0)
 
 
 def test_chat_body_maps_messages_and_logprob_flags():
@@ -243,6 +245,7 @@ def test_stop_strings_logprobs_and_min_tokens(cluster, engine):
     ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": [5] * 5000}, 400, "prompt"),
     ({"model": MODEL, "prompt": "x", "n": 3}, 400, "n"),
+    ({"model": MODEL, "prompt": "x", "slo": {"ttft_ms": -5.0}}, 400, "slo"),
     ({"model": MODEL}, 400, "prompt"),
     ({"model": "gpt-4o", "prompt": "x"}, 404, "model"),
 ])

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
-from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, RequestRecord, RunResult, UsageRecord
+from pdserve.cluster.cli.replay.config import LoadGenConfig
+from pdserve.cluster.cli.replay.records import RequestRecord, RunResult, UsageRecord
 from pdserve.cluster.cli.replay.report import (
     Percentiles,
     RunReport,
@@ -117,10 +119,14 @@ def test_json_round_trips_and_markdown():
     assert RunResult.from_dict(json.loads(json.dumps(run.to_dict()))) == run
     r = summarize(run, SLO, label="cfg")
     assert RunReport.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    # Reports saved before they named their API load as gRPC ones.
+    assert RunReport.from_dict({k: v for k, v in r.to_dict().items() if k != "api"}) == r
+    http = summarize(replace(run, config=LoadGenConfig(api="http")), SLO, label="cfg")
+    assert http.api == "http" and "| cfg | http | 1.5 |" in markdown_table([r, http])
     table = markdown_table([r])
     header, sep, row = table.strip().splitlines()
     assert header.count("|") == sep.count("|") == row.count("|")
-    assert "| cfg | 1.5 | 6 | 4 | 1 | 1 |" in row
+    assert "| cfg | grpc | 1.5 | 6 | 4 | 1 | 1 |" in row
     assert "250.0 / 720.0 / 882.0" in row and "33.3%" in row and "40.0%" in row
     doc = markdown_report("title", [r], goodput=3.0)
     assert doc.startswith("# title") and "TTFT <= 500 ms" in doc and "**3 req/s**" in doc

@@ -29,7 +29,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pdserve.cluster.cli.client import Client, ClientSecurity, build_request, open_channel
 from pdserve.cluster.cli.common import client_security_from_args
 from pdserve.cluster.cli.main import build_parser, main
-from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, RunResult, run_trace
+from pdserve.cluster.cli.replay.config import LoadGenConfig
+from pdserve.cluster.cli.replay.loadgen import run_trace
+from pdserve.cluster.cli.replay.records import RunResult
 from pdserve.cluster.cli.serve_commands import security_summary
 from pdserve.cluster.launch.local import LocalCluster
 from pdserve.engine.config import EngineConfig
@@ -127,7 +129,7 @@ def token_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tls_token_cluster(demo_model_dir, pki, token_file):
     tokens = load_tokens(token_file, environ={TOKENS_ENV: f" {ENV_TOKEN} ,"})
-    server = ServerConfig(port=0, metrics_port=None, tls_cert_file=pki.server_cert,
+    server = ServerConfig(port=0, http_port=0, metrics_port=None, tls_cert_file=pki.server_cert,
                           tls_key_file=pki.server_key, auth_tokens=tokens)
     router = RouterConfig(model=str(demo_model_dir), server=server)
     with LocalCluster(_engine(demo_model_dir), router=router) as c:
@@ -136,7 +138,7 @@ def tls_token_cluster(demo_model_dir, pki, token_file):
 
 @pytest.fixture(scope="module")
 def mtls_cluster(demo_model_dir, pki):
-    server = ServerConfig(port=0, metrics_port=None, tls_cert_file=pki.server_cert,
+    server = ServerConfig(port=0, http_port=0, metrics_port=None, tls_cert_file=pki.server_cert,
                           tls_key_file=pki.server_key, tls_client_ca_file=pki.ca)
     router = RouterConfig(model=str(demo_model_dir), server=server)
     with LocalCluster(_engine(demo_model_dir), router=router) as c:
@@ -246,6 +248,21 @@ def test_loadgen_through_tls_and_token_keeps_the_token_out_of_results(
     assert RunResult.from_dict(json.loads(text)).config.security == security
 
 
+def test_http_loadgen_through_tls_and_token(tls_token_cluster, pki, token_file):
+    # The same client security options reach the OpenAI HTTP API: HTTPS trusting the CA,
+    # the token as Authorization: Bearer. Without the token nothing is served.
+    trace = synthetic(3, 50.0, (4, 8), (2, 3), seed=1)
+    security = ClientSecurity(root_ca_file=pki.ca, token_file=str(token_file))
+    address = tls_token_cluster.server.http_address
+    run = run_trace(address, trace, LoadGenConfig(quiet=True, security=security, api="http"))
+    assert [r.outcome for r in run.records] == ["ok"] * 3, [r.error for r in run.records]
+    assert not any(t in json.dumps(run.to_dict()) for t in FILE_TOKENS)
+    anonymous = ClientSecurity(root_ca_file=pki.ca)
+    run = run_trace(address, trace, LoadGenConfig(quiet=True, security=anonymous, api="http",
+                                                  model="any"))
+    assert {r.status for r in run.records} == {"UNAUTHENTICATED"}
+
+
 # -- mutual TLS ----------------------------------------------------------------------------
 def test_mtls_refuses_a_client_without_a_certificate(mtls_cluster, pki):
     code = _code(mtls_cluster.address, security=ClientSecurity(root_ca_file=pki.ca))
@@ -262,6 +279,10 @@ def test_mtls_accepts_a_client_certificate(mtls_cluster, pki):
     ok = ClientSecurity(root_ca_file=pki.ca, client_cert_file=pki.client_cert,
                         client_key_file=pki.client_key)
     assert len(_generate(mtls_cluster.address, security=ok).token_ids) == 4
+    # The HTTP load generator presents the same certificate.
+    run = run_trace(mtls_cluster.server.http_address, synthetic(2, 50.0, (4, 8), (2, 3)),
+                    LoadGenConfig(quiet=True, security=ok, api="http"))
+    assert [r.outcome for r in run.records] == ["ok"] * 2, [r.error for r in run.records]
 
 
 # -- configuration, no server --------------------------------------------------------------

@@ -119,6 +119,20 @@ def test_scaled_changes_time_and_lengths():
         t.scaled(time_scale=0)
 
 
+def test_scaled_keeps_prefix_structure_and_cuts_text():
+    reqs = (TraceRequest(0.0, 1000, 40, prefix_hashes=(1, 2)),
+            TraceRequest(2.0, 10, 8, prompt_text="0123456789"))
+    s = Trace("t", reqs).scaled(time_scale=0.5, length_scale=0.1)
+    hashed, texted = s.requests
+    # The block size scales with the prompt: still two blocks, the first shared as before.
+    assert (hashed.prompt_len, hashed.prefix_block_size, hashed.prefix_hashes) == (100, 51, (1, 2))
+    assert (texted.arrival_s, texted.prompt_len, texted.prompt_text) == (1.0, 1, "0")
+    assert Trace("t", reqs).scaled(max_prompt_len=5).requests[1].prompt_text == "01234"
+    assert Trace("t", reqs).scaled(time_scale=2.0).requests[1].prompt_text == "0123456789"
+    with pytest.raises(ValueError, match="prefix_block_size"):
+        TraceRequest(0.0, 1, 1, prefix_block_size=0)
+
+
 def test_at_rate_head_and_window():
     t = small_trace()
     assert t.rate == pytest.approx(1.0)

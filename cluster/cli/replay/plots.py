@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pdserve.cluster.cli.replay.loadgen import RunResult
+from pdserve.cluster.cli.replay.records import RunResult
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

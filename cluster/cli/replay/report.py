@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pdserve.cluster.cli.replay.loadgen import RequestRecord, RunResult
+from pdserve.cluster.cli.replay.records import RequestRecord, RunResult
 from pdserve.router.slo import SloConfig
 
 
@@ -75,6 +75,7 @@ class RunReport:
     e2e_s: Percentiles | None
     send_lag_s: Percentiles | None  # how late the client sent; large = generator overloaded
     status_counts: dict[str, int] = field(default_factory=dict)
+    api: str = "grpc"  # the protocol the run spoke (LoadGenConfig.api)
 
     @property
     def meets_target(self) -> bool:
@@ -133,6 +134,7 @@ def summarize(run: RunResult, slo: SloConfig, label: str | None = None) -> RunRe
         e2e_s=Percentiles.of(r.e2e_s for r in ok),
         send_lag_s=Percentiles.of(r.send_lag_s for r in recs),
         status_counts=statuses,
+        api=run.config.api,
     )
 
 
@@ -161,14 +163,14 @@ def _ms(p: Percentiles | None, q: str) -> str:
 
 
 def markdown_table(reports: Sequence[RunReport]) -> str:
-    head = ("| label | rate (req/s) | sent | ok | rejected | failed | TTFT p50/p90/p99 (ms) "
+    head = ("| label | api | rate (req/s) | sent | ok | rejected | failed | TTFT p50/p90/p99 (ms) "
             "| TPOT p50/p90/p99 (ms) | e2e p50/p99 (s) | attainment | attainment (admitted) "
             "| req/s | out tok/s |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in reports:
         e2e = "-" if r.e2e_s is None else f"{r.e2e_s.p50:.2f} / {r.e2e_s.p99:.2f}"
         lines.append(
-            f"| {r.label} | {r.offered_rate:.3g} | {r.num_sent} | {r.num_ok} | {r.num_rejected} "
+            f"| {r.label} | {r.api} | {r.offered_rate:.3g} | {r.num_sent} | {r.num_ok} | {r.num_rejected} "
             f"| {r.num_failed} "
             f"| {_ms(r.ttft_s, 'p50')} / {_ms(r.ttft_s, 'p90')} / {_ms(r.ttft_s, 'p99')} "
             f"| {_ms(r.tpot_s, 'p50')} / {_ms(r.tpot_s, 'p90')} / {_ms(r.tpot_s, 'p99')} "

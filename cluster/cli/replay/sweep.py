@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pdserve.cluster.cli.replay.loadgen import LoadGenConfig, RunResult, run_trace
+from pdserve.cluster.cli.replay.config import LoadGenConfig
+from pdserve.cluster.cli.replay.loadgen import run_trace
 from pdserve.cluster.cli.replay.plots import plot_attainment, plot_cdf, tpot_samples, ttft_samples
+from pdserve.cluster.cli.replay.records import RunResult
 from pdserve.cluster.cli.replay.report import (
     RunReport,
     goodput_from_sweep,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pdserve.workloads.trace import Trace
 
@@ -92,4 +92,4 @@ def representative_slice(trace: Trace, n: int, step: int | None = None) -> Trace
     win = reqs[best_start:best_start + n]
     t0 = win[0].arrival_s
     return Trace(f"{trace.name}[{best_start}:{best_start + n}]",
-                 tuple(type(r)(r.arrival_s - t0, r.prompt_len, r.output_len) for r in win))
+                 tuple(replace(r, arrival_s=r.arrival_s - t0) for r in win))
