@@ -26,15 +26,16 @@ One run:
    ``/v1/completions``: the same number of requests, the prompt length the server
    counted for AIPerf's chat requests (``usage.prompt_tokens``), the same output length,
    all arriving at once and held to the concurrency by ``--max-in-flight``.
-5. AIPerf's own artifacts (JSON/CSV exports, per-request records, console table, log)
-   go to ``benchmarks/results/aiperf/c<N>/``, pdserve bench's to
+5. AIPerf's own artifacts (JSON/CSV exports, console table, log; per-request records with
+   ``--export-level records`` or ``raw``) go to ``benchmarks/results/aiperf/c<N>/``,
+   pdserve bench's to
    ``benchmarks/results/aiperf/pdserve_bench/``, the server's log (when started here) to
    ``benchmarks/results/aiperf/serve.log``; the summary (TTFT, ITL, request throughput,
    errors per concurrency and client) to ``benchmarks/results/aiperf_openai.{md,json}``.
 
 The script exits non-zero when any request failed, in either client.
 
-    python benchmarks/aiperf_openai.py                            # about 6 minutes on 2 cores
+    python benchmarks/aiperf_openai.py                            # about 4-5 minutes on 2 cores
     python benchmarks/aiperf_openai.py --concurrencies 1 --requests 10 --no-pdserve-bench
     python benchmarks/aiperf_openai.py --url http://127.0.0.1:8000 --tokenizer /path/to/model
 
@@ -86,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tokenizer", default=None,
                     help="tokenizer directory for AIPerf (default: the demo model's)")
     ap.add_argument("--concurrencies", default="1,2,4")
-    ap.add_argument("--requests", type=int, default=100, help="measured requests per concurrency")
+    ap.add_argument("--requests", type=int, default=200, help="measured requests per concurrency")
     ap.add_argument("--warmup", type=int, default=4, help="AIPerf warm-up requests per concurrency")
     ap.add_argument("--isl", type=int, default=96, help="prompt tokens (AIPerf's count)")
     ap.add_argument("--osl", type=int, default=24, help="output tokens")
@@ -94,8 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="AIPerf --request-rate beside --concurrency (req/s; 0: pure "
                          "concurrency mode, whose slot polling keeps a core busy)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--export-level", default="records", choices=("summary", "records", "raw"),
-                    help="AIPerf's --export-level (raw: also every request and response)")
+    ap.add_argument("--export-level", default="summary", choices=("summary", "records", "raw"),
+                    help="AIPerf's --export-level: summary (aggregate JSON/CSV), records (also "
+                         "per-request metrics), raw (also every request and response)")
     ap.add_argument("--server-metrics", default=None, metavar="URL",
                     help="let AIPerf also scrape this Prometheus endpoint (e.g. pdserve's "
                          "http://127.0.0.1:9400/metrics); default: no server metrics")
@@ -376,8 +378,8 @@ def markdown(results: list[ClientResult], meta: dict[str, Any]) -> str:
                   + "; ".join(r.error_detail) for r in errs]
     if meta.get("bench_hook"):
         lines += ["", f"pdserve bench: {meta['bench_hook']}"]
-    lines += ["", "AIPerf's own artifacts (JSON/CSV exports, per-request records, console "
-              "table, log): `benchmarks/results/aiperf/c<N>/`; pdserve bench's: "
+    lines += ["", "AIPerf's own artifacts (JSON/CSV exports, console table, log): "
+              "`benchmarks/results/aiperf/c<N>/`; pdserve bench's: "
               f"`benchmarks/results/aiperf/{BENCH_DIR}/`.", "",
               f"Reproduce: `{meta['command']}`", ""]
     return "\n".join(lines)
@@ -398,7 +400,7 @@ def repo_path(p: Path) -> str:
 
 
 def git_rev() -> str:
-    out = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+    out = subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty"],
                          capture_output=True, text=True, check=False)
     return out.stdout.strip() or "unknown"
 
@@ -475,6 +477,8 @@ def main(argv=None) -> int:
         use_bench = not args.no_pdserve_bench and bench_has_http()
         if not args.no_pdserve_bench and not use_bench:
             note("HOOK: this checkout's pdserve bench has no --api; its runs are skipped")
+        if use_bench and (args.out_dir / BENCH_DIR).exists():
+            shutil.rmtree(args.out_dir / BENCH_DIR)  # this script's own: no stale runs
         results: list[ClientResult] = []
         prompt_tokens = []
         for c in args.concurrency_list:
