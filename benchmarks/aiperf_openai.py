@@ -28,14 +28,14 @@ One run:
    all arriving at once and held to the concurrency by ``--max-in-flight``.
 5. AIPerf's own artifacts (JSON/CSV exports, console table, log; per-request records with
    ``--export-level records`` or ``raw``) go to ``benchmarks/results/aiperf/c<N>/``,
-   pdserve bench's to
-   ``benchmarks/results/aiperf/pdserve_bench/``, the server's log (when started here) to
-   ``benchmarks/results/aiperf/serve.log``; the summary (TTFT, ITL, request throughput,
-   errors per concurrency and client) to ``benchmarks/results/aiperf_openai.{md,json}``.
+   pdserve bench's to ``benchmarks/results/aiperf/pdserve_bench/``, the server's log (when
+   started here) to ``benchmarks/results/aiperf/serve.log``; the summary (TTFT, ITL,
+   request throughput, errors per concurrency and client) to
+   ``benchmarks/results/aiperf_openai.{md,json}``. How to read it: benchmarks/README.md.
 
 The script exits non-zero when any request failed, in either client.
 
-    python benchmarks/aiperf_openai.py                            # about 4-5 minutes on 2 cores
+    python benchmarks/aiperf_openai.py                            # about 5 minutes on 2 cores
     python benchmarks/aiperf_openai.py --concurrencies 1 --requests 10 --no-pdserve-bench
     python benchmarks/aiperf_openai.py --url http://127.0.0.1:8000 --tokenizer /path/to/model
 
