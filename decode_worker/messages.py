@@ -34,6 +34,9 @@ class ReserveRequest:
 @dataclass(frozen=True)
 class Reservation:
     destination: KVDestination
+    # When the worker reserved (time.monotonic(): CLOCK_MONOTONIC, comparable with the
+    # router's clock on the same host), for the router's timing of the round trip.
+    reserved_at: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -100,9 +100,10 @@ class DecodeWorker(EngineWorker):
         dest = KVDestination(transfer_id=rid, endpoint=self.receiver.endpoint,
                              block_ids=tuple(alloc.block_ids), num_tokens=msg.num_prompt_tokens)
         self.receiver.expect(rid, alloc.block_ids)
-        self._reserved[rid] = _Reserved(dest, time.monotonic())
+        now = time.monotonic()
+        self._reserved[rid] = _Reserved(dest, now)
         self.refresh_state()
-        return Reservation(dest)
+        return Reservation(dest, now)
 
     def start(self, msg: StartDecode) -> None:
         r = self._reserved.get(msg.request_id)

@@ -9,6 +9,8 @@ class, so GPU hosts without Ray drive the very same code.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 
 from pdserve.engine.worker_host import WorkerHost
 from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult
@@ -25,14 +27,17 @@ class PrefillHost(WorkerHost):
             waiter = self._waiters.pop(r.request_id, None)
             if waiter is not None:
                 loop, fut = waiter
+                r = dataclasses.replace(r, times=dataclasses.replace(r.times,
+                                                                     replied=time.monotonic()))
                 loop.call_soon_threadsafe(_set_result, fut, r)
 
     async def prefill(self, msg: PrefillRequest) -> PrefillResult:
+        received = time.monotonic()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._waiters[msg.request_id] = (loop, fut)
         try:
-            await asyncio.wrap_future(self._loop.call(lambda: self.worker.add(msg)))
+            await asyncio.wrap_future(self._loop.call(lambda: self.worker.add(msg, received)))
             return await fut
         except BaseException:
             # Cancelled by the router (client went away) or rejected: drop it on the worker.

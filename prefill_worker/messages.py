@@ -1,4 +1,9 @@
-"""Typed messages between the router and a prefill worker."""
+"""Typed messages between the router and a prefill worker.
+
+Times are ``time.monotonic()`` seconds: CLOCK_MONOTONIC on Linux, one clock for every
+process of a host, so the router subtracts a worker's timestamps from its own to time the
+hops between them (on one host only: each host's clock starts at its own boot).
+"""
 
 from __future__ import annotations
 
@@ -30,22 +35,47 @@ class PrefillRequest:
 
 
 @dataclass(frozen=True)
+class PrefillTimes:
+    """When the worker did what with one request (monotonic seconds, see the module doc)."""
+
+    received: float  # the worker's event loop got the call
+    queued: float  # its step loop added the request to the scheduler
+    scheduled: float  # its first chunk was scheduled
+    sampled: float  # the first token was sampled
+    kv_done: float  # the KV transfer finished (= sampled when there was none to wait for)
+    replied: float = 0.0  # the result was handed back to the event loop (set by the host)
+
+
+@dataclass(frozen=True)
 class PrefillResult:
     """The first token, or the error that prevented it (``token`` None)."""
 
     request_id: str
     token: SampledToken | None
     finish_reason: str | None  # engine FinishReason value when the first token ends the request
+    times: PrefillTimes
     num_cached_tokens: int = 0
-    queue_s: float = 0.0  # arrival at the worker -> first scheduled
-    prefill_s: float = 0.0  # first scheduled -> first token sampled
-    transfer_wait_s: float = 0.0  # after sampling, waiting for the KV transfer to finish
     error: str | None = None
     kv_digest: KVDigest | None = None  # of the KV written (None: checksums off, or no KV)
 
     @property
     def ok(self) -> bool:
         return self.error is None and self.token is not None
+
+    @property
+    def queue_s(self) -> float:
+        """Queued at the worker -> first scheduled."""
+        return self.times.scheduled - self.times.queued
+
+    @property
+    def prefill_s(self) -> float:
+        """First scheduled -> first token sampled."""
+        return self.times.sampled - self.times.scheduled
+
+    @property
+    def transfer_wait_s(self) -> float:
+        """After sampling, waiting for the KV transfer to finish."""
+        return self.times.kv_done - self.times.sampled
 
 
 @dataclass(frozen=True)

@@ -30,14 +30,20 @@ from pdserve.engine.worker_base import EngineWorker
 from pdserve.kv_transfer.base import KVSender, Transfer, TransferError
 from pdserve.kv_transfer.incarnation import new_incarnation
 from pdserve.kv_transfer.messages import KVDigest
-from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult, PrefillStats
+from pdserve.prefill_worker.messages import (
+    PrefillRequest,
+    PrefillResult,
+    PrefillStats,
+    PrefillTimes,
+)
 
 
 @dataclass
 class _Pending:
     msg: PrefillRequest
     request: Request
-    arrived: float
+    received: float  # the host's event loop got the call
+    queued: float
     scheduled: float | None = None
     transfer: Transfer | None = None
     error: str | None = None
@@ -73,11 +79,14 @@ class PrefillWorker(EngineWorker):
                    **options)
 
     # -- commands (called on the loop thread) -------------------------------------------
-    def add(self, msg: PrefillRequest) -> None:
+    def add(self, msg: PrefillRequest, received: float | None = None) -> None:
+        """Queue ``msg``; ``received``: when the host got the call (default: now)."""
         if msg.request_id in self._pending:
             raise ValueError(f"request {msg.request_id} is already queued on {self.worker_id}")
         req = Request(msg.request_id, msg.prompt_token_ids, msg.params)
-        self._pending[msg.request_id] = _Pending(msg, req, time.monotonic())
+        now = time.monotonic()
+        received = now if received is None else received
+        self._pending[msg.request_id] = _Pending(msg, req, received, now)
         self.scheduler.add(req)
         self.refresh_state()
 
@@ -125,7 +134,7 @@ class PrefillWorker(EngineWorker):
         sampled_at = time.monotonic()
         results = []
         for p, (_, tok) in zip(completing, sampled, strict=True):
-            wait_s = self._finish_transfer(p)
+            kv_done = self._finish_transfer(p) or sampled_at
             reason = token_stop_reason(tok.token_id, 1, p.request.num_tokens + 1, p.msg.params,
                                        self.loaded.eos_token_ids, self.loaded.max_model_len)
             self._pending.pop(p.msg.request_id, None)
@@ -133,13 +142,13 @@ class PrefillWorker(EngineWorker):
             ok = p.error is None
             self._counters.completed += ok
             self._counters.failed += not ok
+            times = PrefillTimes(p.received, p.queued, p.scheduled or sampled_at, sampled_at,
+                                 kv_done)
             results.append(PrefillResult(
                 request_id=p.msg.request_id, token=tok if ok else None,
-                finish_reason=reason.value if reason else None,
-                num_cached_tokens=p.request.num_cached_tokens,
-                queue_s=(p.scheduled or sampled_at) - p.arrived,
-                prefill_s=sampled_at - (p.scheduled or sampled_at),
-                transfer_wait_s=wait_s, error=p.error, kv_digest=p.digest if ok else None))
+                finish_reason=reason.value if reason else None, times=times,
+                num_cached_tokens=p.request.num_cached_tokens, error=p.error,
+                kv_digest=p.digest if ok else None))
         duration = time.perf_counter() - step_t0
         self.step_log.add("prefill", [c.num_tokens for c in sched.chunks], duration, step_wall)
         if self.metrics is not None:
@@ -191,13 +200,13 @@ class PrefillWorker(EngineWorker):
 
         return layer_done
 
-    def _finish_transfer(self, p: _Pending) -> float:
+    def _finish_transfer(self, p: _Pending) -> float | None:
+        """Wait for ``p``'s transfer; when it finished (None: there was none to wait for)."""
         if p.transfer is None or p.error is not None:
-            return 0.0
-        t0 = time.monotonic()
+            return None
         try:
             self.sender.finish(p.transfer, timeout=self.transfer_timeout_s)
             p.digest = p.transfer.digest()
         except TransferError as exc:
             p.error, p.error_reason = f"KV transfer failed: {exc}", exc.reason
-        return time.monotonic() - t0
+        return time.monotonic()

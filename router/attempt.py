@@ -37,6 +37,7 @@ from pdserve.router.admission import Admission, overloaded
 from pdserve.router.clients import DecodeClient, PrefillClient, WorkerGone
 from pdserve.router.events import TokenEvent
 from pdserve.router.health import WorkerHealth
+from pdserve.router.hops import AttemptStamps
 from pdserve.router.policy import RoutingRequest
 from pdserve.router.reliability import ReliabilityConfig
 from pdserve.router.request_types import ValidatedRequest
@@ -66,6 +67,8 @@ class _Attempt:
     prefill_id: str | None = None
     prefill_task: asyncio.Task | None = None
     finished: bool = False
+    stamps: AttemptStamps = dataclasses.field(default_factory=lambda: AttemptStamps(
+        time.monotonic()))
 
 
 class AttemptRunner:
@@ -93,7 +96,7 @@ class AttemptRunner:
             reason = result.finish_reason or ("length" if done else None)
             yield TokenEvent((first.token_id,), (first,) if a.params.logprobs is not None else (),
                              reason, result.num_cached_tokens, result.queue_s, result.prefill_s,
-                             result.transfer_wait_s)
+                             result.transfer_wait_s, stamps=a.stamps)
             if done:
                 a.finished = True
                 return
@@ -119,7 +122,10 @@ class AttemptRunner:
             a.prefill_id = self.admission.pick_prefill(a.routing, admit=admit)
         destination = None
         if a.params.max_tokens > 1:
-            a.decode_id, destination = await self._reserve(a.routing)
+            a.stamps.reserve_sent = time.monotonic()
+            a.decode_id, reservation = await self._reserve(a.routing)
+            a.stamps.reserved, a.stamps.reserved_at = time.monotonic(), reservation.reserved_at
+            destination = reservation.destination
             a.route.decode_worker = a.decode_id
         if a.prefill_id is None:
             a.prefill_id = self.admission.pick_prefill(a.routing, units.get(a.decode_id),
@@ -135,9 +141,12 @@ class AttemptRunner:
         load.queued_tokens += len(a.prompt)
         load.prefill_queue[a.aid] = len(a.prompt)
         try:
+            a.stamps.prefill_sent = time.monotonic()
             a.prefill_task = asyncio.ensure_future(self.prefills[a.prefill_id].prefill(
                 PrefillRequest(a.aid, a.prompt, a.params, destination)))
-            return await self._unless_dead(a.prefill_task, a.prefill_id)
+            result = await self._unless_dead(a.prefill_task, a.prefill_id)
+            a.stamps.prefill_returned, a.stamps.prefill = time.monotonic(), result.times
+            return result
         except WorkerGone as exc:
             self.health.mark_dead(a.prefill_id, str(exc)[:200])
             raise AttemptFailed(f"prefill worker {a.prefill_id} failed",
@@ -197,7 +206,7 @@ class AttemptRunner:
             load = self.admission.decode_load[wid]
             load.in_flight += 1
             load.decode_contexts[routing.request_id] = routing.num_prompt_tokens
-            return wid, res.destination
+            return wid, res
         if not full:  # nobody answered: that is an outage, not overload
             raise NoWorkerAvailable("no decode worker is reachable")
         raise overloaded("every decode worker's KV cache is full", 1.0, "kv_full")

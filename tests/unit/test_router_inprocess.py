@@ -19,6 +19,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.base import TransferError
+from pdserve.router.hops import HOP_NAMES
 from tests.cluster_helpers import engine_config, wait_until
 from tests.cluster_helpers import local_idle as no_blocks_held
 
@@ -63,6 +64,13 @@ def test_text_prompt_stream_and_usage(cluster, demo_model_dir):
     assert msgs[-1].usage.completion_tokens == 12
     assert msgs[-1].usage.prompt_tokens == len(want.prompt_token_ids)
     assert msgs[-1].usage.ttft_ms > 0
+    # the hop breakdown covers the router's whole way to the first token, in path order
+    hops = [(h.name, h.ms) for h in msgs[-1].usage.timing.hops]
+    names = [name for name, _ in hops]
+    assert names == [n for n in HOP_NAMES if n in names]
+    assert {"validate", "reserve_call", "prefill_compute", "to_stream"} <= set(names)
+    assert all(ms >= 0 for _, ms in hops)
+    assert sum(ms for _, ms in hops) >= msgs[-1].usage.ttft_ms
 
 
 @pytest.mark.parametrize("req, fragment", [

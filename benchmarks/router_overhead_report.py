@@ -1,0 +1,101 @@
+"""router_overhead's numbers: per-request rows, percentiles, the hop table, Markdown.
+
+``rows`` flattens ``Sample``s into plain dicts for the JSON (one per request, with its
+hops); ``summarize`` gives percentiles of the headline figures and of every hop, in path
+order; ``markdown`` renders one run and ``markdown_ab`` several labelled runs side by
+side (an A/B of two code revisions measured back to back).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from pdserve.benchmarks.router_overhead_probe import Sample
+
+HEADLINE = ("client_ttft_ms", "router_ttft_ms", "prefill_ms", "prefill_queue_ms",
+            "kv_transfer_wait_ms", "overhead_ms")
+COMPUTE_HOP = "prefill_compute"  # the one hop that is the model, not the path
+
+
+def percentiles(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+
+    def q(p: float) -> float:
+        return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
+
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": statistics.fmean(xs),
+            "min": xs[0], "max": xs[-1], "n": len(xs)}
+
+
+def rows(samples: list[Sample]) -> list[dict]:
+    out = []
+    for s in samples:
+        srv = s.server
+        out.append({"client_ttft_ms": s.client_ttft_ms, "router_ttft_ms": srv.ttft_ms,
+                    "prefill_ms": srv.prefill_ms, "prefill_queue_ms": srv.prefill_queue_ms,
+                    "kv_transfer_wait_ms": srv.kv_transfer_wait_ms,
+                    "overhead_ms": s.overhead_ms, "hops_ms": dict(s.hops_ms())})
+    return out
+
+
+def summarize(table: list[dict]) -> dict:
+    """Percentiles of the headline figures, and of each hop over the requests that
+    reported it (hops in path order, as first seen)."""
+    headline = {k: percentiles([r[k] for r in table]) for k in HEADLINE}
+    order: list[str] = []
+    for r in table:
+        order += [h for h in r["hops_ms"] if h not in order]
+    hops = {h: percentiles([r["hops_ms"][h] for r in table if h in r["hops_ms"]])
+            for h in order}
+    with_hops = [r for r in table if r["hops_ms"]]
+    if with_hops:  # everything but the model's own compute, per request
+        hops["(all but prefill_compute)"] = percentiles(
+            [sum(v for h, v in r["hops_ms"].items() if h != COMPUTE_HOP) for r in with_hops])
+    return {"summary_ms": headline, "hops_ms": hops}
+
+
+def markdown(title: str, summary: dict) -> list[str]:
+    lines = [f"# {title}", "", "| ms | p50 | p90 | p99 | mean |", "|---|---|---|---|---|"]
+    for k, s in summary["summary_ms"].items():
+        lines.append(f"| {k} | {s['p50']:.2f} | {s['p90']:.2f} | {s['p99']:.2f} | "
+                     f"{s['mean']:.2f} |")
+    lines += ["", "overhead_ms = client-side TTFT - prefill worker compute (prefill_ms)."]
+    if summary["hops_ms"]:
+        lines += ["", "## Hops to the first token", "",
+                  "| hop | p50 | p90 | mean |", "|---|---|---|---|"]
+        for h, s in summary["hops_ms"].items():
+            lines.append(f"| {h} | {s['p50']:.3f} | {s['p90']:.3f} | {s['mean']:.3f} |")
+        lines += ["", HOPS_NOTE]
+    return lines
+
+
+HOPS_NOTE = ("Hops in path order, ms (see router/hops.py). client_to_router and "
+             "router_to_client compare the client's CLOCK_MONOTONIC with the router's, "
+             "which is one clock on one host. Percentiles are per hop, so they do not add "
+             "up; the last row is the per-request sum of every hop but the model's compute.")
+
+
+def markdown_ab(title: str, runs: dict[str, dict]) -> list[str]:
+    """``runs``: label -> ``summarize`` output; one column pair (p50, p90) per label."""
+    labels = list(runs)
+    head = "| ms | " + " | ".join(f"{lb} p50 | {lb} p90" for lb in labels) + " |"
+    rule = "|---|" + "---|---|" * len(labels)
+    lines = [f"# {title}", "", head, rule]
+
+    def row(name: str, per_label: list[dict | None]) -> str:
+        cells = []
+        for s in per_label:
+            cells += [f"{s['p50']:.2f}", f"{s['p90']:.2f}"] if s else ["-", "-"]
+        return f"| {name} | " + " | ".join(cells) + " |"
+
+    for k in HEADLINE:
+        lines.append(row(k, [runs[lb]["summary_ms"][k] for lb in labels]))
+    hop_order: list[str] = []
+    for lb in labels:
+        hop_order += [h for h in runs[lb]["hops_ms"] if h not in hop_order]
+    if hop_order:
+        lines += ["", "## Hops to the first token", "", head.replace("| ms |", "| hop |"), rule]
+        for h in hop_order:
+            lines.append(row(h, [runs[lb]["hops_ms"].get(h) for lb in labels]))
+        lines += ["", HOPS_NOTE + " A run whose server reports no hops shows '-'."]
+    return lines
