@@ -19,19 +19,28 @@ class PrefillRequest:
     """Prefill ``prompt_token_ids``, sample the first token, write KV to ``destination``.
 
     ``destination`` is None when nothing decodes afterwards (the first token already
-    finishes the request, or the worker runs colocated and keeps its own KV).
+    finishes the request, or the worker runs colocated and keeps its own KV), or when
+    ``destination_follows``: the router sends the prompt while it is still reserving the
+    decode blocks, and the destination afterwards (``PrefillHost.set_destination``). The
+    worker then computes the prompt at once and writes the KV when the destination is
+    there (from the layer it arrives at, catching up on the earlier ones; or after the
+    step, holding the prompt's blocks until then); the result waits for the KV as always,
+    unless the first token already finishes the request.
     """
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     destination: KVDestination | None
+    destination_follows: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
         if self.destination is not None and self.destination.transfer_id != self.request_id:
             raise ValueError("destination.transfer_id must equal request_id")
+        if self.destination_follows and self.destination is not None:
+            raise ValueError("a destination that follows cannot also come with the request")
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,8 @@ class PrefillTimes:
     scheduled: float  # its first chunk was scheduled
     sampled: float  # the first token was sampled
     kv_done: float  # the KV transfer finished (= sampled when there was none to wait for)
-    replied: float = 0.0  # the result was handed back to the event loop (set by the host)
+    replied: float = 0.0  # the step handed the result on to the host's event loop
+    destination: float | None = None  # a destination that followed the request arrived
 
 
 @dataclass(frozen=True)
