@@ -232,16 +232,17 @@ class AttemptRunner:
             await asyncio.wait_for(self.decodes[wid].release(aid),
                                    self.reliability.heartbeat_timeout_s)
 
-    async def _unless_dead(self, task: asyncio.Task, wid: str):
-        """``task``'s result, or ``WorkerGone`` as soon as the heartbeat declares ``wid``
+    async def _unless_dead(self, call: asyncio.Future, wid: str):
+        """``call``'s result, or ``WorkerGone`` as soon as the heartbeat declares ``wid``
         dead (a hung worker never answers; a killed one may take Ray a moment)."""
-        dead = asyncio.ensure_future(self.health[wid].dead.wait())
-        try:
-            await asyncio.wait({task, dead}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            dead.cancel()
-        if task.done():
-            return task.result()
+        if not call.done():
+            dead = self.health.death(wid)
+            try:
+                await asyncio.wait((call, dead), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                dead.cancel()
+        if call.done():
+            return call.result()
         raise WorkerGone(f"worker {wid} missed its heartbeats")
 
     async def release(self, aid: str, decode_id: str | None, prefill_id: str | None,
