@@ -29,6 +29,7 @@ class ServerFigures:
     kv_transfer_wait_ms: float
     received_monotonic_s: float | None = None  # router's clock; None: not reported
     hops: tuple[tuple[str, float], ...] = ()  # (name, ms), path order; () if not reported
+    concurrent: tuple[tuple[str, float], ...] = ()  # (name, ms) beside the path
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,11 @@ class GrpcProbe(Probe):
 
 
 def _grpc_figures(usage) -> ServerFigures:
-    received, hops = None, ()
+    received, hops, concurrent = None, (), ()
     # (an older server's proto has no timing: A/B runs against earlier revisions)
     if "timing" in usage.DESCRIPTOR.fields_by_name and usage.HasField("timing"):
         received = usage.timing.received_monotonic_s
         hops = tuple((h.name, h.ms) for h in usage.timing.hops)
+        concurrent = tuple((h.name, h.ms) for h in getattr(usage.timing, "concurrent", ()))
     return ServerFigures(usage.ttft_ms, usage.prefill_ms, usage.prefill_queue_ms,
-                         usage.kv_transfer_wait_ms, received, hops)
+                         usage.kv_transfer_wait_ms, received, hops, concurrent)

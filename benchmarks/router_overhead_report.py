@@ -15,6 +15,7 @@ from pdserve.benchmarks.router_overhead_probe import Sample
 HEADLINE = ("client_ttft_ms", "router_ttft_ms", "prefill_ms", "prefill_queue_ms",
             "kv_transfer_wait_ms", "overhead_ms")
 COMPUTE_HOP = "prefill_compute"  # the one hop that is the model, not the path
+BESIDE = "beside the path: "  # prefix of the hops that ran concurrently with it
 
 
 def percentiles(xs: list[float]) -> dict[str, float]:
@@ -34,7 +35,8 @@ def rows(samples: list[Sample]) -> list[dict]:
         out.append({"client_ttft_ms": s.client_ttft_ms, "router_ttft_ms": srv.ttft_ms,
                     "prefill_ms": srv.prefill_ms, "prefill_queue_ms": srv.prefill_queue_ms,
                     "kv_transfer_wait_ms": srv.kv_transfer_wait_ms,
-                    "overhead_ms": s.overhead_ms, "hops_ms": dict(s.hops_ms())})
+                    "overhead_ms": s.overhead_ms, "hops_ms": dict(s.hops_ms()),
+                    "concurrent_ms": dict(srv.concurrent)})
     return out
 
 
@@ -51,6 +53,12 @@ def summarize(table: list[dict]) -> dict:
     if with_hops:  # everything but the model's own compute, per request
         hops["(all but prefill_compute)"] = percentiles(
             [sum(v for h, v in r["hops_ms"].items() if h != COMPUTE_HOP) for r in with_hops])
+    beside: list[str] = []
+    for r in table:
+        beside += [h for h in r.get("concurrent_ms", {}) if h not in beside]
+    for h in beside:  # not on the path: listed after it, apart
+        hops[f"{BESIDE}{h}"] = percentiles([r["concurrent_ms"][h] for r in table
+                                            if h in r.get("concurrent_ms", {})])
     return {"summary_ms": headline, "hops_ms": hops}
 
 
@@ -72,7 +80,9 @@ def markdown(title: str, summary: dict) -> list[str]:
 HOPS_NOTE = ("Hops in path order, ms (see router/hops.py). client_to_router and "
              "router_to_client compare the client's CLOCK_MONOTONIC with the router's, "
              "which is one clock on one host. Percentiles are per hop, so they do not add "
-             "up; the last row is the per-request sum of every hop but the model's compute.")
+             "up; '(all but prefill_compute)' is the per-request sum of every hop but the "
+             "model's compute. Rows 'beside the path' ran concurrently with it (the decode "
+             "reservation overlapping the prefill) and add nothing to the time to first token.")
 
 
 def markdown_ab(title: str, runs: dict[str, dict]) -> list[str]:

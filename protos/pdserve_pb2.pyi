@@ -153,12 +153,14 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., prefill_queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., kv_transfer_wait_ms: _Optional[float] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ...) -> None: ...
 
 class ServerTiming(_message.Message):
-    __slots__ = ("received_monotonic_s", "hops")
+    __slots__ = ("received_monotonic_s", "hops", "concurrent")
     RECEIVED_MONOTONIC_S_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENT_FIELD_NUMBER: _ClassVar[int]
     received_monotonic_s: float
     hops: _containers.RepeatedCompositeFieldContainer[Hop]
-    def __init__(self, received_monotonic_s: _Optional[float] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
+    concurrent: _containers.RepeatedCompositeFieldContainer[Hop]
+    def __init__(self, received_monotonic_s: _Optional[float] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., concurrent: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
 
 class Hop(_message.Message):
     __slots__ = ("name", "ms")

@@ -51,6 +51,15 @@ class Admission:
             raise NoWorkerAvailable("no healthy decode worker")
         return ranked
 
+    def decode_room_likely(self, routing: RoutingRequest) -> bool:
+        """Whether a decode worker had room for twice this prompt at its last heartbeat:
+        then the prompt may go to prefill before its reservation is made (the reservation
+        rarely fails). When KV is scarce, reserving first keeps a request that will be
+        refused from costing a prefill."""
+        return any(w.healthy and w.free_blocks >= 2 * -(-routing.num_prompt_tokens
+                                                       // w.block_size)
+                   for w in self.decode_load.values())
+
     def pick_prefill(self, routing: RoutingRequest, unit: int | None = None,
                      admit: bool = True) -> str:
         """The policy's best prefill worker (within ``unit`` if given); with ``admit``,

@@ -24,14 +24,17 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 from pdserve.decode_worker.messages import (
     NoCapacityError,
+    Reservation,
     ReservationLost,
     ReserveRequest,
     StartDecode,
 )
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv_transfer.messages import KVDestination
 from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult
 from pdserve.router.admission import Admission, overloaded
 from pdserve.router.clients import DecodeClient, PrefillClient, WorkerGone
@@ -120,41 +123,72 @@ class AttemptRunner:
         # Admission before any reservation (after it when units constrain the pair).
         if not units:
             a.prefill_id = self.admission.pick_prefill(a.routing, admit=admit)
-        destination = None
-        if a.params.max_tokens > 1:
-            a.stamps.reserve_sent = time.monotonic()
-            a.decode_id, reservation = await self._reserve(a.routing)
-            a.stamps.reserved, a.stamps.reserved_at = time.monotonic(), reservation.reserved_at
-            destination = reservation.destination
-            a.route.decode_worker = a.decode_id
-        if a.prefill_id is None:
-            a.prefill_id = self.admission.pick_prefill(a.routing, units.get(a.decode_id),
-                                                       admit=admit)
-        result = await self._prefill(a, destination)
+        reservation = None
+        if a.params.max_tokens > 1 and not units and self.admission.decode_room_likely(a.routing):
+            # The prompt goes out first and its destination after it: the reservation's
+            # round trip overlaps the prefill instead of preceding it.
+            self._dispatch_prefill(a, None, follows=True)
+            reservation = await self._reserve_for(a)
+            await self._send_destination(a, reservation.destination)
+        else:
+            if a.params.max_tokens > 1:
+                reservation = await self._reserve_for(a)
+            if a.prefill_id is None:
+                a.prefill_id = self.admission.pick_prefill(a.routing, units.get(a.decode_id),
+                                                           admit=admit)
+            self._dispatch_prefill(a, reservation.destination if reservation else None)
+        result = await self._prefill_result(a)
         if not result.ok:
             raise AttemptFailed(result.error or "prefill failed", "transfer_failed")
-        return result, destination
+        return result, reservation.destination if reservation else None
 
-    async def _prefill(self, a: _Attempt, destination) -> PrefillResult:
+    async def _reserve_for(self, a: _Attempt) -> Reservation:
+        a.stamps.reserve_sent = time.monotonic()
+        a.decode_id, reservation = await self._reserve(a.routing)
+        a.stamps.reserved, a.stamps.reserved_at = time.monotonic(), reservation.reserved_at
+        a.route.decode_worker = a.decode_id
+        return reservation
+
+    def _dispatch_prefill(self, a: _Attempt, destination: KVDestination | None,
+                          follows: bool = False) -> None:
+        """Send the prompt, with its destination or (``follows``) before it; the worker's
+        load counts it until the call ends."""
         load = self.admission.prefill_load[a.prefill_id]
         load.in_flight += 1
         load.queued_tokens += len(a.prompt)
         load.prefill_queue[a.aid] = len(a.prompt)
-        try:
-            a.stamps.prefill_sent = time.monotonic()
-            a.prefill_task = asyncio.ensure_future(self.prefills[a.prefill_id].prefill(
-                PrefillRequest(a.aid, a.prompt, a.params, destination)))
-            result = await self._unless_dead(a.prefill_task, a.prefill_id)
-            a.stamps.prefill_returned, a.stamps.prefill = time.monotonic(), result.times
-            return result
-        except WorkerGone as exc:
-            self.health.mark_dead(a.prefill_id, str(exc)[:200])
-            raise AttemptFailed(f"prefill worker {a.prefill_id} failed",
-                                "prefill_failed") from exc
-        finally:
+
+        def ended(_task) -> None:
             load.in_flight -= 1
             load.queued_tokens -= len(a.prompt)
             load.prefill_queue.pop(a.aid, None)
+
+        a.stamps.prefill_sent = time.monotonic()
+        a.prefill_task = asyncio.ensure_future(self.prefills[a.prefill_id].prefill(
+            PrefillRequest(a.aid, a.prompt, a.params, destination, destination_follows=follows)))
+        a.prefill_task.add_done_callback(ended)
+
+    async def _send_destination(self, a: _Attempt, destination: KVDestination) -> None:
+        if a.prefill_task.done():  # it failed, or its first token ended it: its result says
+            return
+        a.stamps.destination_sent = time.monotonic()
+        try:
+            await self._unless_dead(asyncio.ensure_future(
+                self.prefills[a.prefill_id].set_destination(destination)), a.prefill_id)
+        except WorkerGone as exc:
+            self._prefill_gone(a, exc)
+
+    async def _prefill_result(self, a: _Attempt) -> PrefillResult:
+        try:
+            result = await self._unless_dead(a.prefill_task, a.prefill_id)
+        except WorkerGone as exc:
+            self._prefill_gone(a, exc)
+        a.stamps.prefill_returned, a.stamps.prefill = time.monotonic(), result.times
+        return result
+
+    def _prefill_gone(self, a: _Attempt, exc: WorkerGone) -> NoReturn:
+        self.health.mark_dead(a.prefill_id, str(exc)[:200])
+        raise AttemptFailed(f"prefill worker {a.prefill_id} failed", "prefill_failed") from exc
 
     async def _decode(self, a: _Attempt, result: PrefillResult, destination
                       ) -> AsyncIterator[TokenEvent]:

@@ -112,4 +112,6 @@ def _message(rid: str, chunk: OutputChunk) -> pdserve_pb2.GenerateResponse:
             msg.usage.timing.received_monotonic_s = u.timing.received
             msg.usage.timing.hops.extend(pdserve_pb2.Hop(name=name, ms=s * 1e3)
                                          for name, s in u.timing.hops)
+            msg.usage.timing.concurrent.extend(pdserve_pb2.Hop(name=name, ms=s * 1e3)
+                                               for name, s in u.timing.concurrent)
     return msg

@@ -35,7 +35,8 @@ def timing_json(usage: Usage) -> dict:
     out = {k: round(getattr(usage, k), 3) for k in TIMING_FIELDS}
     if usage.timing is not None:  # as gRPC's ServerTiming (router/hops.py)
         out["received_monotonic_s"] = usage.timing.received
-        out["hops"] = [{"name": name, "ms": round(s * 1e3, 3)} for name, s in usage.timing.hops]
+        for key, hops in (("hops", usage.timing.hops), ("concurrent", usage.timing.concurrent)):
+            out[key] = [{"name": name, "ms": round(s * 1e3, 3)} for name, s in hops]
     return out
 
 

@@ -19,7 +19,8 @@ def stamps(**over) -> AttemptStamps:
 
 def test_every_hop_in_path_order_summing_to_the_router_time():
     t = first_token_hops(0.5, 0.8, stamps(), 3.2)
-    assert [name for name, _ in t.hops] == list(HOP_NAMES)
+    assert [name for name, _ in t.hops] == [n for n in HOP_NAMES if n != "destination_wait"]
+    assert t.concurrent == ()
     assert t.received == 0.5
     assert sum(d for _, d in t.hops) == pytest.approx(3.2 - 0.5)
     assert dict(t.hops)["prefill_compute"] == pytest.approx(1.0)
@@ -44,4 +45,28 @@ def test_worker_stamps_from_another_clock_are_dropped():
     assert not any(name.startswith("prefill_c") for name in hops)  # call, compute
     assert "reserve_call" not in hops
     assert hops["prefill_reply"] == pytest.approx(3.0 - 1.4)  # the whole call
+    assert sum(hops.values()) == pytest.approx(3.2 - 0.5)
+
+
+def test_an_overlapped_reservation_runs_beside_the_path():
+    # prompt sent at 1.1, reservation 1.15 -> 1.3, destination sent at 1.3, at the worker 2.0
+    s = stamps(prefill_sent=1.1, reserve_sent=1.15, reserved_at=1.2, reserved=1.3,
+               destination_sent=1.3,
+               prefill=PrefillTimes(1.5, 1.6, 1.7, 2.7, 2.8, 2.9, destination=2.0))
+    t = first_token_hops(0.5, 0.8, s, 3.2)
+    hops = dict(t.hops)
+    assert not {"route", "reserve_call", "reserve_reply", "destination_wait"} & set(hops)
+    assert hops["dispatch"] == pytest.approx(0.1)
+    assert sum(hops.values()) == pytest.approx(3.2 - 0.5)
+    assert dict(t.concurrent) == pytest.approx(
+        {"reserve_call": 0.05, "reserve_reply": 0.1, "destination_call": 0.7})
+
+
+def test_a_destination_that_came_after_the_first_token_is_waited_for_on_the_path():
+    s = stamps(prefill_sent=1.1, reserve_sent=1.15, reserved_at=1.2, reserved=1.3,
+               destination_sent=1.3,
+               prefill=PrefillTimes(1.5, 1.6, 1.7, 2.7, 2.8, 2.9, destination=2.75))
+    hops = dict(first_token_hops(0.5, 0.8, s, 3.2).hops)
+    assert hops["destination_wait"] == pytest.approx(0.05)
+    assert hops["kv_transfer_wait"] == pytest.approx(0.05)
     assert sum(hops.values()) == pytest.approx(3.2 - 0.5)
