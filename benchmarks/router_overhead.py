@@ -14,9 +14,10 @@ report gives percentiles of the overhead and of every hop, client side included.
     python benchmarks/router_overhead.py --kv-backend tcp --requests 200
     python benchmarks/router_overhead.py --ab main --rounds 2   # main's code vs this one
 
-``--ab REV`` measures revision REV's serving code (``code_at.py``) and this checkout's,
-alternating whole runs (REV first) ``--rounds`` times, each in a fresh process and
-cluster, and writes one side-by-side table (``router_overhead_ab_<mode>_<backend>``). Run
+``--ab REV [REV...]`` measures each revision's serving code (``code_at.py``) and this
+checkout's, alternating whole runs (in that order) ``--rounds`` times, each in a fresh
+process and cluster, and writes one side-by-side table
+(``router_overhead_ab_<mode>_<backend>``). Run
 anything that starts Ray under the shared lock: ``flock /tmp/pdserve-ray.lock python ...``.
 
 A front door is a ``Probe`` (``router_overhead_probe.py``); ``--protocol`` picks one.
@@ -113,25 +114,38 @@ def title(mode: str, args, what: str) -> str:
             f"tokens, {args.requests} sequential requests)")
 
 
-def ab(args, argv: list[str]) -> dict:
-    """Alternate whole runs of revision ``args.ab`` and of this checkout."""
+def child_args(args) -> list[str]:
+    """The arguments of one measured run of ``--ab``: this run's, without ``--ab``."""
+    out = ["--requests", str(args.requests), "--warmup", str(args.warmup),
+           "--prompt-len", str(args.prompt_len), "--kv-backend", args.kv_backend,
+           "--protocol", args.protocol]
+    if args.model:
+        out += ["--model", args.model]
+    return out + (["--no-ray"] if args.no_ray else [])
+
+
+def ab(args) -> dict:
+    """Alternate whole runs of the revisions ``args.ab`` and of this checkout."""
     from pdserve.benchmarks.code_at import export_revision, revision_name
 
-    base = f"{args.ab}@{revision_name(args.ab)}"
-    passed = [a for a in argv if a != "--ab" and a != args.ab]
-    results: dict[str, list[dict]] = {base: [], "this": []}
     with tempfile.TemporaryDirectory(prefix="pdserve-ab-") as tmp:
-        tree = export_revision(args.ab, Path(tmp) / "code")
+        trees: dict[str, Path | None] = {}
+        for i, rev in enumerate(args.ab):
+            short = revision_name(rev)
+            label = short if rev.startswith(short) else f"{rev}@{short}"
+            trees[label] = export_revision(rev, Path(tmp) / f"code{i}")
+        trees["this"] = None
+        results: dict[str, list[dict]] = {label: [] for label in trees}
         for r in range(args.rounds):
-            for label in results:
+            for i, (label, tree) in enumerate(trees.items()):
                 env = dict(os.environ)
-                if label == base:
+                if tree is not None:
                     env["PYTHONPATH"] = os.pathsep.join(
                         p for p in (str(tree), env.get("PYTHONPATH")) if p)
-                out = Path(tmp) / f"{r}-{len(results[label])}-{label.split('@')[0]}.json"
+                out = Path(tmp) / f"round{r}-{i}.json"
                 # (not from the repository root: Ray puts the driver's working directory
                 # on its workers' sys.path, and the root's pdserve/ would shadow the tree)
-                subprocess.run([sys.executable, __file__, *passed, "--label", label,
+                subprocess.run([sys.executable, __file__, *child_args(args), "--label", label,
                                 "--json-to", str(out)], env=env, cwd=tmp, check=True)
                 results[label].append(json.loads(out.read_text()))
     merged = {}
@@ -145,7 +159,6 @@ def ab(args, argv: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="local HF checkpoint (default: demo model)")
     ap.add_argument("--requests", type=int, default=100)
@@ -154,8 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-backend", default="shm", choices=["shm", "tcp"])
     ap.add_argument("--protocol", default="grpc", choices=sorted(PROBES))
     ap.add_argument("--no-ray", action="store_true", help="run the workers in this process")
-    ap.add_argument("--ab", metavar="REV", default=None,
-                    help="also measure git revision REV's serving code, alternating runs")
+    ap.add_argument("--ab", metavar="REV", nargs="+", default=None,
+                    help="also measure these git revisions' serving code, alternating runs")
     ap.add_argument("--rounds", type=int, default=2, help="--ab: runs of each revision")
     ap.add_argument("--label", default="this", help="names this run in the results")
     ap.add_argument("--json-to", default=None, help=argparse.SUPPRESS)  # --ab's child runs
@@ -163,7 +176,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.ab:
-        result = ab(args, argv)
+        result = ab(args)
         name = f"router_overhead_ab_{stem(result['mode'], args)}"
         lines = markdown_ab(title(result["mode"], args, "Router overhead A/B, "
                                   f"{args.rounds} alternating runs each"),
