@@ -96,3 +96,4 @@ class DecodeStats:
     steps: int
     block_size: int = 16
     incarnation: str = ""  # of the worker's KV cache: changes when the worker restarts
+    max_num_seqs: int = 0  # requests it holds at most, reserved or running (0: unknown)

@@ -148,7 +148,7 @@ class DecodeWorker(EngineWorker):
         return DecodeStats(self.worker_id, len(self._reserved), len(self.scheduler.running),
                            len(self.scheduler.waiting), self.blocks.usage, s.num_free_blocks,
                            s.num_blocks, s.num_used_blocks, self._steps, self.blocks.block_size,
-                           self.receiver.endpoint.incarnation)
+                           self.receiver.endpoint.incarnation, self.scheduler.config.max_num_seqs)
 
     # -- one step ---------------------------------------------------------------------
     def _admit_landed(self) -> None:

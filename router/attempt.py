@@ -233,6 +233,7 @@ class AttemptRunner:
                 res = await self._reserve_on(wid, routing)
             except NoCapacityError:
                 full += 1
+                self.admission.decode_load[wid].refused = True
                 continue
             except WorkerGone:
                 self.admission.decode_load[wid].healthy = False
