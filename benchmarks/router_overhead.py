@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,14 @@ import time
 from pathlib import Path
 
 from pdserve.benchmarks.router_overhead_probe import GrpcProbe, Probe, Sample
-from pdserve.benchmarks.router_overhead_report import markdown, markdown_ab, rows, summarize
+from pdserve.benchmarks.router_overhead_report import (
+    from_columns,
+    markdown,
+    markdown_ab,
+    rows,
+    summarize,
+    to_columns,
+)
 from pdserve.cluster.cli.progress import bar
 
 # protocol -> probe factory, given the cluster that is up (``LocalCluster`` or ``Cluster``)
@@ -100,7 +108,8 @@ def measure(args) -> dict:
         "code": str(Path(pdserve.router.__file__).parent),  # which tree served (A/B runs)
         "host": {"platform": platform.platform(), "python": platform.python_version(),
                  "torch": torch.__version__, "cpus": torch.get_num_threads()},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), **summarize(table), "rows": table,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), **summarize(table),
+        "requests_ms": to_columns(table),
     }
 
 
@@ -150,12 +159,20 @@ def ab(args) -> dict:
                 results[label].append(json.loads(out.read_text()))
     merged = {}
     for label, runs in results.items():
-        table = [row for run_ in runs for row in run_["rows"]]
-        merged[label] = {"runs": [{k: v for k, v in run_.items() if k != "rows"}
-                                  for run_ in runs], **summarize(table), "rows": table}
+        table = [row for run_ in runs for row in from_columns(run_["requests_ms"])]
+        merged[label] = {"runs": [{k: v for k, v in run_.items() if k != "requests_ms"}
+                                  for run_ in runs], **summarize(table),
+                         "requests_ms": to_columns(table)}
     return {"benchmark": "router_overhead_ab", "mode": results["this"][0]["mode"],
             "kv_backend": args.kv_backend, "protocol": args.protocol, "rounds": args.rounds,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "labels": merged}
+
+
+def _dumps(result: dict) -> str:
+    """Indented JSON, except each request's row on one line."""
+    text = json.dumps(result, indent=1)
+    return re.sub(r"\[\n\s+([^\[\]{}]*?)\n\s+\]",
+                  lambda m: "[" + re.sub(r",\n\s+", ", ", m.group(1)) + "]", text)
 
 
 def main(argv=None) -> int:
@@ -190,7 +207,7 @@ def main(argv=None) -> int:
         lines = markdown(title(result["mode"], args, "Router + handoff overhead"), result)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{name}.json").write_text(_dumps(result))
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

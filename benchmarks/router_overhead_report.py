@@ -1,7 +1,7 @@
 """router_overhead's numbers: per-request rows, percentiles, the hop table, Markdown.
 
-``rows`` flattens ``Sample``s into plain dicts for the JSON (one per request, with its
-hops); ``summarize`` gives percentiles of the headline figures and of every hop, in path
+``rows`` flattens ``Sample``s into plain dicts (one per request, with its hops), which
+``to_columns`` packs for the JSON; ``summarize`` gives percentiles of the headline figures and of every hop, in path
 order; ``markdown`` renders one run and ``markdown_ab`` several labelled runs side by
 side (an A/B of two code revisions measured back to back).
 """
@@ -24,8 +24,9 @@ def percentiles(xs: list[float]) -> dict[str, float]:
     def q(p: float) -> float:
         return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
 
-    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": statistics.fmean(xs),
-            "min": xs[0], "max": xs[-1], "n": len(xs)}
+    out = {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": statistics.fmean(xs),
+           "min": xs[0], "max": xs[-1]}
+    return {**{k: round(v, 4) for k, v in out.items()}, "n": len(xs)}
 
 
 def rows(samples: list[Sample]) -> list[dict]:
@@ -37,6 +38,38 @@ def rows(samples: list[Sample]) -> list[dict]:
                     "kv_transfer_wait_ms": srv.kv_transfer_wait_ms,
                     "overhead_ms": s.overhead_ms, "hops_ms": dict(s.hops_ms()),
                     "concurrent_ms": dict(srv.concurrent)})
+    return out
+
+
+def to_columns(table: list[dict]) -> dict:
+    """``rows`` output as columns and rows of numbers rounded to the microsecond (compact
+    JSON): headline figures, then ``hop:<name>`` and ``beside:<name>`` (null: not there)."""
+    cols = list(HEADLINE)
+    for r in table:
+        cols += [c for c in (*(f"hop:{h}" for h in r["hops_ms"]),
+                             *(f"beside:{h}" for h in r["concurrent_ms"])) if c not in cols]
+
+    def cell(r: dict, c: str):
+        kind, _, name = c.partition(":")
+        v = (r[c] if not name else
+             r["hops_ms" if kind == "hop" else "concurrent_ms"].get(name))
+        return None if v is None else round(v, 3)
+
+    return {"columns": cols, "rows": [[cell(r, c) for c in cols] for r in table]}
+
+
+def from_columns(data: dict) -> list[dict]:
+    """The inverse of ``to_columns`` (to summarize runs read back from JSON)."""
+    out = []
+    for values in data["rows"]:
+        r: dict = {"hops_ms": {}, "concurrent_ms": {}}
+        for c, v in zip(data["columns"], values, strict=True):
+            kind, _, name = c.partition(":")
+            if not name:
+                r[c] = v
+            elif v is not None:
+                r["hops_ms" if kind == "hop" else "concurrent_ms"][name] = v
+        out.append(r)
     return out
 
 

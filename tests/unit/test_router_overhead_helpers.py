@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from pdserve.benchmarks.router_overhead_probe import Sample, ServerFigures
-from pdserve.benchmarks.router_overhead_report import markdown, markdown_ab, rows, summarize
+from pdserve.benchmarks.router_overhead_report import (
+    from_columns,
+    markdown,
+    markdown_ab,
+    rows,
+    summarize,
+    to_columns,
+)
 
 
 def sample(sent=10.0, first=10.020, received=10.001, hops=(("validate", 1.0),
@@ -42,3 +49,15 @@ def test_summary_and_tables():
     ab = "\n".join(markdown_ab("t", {"old": summarize(rows([sample(hops=())])),
                                      "new": summary}))
     assert "| validate | - | - | 1.00 | 1.00 |" in ab
+
+
+def test_rows_survive_the_compact_json_form():
+    table = rows([sample(), sample(hops=()),
+                  Sample(10.0, 10.02, ServerFigures(17.5, 15.0, 0.1, 0.2, 10.001,
+                                                    (("validate", 1.0),), (("reserve_call", 2.5),)))])
+    back = from_columns(to_columns(table))  # (rounded to the microsecond)
+    for part in ("summary_ms", "hops_ms"):
+        got, want = summarize(back)[part], summarize(table)[part]
+        assert got.keys() == want.keys()
+        assert all(got[k]["p50"] == pytest.approx(want[k]["p50"], abs=1e-3) for k in want)
+    assert back[2]["concurrent_ms"] == {"reserve_call": 2.5} and back[1]["hops_ms"] == {}
