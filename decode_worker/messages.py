@@ -34,6 +34,9 @@ class ReserveRequest:
 @dataclass(frozen=True)
 class Reservation:
     destination: KVDestination
+    # When the worker reserved (time.monotonic(): CLOCK_MONOTONIC, comparable with the
+    # router's clock on the same host), for the router's timing of the round trip.
+    reserved_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -93,3 +96,4 @@ class DecodeStats:
     steps: int
     block_size: int = 16
     incarnation: str = ""  # of the worker's KV cache: changes when the worker restarts
+    max_num_seqs: int = 0  # requests it holds at most, reserved or running (0: unknown)

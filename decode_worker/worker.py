@@ -100,9 +100,10 @@ class DecodeWorker(EngineWorker):
         dest = KVDestination(transfer_id=rid, endpoint=self.receiver.endpoint,
                              block_ids=tuple(alloc.block_ids), num_tokens=msg.num_prompt_tokens)
         self.receiver.expect(rid, alloc.block_ids)
-        self._reserved[rid] = _Reserved(dest, time.monotonic())
+        now = time.monotonic()
+        self._reserved[rid] = _Reserved(dest, now)
         self.refresh_state()
-        return Reservation(dest)
+        return Reservation(dest, now)
 
     def start(self, msg: StartDecode) -> None:
         r = self._reserved.get(msg.request_id)
@@ -147,7 +148,7 @@ class DecodeWorker(EngineWorker):
         return DecodeStats(self.worker_id, len(self._reserved), len(self.scheduler.running),
                            len(self.scheduler.waiting), self.blocks.usage, s.num_free_blocks,
                            s.num_blocks, s.num_used_blocks, self._steps, self.blocks.block_size,
-                           self.receiver.endpoint.incarnation)
+                           self.receiver.endpoint.incarnation, self.scheduler.config.max_num_seqs)
 
     # -- one step ---------------------------------------------------------------------
     def _admit_landed(self) -> None:

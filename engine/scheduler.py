@@ -178,6 +178,11 @@ class Scheduler:
                 self.blocks.mark_computed(req.request_id, req.all_token_ids[:req.num_computed_tokens])
 
     # -- leaving --------------------------------------------------------------------
+    def detach(self, request: Request) -> None:
+        """Take a running request out of the batch but keep its blocks: a prefill worker
+        holds a computed prompt's KV until it can ship it. ``finish`` frees them later."""
+        self.running.remove(request)
+
     def finish(self, request: Request, reason: FinishReason | None = None) -> None:
         """Remove a request and free its blocks (once). ``reason`` finishes it if not yet."""
         if reason is not None and not request.is_finished:

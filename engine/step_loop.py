@@ -7,7 +7,9 @@ locks. Each iteration drains commands, then calls ``step()`` while the worker
 ``has_work()``; otherwise it sleeps until a command arrives (or ``idle_tick_s`` passes,
 so time-based duties such as lease expiry still run). ``stop()`` joins the thread.
 ``call(fn)`` posts and returns a ``concurrent.futures.Future`` with fn's result, which
-asyncio code awaits with ``asyncio.wrap_future``.
+asyncio code awaits with ``asyncio.wrap_future``. A worker may have an ``after_step()``:
+what can wait until a step's results are handed on (``on_step``), such as its metrics and
+step log, runs there, off the requests' path.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class StepLoop:
         self._stopping = False
         # Optional time-based duties (e.g. expiring unclaimed KV reservations).
         self._housekeeping = getattr(worker, "housekeeping", None)
+        self._after_step = getattr(worker, "after_step", None)
         self.error: BaseException | None = None
 
     def start(self) -> StepLoop:
@@ -98,6 +101,8 @@ class StepLoop:
                     result = self.worker.step()
                     if self._on_step is not None:
                         self._on_step(result)
+                    if self._after_step is not None:
+                        self._after_step()
         except BaseException as exc:  # a crashed loop must be visible to health checks
             self.error = exc
             log.exception("step loop crashed")

@@ -7,6 +7,7 @@ import ray
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.worker_host import WorkerActorCalls
 from pdserve.kv_transfer.backend_config import KVTransferConfig
+from pdserve.kv_transfer.messages import KVDestination
 from pdserve.prefill_worker.build import build_prefill_host
 from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult
 
@@ -23,6 +24,9 @@ class PrefillWorkerActor(WorkerActorCalls):
 
     async def prefill(self, msg: PrefillRequest) -> PrefillResult:
         return await self.host.prefill(msg)
+
+    async def set_destination(self, destination: KVDestination) -> None:
+        return await self.host.set_destination(destination)
 
     async def abort(self, request_id: str) -> bool:
         return await self.host.abort(request_id)

@@ -12,6 +12,17 @@ prefix cache). ``abort`` drops a request wherever it is. A failed transfer (incl
 destination reserved on an earlier incarnation of the decode cache, refused before any
 byte moves) fails only its own request: the result carries the error and the blocks are
 freed all the same.
+
+A request sent before its decode reservation (``destination_follows``) is computed at
+once; its destination comes through the ``destinations`` mailbox. If it lands while the
+prompt's last step runs, the layer hook starts the transfer there and catches up on the
+layers already computed; if it lands later, the request is *parked* after sampling (out
+of the batch, blocks held) and shipped whole by the next ``step``, or failed once it has
+waited ``transfer_timeout_s``. A first token that already finishes the request needs no
+KV and is returned at once.
+
+``step`` returns the results before anything is recorded; ``after_step`` then adds the
+step to the step log and metrics (the step loop calls it after handing the results on).
 """
 
 from __future__ import annotations
@@ -23,26 +34,44 @@ import torch
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.loader import LoadedModel
+from pdserve.engine.messages import SampledToken
 from pdserve.engine.model_step import EngineParts
 from pdserve.engine.output_processor import token_stop_reason
 from pdserve.engine.request import FinishReason, Request
+from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.worker_base import EngineWorker
 from pdserve.kv_transfer.base import KVSender, Transfer, TransferError
 from pdserve.kv_transfer.incarnation import new_incarnation
-from pdserve.kv_transfer.messages import KVDigest
-from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult, PrefillStats
+from pdserve.kv_transfer.messages import KVDestination, KVDigest
+from pdserve.prefill_worker.destinations import DestinationMailbox
+from pdserve.prefill_worker.messages import (
+    PrefillRequest,
+    PrefillResult,
+    PrefillStats,
+    PrefillTimes,
+)
 
 
 @dataclass
 class _Pending:
     msg: PrefillRequest
     request: Request
-    arrived: float
+    received: float  # the host's event loop got the call
+    queued: float
     scheduled: float | None = None
+    destination: KVDestination | None = None  # the request's, or the one that followed it
+    destination_at: float | None = None  # when a destination that followed arrived
+    # sampled: (first token, the finish reason it gives, when sampled)
+    first: tuple[SampledToken, FinishReason | None, float] | None = None
+    kv_done: float = 0.0  # when its KV landed (or its transfer failed)
     transfer: Transfer | None = None
     error: str | None = None
     error_reason: str = "error"  # TransferError.reason of ``error`` (metrics label)
     digest: KVDigest | None = None
+
+    @property
+    def awaits_destination(self) -> bool:
+        return self.msg.destination_follows and self.destination is None
 
 
 @dataclass
@@ -63,6 +92,10 @@ class PrefillWorker(EngineWorker):
         # This life of the worker: the router sees a restart as a change of incarnation.
         self.incarnation = new_incarnation()
         self._pending: dict[str, _Pending] = {}
+        self._parked: dict[str, _Pending] = {}  # computed, waiting for their destination
+        # (step, duration, wall-clock start, completed requests) not yet in metrics and log
+        self._unrecorded: list[tuple[SchedulerOutput | None, float, float, list[_Pending]]] = []
+        self.destinations = DestinationMailbox()  # written by the host's event loop
         self._counters = _Counters()
 
     @classmethod
@@ -73,15 +106,21 @@ class PrefillWorker(EngineWorker):
                    **options)
 
     # -- commands (called on the loop thread) -------------------------------------------
-    def add(self, msg: PrefillRequest) -> None:
+    def add(self, msg: PrefillRequest, received: float | None = None) -> None:
+        """Queue ``msg``; ``received``: when the host got the call (default: now)."""
         if msg.request_id in self._pending:
             raise ValueError(f"request {msg.request_id} is already queued on {self.worker_id}")
         req = Request(msg.request_id, msg.prompt_token_ids, msg.params)
-        self._pending[msg.request_id] = _Pending(msg, req, time.monotonic())
+        now = time.monotonic()
+        received = now if received is None else received
+        self._pending[msg.request_id] = _Pending(msg, req, received, now,
+                                                 destination=msg.destination)
         self.scheduler.add(req)
         self.refresh_state()
 
     def abort(self, request_id: str) -> bool:
+        self.destinations.discard(request_id)
+        self._parked.pop(request_id, None)
         p = self._pending.pop(request_id, None)
         if p is None:
             return False
@@ -92,22 +131,33 @@ class PrefillWorker(EngineWorker):
         return True
 
     def has_work(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or (bool(self._parked) and self._parked_ready())
+
+    def housekeeping(self) -> None:
+        """Drop destinations nobody claimed (their request was aborted before they came)."""
+        self.destinations.expire(self.transfer_timeout_s)
 
     def stats(self) -> PrefillStats:
         s = self.blocks.stats()
         waiting_tokens = sum(r.num_tokens - r.num_computed_tokens
                              for r in (*self.scheduler.waiting, *self.scheduler.running))
-        return PrefillStats(self.worker_id, len(self.scheduler.waiting), len(self.scheduler.running),
+        return PrefillStats(self.worker_id, len(self.scheduler.waiting),
+                            len(self.scheduler.running) + len(self._parked),
                             waiting_tokens, self.blocks.usage, s.num_free_blocks, s.num_blocks,
                             s.prefix_hit_tokens, s.prefix_queries_tokens,
                             self._counters.completed, self._counters.failed, self.incarnation)
 
     # -- one step ---------------------------------------------------------------------
     def step(self) -> list[PrefillResult]:
+        completed = self._ship_parked() if self._parked else []
         sched = self.model_step.schedule()
-        if not sched.chunks:
-            return []
+        if sched.chunks:
+            completed += self._run(sched)
+        replied = time.monotonic()
+        return [self._result(p, replied) for p in completed]
+
+    def _run(self, sched: SchedulerOutput) -> list[_Pending]:
+        """One model step; the requests it completed (their KV landed or failed)."""
         step_t0, step_wall = time.perf_counter(), time.time()
         now = time.monotonic()
         for c in sched.chunks:
@@ -115,53 +165,118 @@ class PrefillWorker(EngineWorker):
             if p.scheduled is None:
                 p.scheduled = now
         completing = [self._pending[c.request.request_id] for c in sched.chunks if c.samples]
-        sending = [p for p in completing if self._begin_transfer(p)]
+        sending = [p for p in completing if self._claim_destination(p) and self._begin_transfer(p)]
+        late = [p for p in completing if p.awaits_destination]
         # on the cache's device: the layer hook index_selects the (GPU) cache with it
         src_tables = {p.msg.request_id: torch.tensor(self.blocks.block_table(p.msg.request_id),
                                                      dtype=torch.long, device=self.runner.device)
-                      for p in sending}
-        hook = self._layer_hook(sending, src_tables) if sending else None
+                      for p in (*sending, *late)}
+        hook = self._layer_hook(sending, late, src_tables) if sending or late else None
         sampled = self.model_step.run(sched, layer_done=hook)
         sampled_at = time.monotonic()
-        results = []
+        done = []
         for p, (_, tok) in zip(completing, sampled, strict=True):
-            wait_s = self._finish_transfer(p)
             reason = token_stop_reason(tok.token_id, 1, p.request.num_tokens + 1, p.msg.params,
                                        self.loaded.eos_token_ids, self.loaded.max_model_len)
-            self._pending.pop(p.msg.request_id, None)
-            self.scheduler.finish(p.request, FinishReason.STOP)
-            ok = p.error is None
-            self._counters.completed += ok
-            self._counters.failed += not ok
-            results.append(PrefillResult(
-                request_id=p.msg.request_id, token=tok if ok else None,
-                finish_reason=reason.value if reason else None,
-                num_cached_tokens=p.request.num_cached_tokens,
-                queue_s=(p.scheduled or sampled_at) - p.arrived,
-                prefill_s=sampled_at - (p.scheduled or sampled_at),
-                transfer_wait_s=wait_s, error=p.error, kv_digest=p.digest if ok else None))
-        duration = time.perf_counter() - step_t0
-        self.step_log.add("prefill", [c.num_tokens for c in sched.chunks], duration, step_wall)
-        if self.metrics is not None:
-            self._record(sched, completing, duration)
-        return results
+            p.first = (tok, reason, sampled_at)
+            if p.awaits_destination and reason is None and p.error is None:
+                self._park(p)  # its KV goes out when the destination comes
+                continue
+            self._settle(p)
+            done.append(p)
+        self._unrecorded.append((sched, time.perf_counter() - step_t0, step_wall, done))
+        return done
 
-    def _record(self, sched, completing: list[_Pending], duration_s: float) -> None:
+    def after_step(self) -> None:
+        """The step log and metrics of the steps since the last call (the step loop calls
+        this once their results are on their way; so must whoever else drives ``step``)."""
+        for sched, duration, step_wall, done in self._unrecorded:
+            if sched is not None:
+                self.step_log.add("prefill", [c.num_tokens for c in sched.chunks], duration,
+                                  step_wall)
+            if self.metrics is not None:
+                if sched is not None:
+                    self.metrics.observe_step(len(sched.chunks), sched.num_tokens, duration,
+                                              len(sched.preempted))
+                self._record(done)
+        self._unrecorded.clear()
+
+    def _settle(self, p: _Pending) -> None:
+        """Wait for ``p``'s KV to land, then free its blocks (full ones stay cached)."""
+        p.kv_done = self._finish_transfer(p) or p.first[2]
+        self._pending.pop(p.msg.request_id, None)
+        self.scheduler.finish(p.request, FinishReason.STOP)
+        ok = p.error is None
+        self._counters.completed += ok
+        self._counters.failed += not ok
+
+    def _result(self, p: _Pending, replied: float) -> PrefillResult:
+        tok, reason, sampled_at = p.first
+        ok = p.error is None
+        times = PrefillTimes(p.received, p.queued, p.scheduled or sampled_at, sampled_at,
+                             p.kv_done, replied, p.destination_at)
+        return PrefillResult(
+            request_id=p.msg.request_id, token=tok if ok else None,
+            finish_reason=reason.value if reason else None, times=times,
+            num_cached_tokens=p.request.num_cached_tokens, error=p.error,
+            kv_digest=p.digest if ok else None)
+
+    # -- destinations that follow their prompt ----------------------------------------
+    def _claim_destination(self, p: _Pending) -> bool:
+        """Whether ``p`` has its destination, taking it from the mailbox if it came."""
+        if p.destination is None and p.msg.destination_follows:
+            got = self.destinations.take(p.msg.request_id)
+            if got is not None:
+                p.destination, p.destination_at = got
+        return p.destination is not None
+
+    def _park(self, p: _Pending) -> None:
+        """Computed and sampled, but no destination yet: hold the blocks, leave the batch."""
+        self.scheduler.detach(p.request)
+        self._parked[p.msg.request_id] = p
+
+    def _parked_ready(self) -> bool:
+        now = time.monotonic()
+        return any(self.destinations.has(rid) or now - p.first[2] > self.transfer_timeout_s
+                   for rid, p in self._parked.items())
+
+    def _ship_parked(self) -> list[_Pending]:
+        """Ship every parked prompt whose destination came, all layers at once; fail those
+        that waited past the transfer timeout (the router gave up on them). Those done."""
+        shipped, now = [], time.monotonic()
+        for rid, p in list(self._parked.items()):
+            if self._claim_destination(p):
+                if self._begin_transfer(p):
+                    table = torch.tensor(self.blocks.block_table(rid), dtype=torch.long,
+                                         device=self.runner.device)
+                    for layer in range(self.runner.kv_cache.spec.num_layers):
+                        self._send_layer(p, layer, table)
+            elif now - p.first[2] > self.transfer_timeout_s:
+                p.error = f"no KV destination came within {self.transfer_timeout_s:g}s"
+            else:
+                continue
+            del self._parked[rid]
+            self._settle(p)
+            shipped.append(p)
+        if shipped:
+            self._unrecorded.append((None, 0.0, 0.0, shipped))
+        return shipped
+
+    def _record(self, completed: list[_Pending]) -> None:
         m = self.metrics
-        m.observe_step(len(sched.chunks), sched.num_tokens, duration_s, len(sched.preempted))
         self.refresh_state()
-        for p in completing:
+        for p in completed:
             t = p.transfer
             if t is not None:
                 end = t.finished_at or time.perf_counter()
                 m.observe_transfer(self.sender.name, t.bytes_sent, end - t.started_at,
                                    p.error is None, p.error_reason)
-            elif p.error is not None and p.msg.destination is not None:
-                m.observe_transfer(p.msg.destination.endpoint.backend, 0, 0.0, False,
+            elif p.error is not None and p.destination is not None:
+                m.observe_transfer(p.destination.endpoint.backend, 0, 0.0, False,
                                    p.error_reason)
 
     def _begin_transfer(self, p: _Pending) -> bool:
-        dest = p.msg.destination
+        dest = p.destination
         if dest is None:
             return False
         if self.sender is None:
@@ -174,30 +289,42 @@ class PrefillWorker(EngineWorker):
             return False
         return True
 
-    def _layer_hook(self, sending: list[_Pending], tables: dict[str, torch.Tensor]):
-        data = self.runner.kv_cache.data
+    def _layer_hook(self, sending: list[_Pending], late: list[_Pending],
+                    tables: dict[str, torch.Tensor]):
+        """Ship layer ``i`` of every transfer after the model computed it. A destination
+        that arrives mid-step starts its transfer there, catching up on layers < ``i``."""
 
         def layer_done(layer: int) -> None:
+            for p in list(late):
+                if self._claim_destination(p):
+                    late.remove(p)
+                    if self._begin_transfer(p):
+                        for done in range(layer):
+                            self._send_layer(p, done, tables[p.msg.request_id])
+                        sending.append(p)
             for p in sending:
-                if p.error is not None:
-                    continue
-                # index_select copies, so the sender may ship it asynchronously.
-                kv = data[layer].index_select(1, tables[p.msg.request_id])
-                try:
-                    self.sender.send_layer(p.transfer, layer, kv)
-                except TransferError as exc:
-                    p.error, p.error_reason = f"KV transfer failed: {exc}", exc.reason
-                    self.sender.abort(p.transfer)
+                self._send_layer(p, layer, tables[p.msg.request_id])
 
         return layer_done
 
-    def _finish_transfer(self, p: _Pending) -> float:
+    def _send_layer(self, p: _Pending, layer: int, table: torch.Tensor) -> None:
+        if p.error is not None:
+            return
+        # index_select copies, so the sender may ship it asynchronously.
+        kv = self.runner.kv_cache.data[layer].index_select(1, table)
+        try:
+            self.sender.send_layer(p.transfer, layer, kv)
+        except TransferError as exc:
+            p.error, p.error_reason = f"KV transfer failed: {exc}", exc.reason
+            self.sender.abort(p.transfer)
+
+    def _finish_transfer(self, p: _Pending) -> float | None:
+        """Wait for ``p``'s transfer; when it finished (None: there was none to wait for)."""
         if p.transfer is None or p.error is not None:
-            return 0.0
-        t0 = time.monotonic()
+            return None
         try:
             self.sender.finish(p.transfer, timeout=self.transfer_timeout_s)
             p.digest = p.transfer.digest()
         except TransferError as exc:
             p.error, p.error_reason = f"KV transfer failed: {exc}", exc.reason
-        return time.monotonic() - t0
+        return time.monotonic()

@@ -131,7 +131,7 @@ class TopLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens", "ttft_ms", "e2e_ms", "prefill_queue_ms", "prefill_ms", "kv_transfer_wait_ms")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens", "ttft_ms", "e2e_ms", "prefill_queue_ms", "prefill_ms", "kv_transfer_wait_ms", "timing")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,7 @@ class Usage(_message.Message):
     PREFILL_QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
@@ -148,4 +149,23 @@ class Usage(_message.Message):
     prefill_queue_ms: float
     prefill_ms: float
     kv_transfer_wait_ms: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., prefill_queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., kv_transfer_wait_ms: _Optional[float] = ...) -> None: ...
+    timing: ServerTiming
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., prefill_queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., kv_transfer_wait_ms: _Optional[float] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ...) -> None: ...
+
+class ServerTiming(_message.Message):
+    __slots__ = ("received_monotonic_s", "hops", "concurrent")
+    RECEIVED_MONOTONIC_S_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENT_FIELD_NUMBER: _ClassVar[int]
+    received_monotonic_s: float
+    hops: _containers.RepeatedCompositeFieldContainer[Hop]
+    concurrent: _containers.RepeatedCompositeFieldContainer[Hop]
+    def __init__(self, received_monotonic_s: _Optional[float] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., concurrent: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
+
+class Hop(_message.Message):
+    __slots__ = ("name", "ms")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    ms: float
+    def __init__(self, name: _Optional[str] = ..., ms: _Optional[float] = ...) -> None: ...

@@ -51,6 +51,18 @@ class Admission:
             raise NoWorkerAvailable("no healthy decode worker")
         return ranked
 
+    def decode_room_likely(self, routing: RoutingRequest) -> bool:
+        """Whether a decode worker is likely to take this prompt's reservation: it had
+        free blocks for twice the prompt at its last heartbeat, has refused no reservation
+        since, and holds fewer requests from this router than it takes. Then the prompt may
+        go to prefill before its reservation is made. When decode is full, reserving first
+        keeps a request that will be refused from costing a prefill (and the router a
+        prefill call and its abort)."""
+        return any(w.healthy and not w.refused
+                   and (not w.max_seqs or w.in_flight < w.max_seqs)
+                   and w.free_blocks >= 2 * -(-routing.num_prompt_tokens // w.block_size)
+                   for w in self.decode_load.values())
+
     def pick_prefill(self, routing: RoutingRequest, unit: int | None = None,
                      admit: bool = True) -> str:
         """The policy's best prefill worker (within ``unit`` if given); with ``admit``,

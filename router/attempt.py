@@ -24,19 +24,23 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 from pdserve.decode_worker.messages import (
     NoCapacityError,
+    Reservation,
     ReservationLost,
     ReserveRequest,
     StartDecode,
 )
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv_transfer.messages import KVDestination
 from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult
 from pdserve.router.admission import Admission, overloaded
 from pdserve.router.clients import DecodeClient, PrefillClient, WorkerGone
 from pdserve.router.events import TokenEvent
 from pdserve.router.health import WorkerHealth
+from pdserve.router.hops import AttemptStamps
 from pdserve.router.policy import RoutingRequest
 from pdserve.router.reliability import ReliabilityConfig
 from pdserve.router.request_types import ValidatedRequest
@@ -66,6 +70,8 @@ class _Attempt:
     prefill_id: str | None = None
     prefill_task: asyncio.Task | None = None
     finished: bool = False
+    stamps: AttemptStamps = dataclasses.field(default_factory=lambda: AttemptStamps(
+        time.monotonic()))
 
 
 class AttemptRunner:
@@ -93,7 +99,7 @@ class AttemptRunner:
             reason = result.finish_reason or ("length" if done else None)
             yield TokenEvent((first.token_id,), (first,) if a.params.logprobs is not None else (),
                              reason, result.num_cached_tokens, result.queue_s, result.prefill_s,
-                             result.transfer_wait_s)
+                             result.transfer_wait_s, stamps=a.stamps)
             if done:
                 a.finished = True
                 return
@@ -117,35 +123,72 @@ class AttemptRunner:
         # Admission before any reservation (after it when units constrain the pair).
         if not units:
             a.prefill_id = self.admission.pick_prefill(a.routing, admit=admit)
-        destination = None
-        if a.params.max_tokens > 1:
-            a.decode_id, destination = await self._reserve(a.routing)
-            a.route.decode_worker = a.decode_id
-        if a.prefill_id is None:
-            a.prefill_id = self.admission.pick_prefill(a.routing, units.get(a.decode_id),
-                                                       admit=admit)
-        result = await self._prefill(a, destination)
+        reservation = None
+        if a.params.max_tokens > 1 and not units and self.admission.decode_room_likely(a.routing):
+            # The prompt goes out first and its destination after it: the reservation's
+            # round trip overlaps the prefill instead of preceding it.
+            self._dispatch_prefill(a, None, follows=True)
+            reservation = await self._reserve_for(a)
+            await self._send_destination(a, reservation.destination)
+        else:
+            if a.params.max_tokens > 1:
+                reservation = await self._reserve_for(a)
+            if a.prefill_id is None:
+                a.prefill_id = self.admission.pick_prefill(a.routing, units.get(a.decode_id),
+                                                           admit=admit)
+            self._dispatch_prefill(a, reservation.destination if reservation else None)
+        result = await self._prefill_result(a)
         if not result.ok:
             raise AttemptFailed(result.error or "prefill failed", "transfer_failed")
-        return result, destination
+        return result, reservation.destination if reservation else None
 
-    async def _prefill(self, a: _Attempt, destination) -> PrefillResult:
+    async def _reserve_for(self, a: _Attempt) -> Reservation:
+        a.stamps.reserve_sent = time.monotonic()
+        a.decode_id, reservation = await self._reserve(a.routing)
+        a.stamps.reserved, a.stamps.reserved_at = time.monotonic(), reservation.reserved_at
+        a.route.decode_worker = a.decode_id
+        return reservation
+
+    def _dispatch_prefill(self, a: _Attempt, destination: KVDestination | None,
+                          follows: bool = False) -> None:
+        """Send the prompt, with its destination or (``follows``) before it; the worker's
+        load counts it until the call ends."""
         load = self.admission.prefill_load[a.prefill_id]
         load.in_flight += 1
         load.queued_tokens += len(a.prompt)
         load.prefill_queue[a.aid] = len(a.prompt)
-        try:
-            a.prefill_task = asyncio.ensure_future(self.prefills[a.prefill_id].prefill(
-                PrefillRequest(a.aid, a.prompt, a.params, destination)))
-            return await self._unless_dead(a.prefill_task, a.prefill_id)
-        except WorkerGone as exc:
-            self.health.mark_dead(a.prefill_id, str(exc)[:200])
-            raise AttemptFailed(f"prefill worker {a.prefill_id} failed",
-                                "prefill_failed") from exc
-        finally:
+
+        def ended(_task) -> None:
             load.in_flight -= 1
             load.queued_tokens -= len(a.prompt)
             load.prefill_queue.pop(a.aid, None)
+
+        a.stamps.prefill_sent = time.monotonic()
+        a.prefill_task = asyncio.ensure_future(self.prefills[a.prefill_id].prefill(
+            PrefillRequest(a.aid, a.prompt, a.params, destination, destination_follows=follows)))
+        a.prefill_task.add_done_callback(ended)
+
+    async def _send_destination(self, a: _Attempt, destination: KVDestination) -> None:
+        if a.prefill_task.done():  # it failed, or its first token ended it: its result says
+            return
+        a.stamps.destination_sent = time.monotonic()
+        try:
+            await self._unless_dead(asyncio.ensure_future(
+                self.prefills[a.prefill_id].set_destination(destination)), a.prefill_id)
+        except WorkerGone as exc:
+            self._prefill_gone(a, exc)
+
+    async def _prefill_result(self, a: _Attempt) -> PrefillResult:
+        try:
+            result = await self._unless_dead(a.prefill_task, a.prefill_id)
+        except WorkerGone as exc:
+            self._prefill_gone(a, exc)
+        a.stamps.prefill_returned, a.stamps.prefill = time.monotonic(), result.times
+        return result
+
+    def _prefill_gone(self, a: _Attempt, exc: WorkerGone) -> NoReturn:
+        self.health.mark_dead(a.prefill_id, str(exc)[:200])
+        raise AttemptFailed(f"prefill worker {a.prefill_id} failed", "prefill_failed") from exc
 
     async def _decode(self, a: _Attempt, result: PrefillResult, destination
                       ) -> AsyncIterator[TokenEvent]:
@@ -190,6 +233,7 @@ class AttemptRunner:
                 res = await self._reserve_on(wid, routing)
             except NoCapacityError:
                 full += 1
+                self.admission.decode_load[wid].refused = True
                 continue
             except WorkerGone:
                 self.admission.decode_load[wid].healthy = False
@@ -197,7 +241,7 @@ class AttemptRunner:
             load = self.admission.decode_load[wid]
             load.in_flight += 1
             load.decode_contexts[routing.request_id] = routing.num_prompt_tokens
-            return wid, res.destination
+            return wid, res
         if not full:  # nobody answered: that is an outage, not overload
             raise NoWorkerAvailable("no decode worker is reachable")
         raise overloaded("every decode worker's KV cache is full", 1.0, "kv_full")
@@ -223,16 +267,17 @@ class AttemptRunner:
             await asyncio.wait_for(self.decodes[wid].release(aid),
                                    self.reliability.heartbeat_timeout_s)
 
-    async def _unless_dead(self, task: asyncio.Task, wid: str):
-        """``task``'s result, or ``WorkerGone`` as soon as the heartbeat declares ``wid``
+    async def _unless_dead(self, call: asyncio.Future, wid: str):
+        """``call``'s result, or ``WorkerGone`` as soon as the heartbeat declares ``wid``
         dead (a hung worker never answers; a killed one may take Ray a moment)."""
-        dead = asyncio.ensure_future(self.health[wid].dead.wait())
-        try:
-            await asyncio.wait({task, dead}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            dead.cancel()
-        if task.done():
-            return task.result()
+        if not call.done():
+            dead = self.health.death(wid)
+            try:
+                await asyncio.wait((call, dead), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                dead.cancel()
+        if call.done():
+            return call.result()
         raise WorkerGone(f"worker {wid} missed its heartbeats")
 
     async def release(self, aid: str, decode_id: str | None, prefill_id: str | None,

@@ -7,7 +7,7 @@ orchestrator cannot tell them apart. Ray actor failures surface as ``WorkerGone`
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from pdserve.decode_worker.messages import (
@@ -17,6 +17,7 @@ from pdserve.decode_worker.messages import (
     StartDecode,
     TokenBatch,
 )
+from pdserve.kv_transfer.messages import KVDestination
 from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult, PrefillStats
 
 
@@ -28,20 +29,37 @@ def _is_actor(obj: Any) -> bool:
     return hasattr(obj, "_actor_id")
 
 
-async def _call(target: Any, method: str, *args):
-    """Await ``method`` on a Ray actor or an in-process host (sync host methods allowed)."""
+def _call(target: Any, method: str, *args) -> Awaitable:
+    """Call ``method`` on a Ray actor or an in-process host (sync host methods allowed);
+    an awaitable of its result. A Ray call is submitted here, not when first awaited: a
+    request's calls leave in the order it makes them, without waiting for its task to
+    run (the prefill goes out before the reservation that follows it is even built)."""
     if _is_actor(target):
-        import ray
-
         try:
-            return await getattr(target, method).remote(*args)
-        except ray.exceptions.RayActorError as exc:
-            raise WorkerGone(str(exc)) from exc
-        except ray.exceptions.RayTaskError as exc:
-            # Re-raise the worker's own exception type (NoCapacityError, KeyError, ...).
-            raise exc.as_instanceof_cause() from None
+            ref = getattr(target, method).remote(*args)
+        except Exception as exc:  # (surfaces where the result is awaited, as it did before)
+            return _ray_result(None, exc)
+        return _ray_result(ref)
     result = getattr(target, method)(*args)
-    return await result if hasattr(result, "__await__") else result
+    return result if hasattr(result, "__await__") else _ready(result)
+
+
+async def _ray_result(ref, submit_error: Exception | None = None):
+    import ray
+
+    try:
+        if submit_error is not None:
+            raise submit_error
+        return await ref
+    except ray.exceptions.RayActorError as exc:
+        raise WorkerGone(str(exc)) from exc
+    except ray.exceptions.RayTaskError as exc:
+        # Re-raise the worker's own exception type (NoCapacityError, KeyError, ...).
+        raise exc.as_instanceof_cause() from None
+
+
+async def _ready(value):
+    return value
 
 
 class PrefillClient:
@@ -49,17 +67,21 @@ class PrefillClient:
         self.worker_id = worker_id
         self.target = target
 
-    async def prefill(self, msg: PrefillRequest) -> PrefillResult:
-        return await _call(self.target, "prefill", msg)
+    def prefill(self, msg: PrefillRequest) -> Awaitable[PrefillResult]:
+        return _call(self.target, "prefill", msg)
 
-    async def abort(self, request_id: str) -> bool:
-        return await _call(self.target, "abort", request_id)
+    def set_destination(self, destination: KVDestination) -> Awaitable[None]:
+        """The destination of a request sent with ``destination_follows``."""
+        return _call(self.target, "set_destination", destination)
 
-    async def stats(self) -> PrefillStats:
-        return await _call(self.target, "stats")
+    def abort(self, request_id: str) -> Awaitable[bool]:
+        return _call(self.target, "abort", request_id)
 
-    async def metrics_text(self) -> str:
-        return await _call(self.target, "metrics_text")
+    def stats(self) -> Awaitable[PrefillStats]:
+        return _call(self.target, "stats")
+
+    def metrics_text(self) -> Awaitable[str]:
+        return _call(self.target, "metrics_text")
 
 
 class DecodeClient:
@@ -67,24 +89,24 @@ class DecodeClient:
         self.worker_id = worker_id
         self.target = target
 
-    async def reserve(self, msg: ReserveRequest) -> Reservation:
-        return await _call(self.target, "reserve", msg)
+    def reserve(self, msg: ReserveRequest) -> Awaitable[Reservation]:
+        return _call(self.target, "reserve", msg)
 
-    async def start(self, msg: StartDecode) -> None:
-        return await _call(self.target, "start", msg)
+    def start(self, msg: StartDecode) -> Awaitable[None]:
+        return _call(self.target, "start", msg)
 
-    async def submit(self, msg) -> None:
+    def submit(self, msg) -> Awaitable[None]:
         """Colocated workers: a whole request (``ColocatedRequest``)."""
-        return await _call(self.target, "submit", msg)
+        return _call(self.target, "submit", msg)
 
-    async def release(self, request_id: str) -> bool:
-        return await _call(self.target, "release", request_id)
+    def release(self, request_id: str) -> Awaitable[bool]:
+        return _call(self.target, "release", request_id)
 
-    async def stats(self) -> DecodeStats:
-        return await _call(self.target, "stats")
+    def stats(self) -> Awaitable[DecodeStats]:
+        return _call(self.target, "stats")
 
-    async def metrics_text(self) -> str:
-        return await _call(self.target, "metrics_text")
+    def metrics_text(self) -> Awaitable[str]:
+        return _call(self.target, "metrics_text")
 
     async def stream(self) -> AsyncIterator[TokenBatch]:
         if not _is_actor(self.target):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdserve.engine.messages import SampledToken
+from pdserve.router.hops import AttemptStamps
 
 
 @dataclass(frozen=True)
@@ -18,3 +19,5 @@ class TokenEvent:
     prefill_s: float = 0.0
     transfer_wait_s: float = 0.0
     decode_queue_s: float | None = None  # on the first decode event: start -> first token
+    # On the first event: how the attempt that produced it spent its time (``hops.py``).
+    stamps: AttemptStamps | None = None

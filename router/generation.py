@@ -30,6 +30,7 @@ from pdserve.engine.messages import SampledToken
 from pdserve.engine.output_processor import TextStream
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.protos import pdserve_pb2
+from pdserve.router.hops import FirstTokenTiming, first_token_hops
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.request_types import RequestValidationError, ValidatedRequest, ValidationLimits
@@ -51,6 +52,7 @@ class Usage:
     prefill_queue_ms: float
     prefill_ms: float
     kv_transfer_wait_ms: float
+    timing: FirstTokenTiming | None = None  # where the time to first token went
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class Frontend:
     async def generate(self, req: ValidatedRequest, t0: float,
                        interrupted: Callable[[], str]) -> AsyncIterator[OutputChunk]:
         """Serve ``req`` (received at ``time.monotonic()`` ``t0``); see the module docstring."""
+        validated = time.monotonic()
         timeline = None
         if self.metrics is not None:
             timeline = self.metrics.timeline(
@@ -106,7 +109,7 @@ class Frontend:
         code, rejected, completed = "OK", None, False
         text = (TextStream(self.tokenizer, req.prompt_token_ids, req.params.stop,
                            req.params.min_tokens) if self.tokenizer is not None else None)
-        completion, ttft_ms, first = 0, 0.0, None
+        completion, ttft_ms, first, first_sent = 0, 0.0, None, 0.0
         try:
             async with contextlib.aclosing(self.orchestrator.generate(req)) as events:
                 async for ev in events:
@@ -128,6 +131,8 @@ class Frontend:
                         if finish is not None:
                             new_text += text.flush()
                     usage = None
+                    if ev is first:
+                        first_sent = time.monotonic()
                     if finish is not None:
                         completed = True
                         usage = Usage(
@@ -136,7 +141,8 @@ class Frontend:
                             ttft_ms=ttft_ms, e2e_ms=(time.monotonic() - t0) * 1e3,
                             prefill_queue_ms=first.prefill_queue_s * 1e3,
                             prefill_ms=first.prefill_s * 1e3,
-                            kv_transfer_wait_ms=first.transfer_wait_s * 1e3)
+                            kv_transfer_wait_ms=first.transfer_wait_s * 1e3,
+                            timing=first_token_hops(t0, validated, first.stamps, first_sent))
                     yield OutputChunk(ev.token_ids, new_text, ev.logprobs, finish, usage)
                     if finish is not None:
                         return

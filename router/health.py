@@ -5,7 +5,8 @@ Contract:
 * ``WorkerHealth`` holds one ``Liveness`` per worker id. ``mark_dead(wid, why)`` is
   idempotent: it flips the worker's ``WorkerLoad.healthy`` off, sets its ``dead`` event
   (which every request waiting on that worker races against) and calls the ``on_death``
-  callback once per death. ``mark_alive(wid)`` undoes it with a fresh ``dead`` event and
+  callback once per death; ``death(wid)`` is a future that the next death completes.
+  ``mark_alive(wid)`` undoes it with a fresh ``dead`` event and
   sets ``alive``, which a decode stream consumer waits on to resubscribe.
 * ``watch(wid, ping)`` is one heartbeat loop per worker: ``ping`` (the worker's
   ``stats`` call) must answer within ``timeout_s``; a ``WorkerGone``, a timeout or any
@@ -38,6 +39,8 @@ class Liveness:
     alive: asyncio.Event = field(default_factory=asyncio.Event)
     deaths: int = 0
     incarnation: str = ""  # the worker's, as its last heartbeat said
+    # futures of ``WorkerHealth.death``: done at the next death (cheaper than a task each)
+    mourners: set[asyncio.Future] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.alive.set()
@@ -61,6 +64,18 @@ class WorkerHealth:
     def is_alive(self, wid: str) -> bool:
         return self.workers[wid].load.healthy
 
+    def death(self, wid: str) -> asyncio.Future:
+        """A future done when ``wid`` is next declared dead (already done if it is dead
+        now); cancel it once it no longer matters. What a call to ``wid`` races."""
+        w = self.workers[wid]
+        fut = asyncio.get_running_loop().create_future()
+        if w.dead.is_set():
+            fut.set_result(None)
+        else:
+            w.mourners.add(fut)
+            fut.add_done_callback(w.mourners.discard)
+        return fut
+
     def mark_dead(self, wid: str, why: str) -> None:
         w = self.workers[wid]
         if w.dead.is_set():
@@ -69,6 +84,9 @@ class WorkerHealth:
         w.load.healthy = False
         w.alive.clear()
         w.dead.set()
+        for fut in list(w.mourners):
+            if not fut.done():
+                fut.set_result(None)
         log.error("worker %s is down (%s)", wid, why)
         if self.on_death is not None:
             self.on_death(wid, why)

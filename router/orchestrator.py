@@ -118,6 +118,8 @@ class Orchestrator:
         load = self.decode_load[wid]
         load.free_blocks, load.total_blocks = s.num_free_blocks, s.num_blocks
         load.block_size = getattr(s, "block_size", load.block_size)
+        load.max_seqs = getattr(s, "max_num_seqs", 0)
+        load.refused = False
 
     # -- the request path ---------------------------------------------------------------
     async def generate(self, req: ValidatedRequest) -> AsyncIterator[TokenEvent]:

@@ -28,6 +28,8 @@ class WorkerLoad:
     free_blocks: int = 0  # decode: from the last stats refresh
     total_blocks: int = 1
     block_size: int = 16
+    max_seqs: int = 0  # decode: requests it holds at most (0: unknown), from its stats
+    refused: bool = False  # decode: it refused a reservation since the last stats refresh
     # prefill: prompt lengths assigned and not yet returned, in arrival order
     prefill_queue: dict[str, int] = field(default_factory=dict)
     # decode: current context length of each request running there

@@ -15,7 +15,6 @@ bytes, invalid UTF-8 in a string field) with UNKNOWN and the exception's text.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 
 import grpc
@@ -103,5 +102,16 @@ def _message(rid: str, chunk: OutputChunk) -> pdserve_pb2.GenerateResponse:
     if chunk.finish_reason is not None:
         msg.finish_reason = _FINISH[chunk.finish_reason]
     if chunk.usage is not None:
-        msg.usage.CopyFrom(pdserve_pb2.Usage(**dataclasses.asdict(chunk.usage)))
+        u = chunk.usage
+        msg.usage.CopyFrom(pdserve_pb2.Usage(
+            prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+            cached_tokens=u.cached_tokens, ttft_ms=u.ttft_ms, e2e_ms=u.e2e_ms,
+            prefill_queue_ms=u.prefill_queue_ms, prefill_ms=u.prefill_ms,
+            kv_transfer_wait_ms=u.kv_transfer_wait_ms))
+        if u.timing is not None:
+            msg.usage.timing.received_monotonic_s = u.timing.received
+            msg.usage.timing.hops.extend(pdserve_pb2.Hop(name=name, ms=s * 1e3)
+                                         for name, s in u.timing.hops)
+            msg.usage.timing.concurrent.extend(pdserve_pb2.Hop(name=name, ms=s * 1e3)
+                                               for name, s in u.timing.concurrent)
     return msg

@@ -175,6 +175,9 @@ class RemoteHost:
     async def prefill(self, msg):
         return await self._call("prefill", msg)
 
+    async def set_destination(self, destination) -> None:
+        return await self._call("set_destination", destination)
+
     async def abort(self, request_id: str) -> bool:
         return await self._call("abort", request_id)
 

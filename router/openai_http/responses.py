@@ -7,7 +7,8 @@ role, then ``delta.content`` chunks, the last with ``finish_reason``. The usage 
 (``stream_options.include_usage``) has ``choices: []``. Two extensions: ``token_ids`` on a
 choice when the request set ``return_token_ids`` (vLLM's name), and a ``timing`` object
 next to ``usage`` with the router's TTFT, end-to-end, prefill queue, prefill and KV
-transfer wait in milliseconds (the figures gRPC's ``Usage`` carries).
+transfer wait in milliseconds, and the hops to the first token (the figures gRPC's
+``Usage`` carries, its ``ServerTiming`` included).
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ def usage_json(usage: Usage) -> dict:
 
 
 def timing_json(usage: Usage) -> dict:
-    data = dataclasses.asdict(usage)
-    return {k: round(data[k], 3) for k in TIMING_FIELDS}
+    out = {k: round(getattr(usage, k), 3) for k in TIMING_FIELDS}
+    if usage.timing is not None:  # as gRPC's ServerTiming (router/hops.py)
+        out["received_monotonic_s"] = usage.timing.received
+        for key, hops in (("hops", usage.timing.hops), ("concurrent", usage.timing.concurrent)):
+            out[key] = [{"name": name, "ms": round(s * 1e3, 3)} for name, s in hops]
+    return out
 
 
 class TokenText:

@@ -106,6 +106,7 @@ class Pair:
                                         dest))
         for _ in range(50):
             results = self.prefill.step()
+            self.prefill.after_step()  # (as the step loop does)
             if results:
                 return results[0]
         raise AssertionError("prefill produced no result")

@@ -166,6 +166,10 @@ def test_completions_greedy_equal_engine_streamed_and_whole(cluster, engine):
     assert tuple(ids) == want.token_ids
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     assert chunks[-2].choices[0].finish_reason == "length"
+    # the timing extension carries the hops to the first token, as gRPC's ServerTiming
+    timing = chunks[-1].model_extra["timing"]
+    assert [h["name"] for h in timing["hops"]][-1] == "to_stream"
+    assert timing["received_monotonic_s"] > 0
     # Token-id prompts go through unchanged.
     ids_prompt = list(want.prompt_token_ids)
     again = client.completions.create(model=MODEL, prompt=ids_prompt, max_tokens=12,

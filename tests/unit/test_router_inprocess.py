@@ -15,10 +15,13 @@ import pytest
 
 from pdserve.cluster.cli.client import Client, build_request
 from pdserve.cluster.launch.local import LocalCluster
+from pdserve.decode_worker.messages import NoCapacityError
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.base import TransferError
+from pdserve.router.hops import HOP_NAMES
+from pdserve.router.policy import RoutingRequest
 from tests.cluster_helpers import engine_config, wait_until
 from tests.cluster_helpers import local_idle as no_blocks_held
 
@@ -63,6 +66,16 @@ def test_text_prompt_stream_and_usage(cluster, demo_model_dir):
     assert msgs[-1].usage.completion_tokens == 12
     assert msgs[-1].usage.prompt_tokens == len(want.prompt_token_ids)
     assert msgs[-1].usage.ttft_ms > 0
+    # the hop breakdown covers the router's whole way to the first token, in path order
+    hops = [(h.name, h.ms) for h in msgs[-1].usage.timing.hops]
+    names = [name for name, _ in hops]
+    assert names == [n for n in HOP_NAMES if n in names]
+    assert {"validate", "prefill_compute", "to_stream"} <= set(names)
+    assert all(ms >= 0 for _, ms in hops)
+    assert sum(ms for _, ms in hops) >= msgs[-1].usage.ttft_ms
+    # the decode reservation: on the path, or (overlapping the prefill) beside it
+    beside = [h.name for h in msgs[-1].usage.timing.concurrent]
+    assert ("reserve_call" in names) != ("reserve_call" in beside)
 
 
 @pytest.mark.parametrize("req, fragment", [
@@ -170,6 +183,38 @@ def test_full_decode_cache_answers_resource_exhausted(demo_model_dir):
         assert wait_until(lambda: no_blocks_held(c))
         # Once the load is gone the same request is served.
         assert len(client.generate(build_request([22] * 60, max_tokens=4)).token_ids) == 4
+
+
+def test_reservation_refused_after_the_prompt_went_out_aborts_the_prefill(demo_model_dir):
+    """The prompt goes to prefill while its decode blocks are being reserved; when the
+    reservation is refused after all (the router's view of free blocks was stale), the
+    client gets RESOURCE_EXHAUSTED and the prefill worker drops the prompt and its KV."""
+    with LocalCluster(engine_config(demo_model_dir)) as c, \
+            Client(c.address, timeout_s=60) as client:
+        orch = c.server.orchestrator
+        assert wait_until(lambda: orch.admission.decode_room_likely(
+            RoutingRequest("x", 60, 4)))  # a heartbeat saw room: the prompt goes first
+        worker, prefill = c.decodes[0].worker, c.prefills[0]
+        sent = []
+
+        def refuse(msg):
+            raise NoCapacityError("full after all")
+
+        def add(msg, received=None):
+            sent.append(msg.destination_follows)
+            return type(prefill.worker).add(prefill.worker, msg, received)
+
+        worker.reserve, prefill.worker.add = refuse, add
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                client.generate(build_request([23] * 60, max_tokens=4))
+        finally:
+            del worker.reserve, prefill.worker.add
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert sent == [True]  # the prompt did go out before the reservation
+        assert wait_until(lambda: no_blocks_held(c) and not prefill._waiters
+                          and len(prefill.worker.destinations) == 0)
+        assert len(client.generate(build_request([23] * 60, max_tokens=4)).token_ids) == 4
 
 
 def test_colocated_mode_matches_engine_and_frees_blocks(demo_model_dir):
