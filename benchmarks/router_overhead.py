@@ -20,7 +20,9 @@ process and cluster, and writes one side-by-side table
 (``router_overhead_ab_<mode>_<backend>``). Run
 anything that starts Ray under the shared lock: ``flock /tmp/pdserve-ray.lock python ...``.
 
-A front door is a ``Probe`` (``router_overhead_probe.py``); ``--protocol`` picks one.
+A front door is a ``Probe`` (``router_overhead_probe.py``). ``--protocol`` picks them
+(default ``grpc,http``): several are measured in one run on one cluster, taking turns
+request by request with the same prompts, and reported side by side.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pdserve.benchmarks.router_overhead_probe import GrpcProbe, Probe, Sample
+from pdserve.benchmarks.router_overhead_probe import GrpcProbe, HttpProbe, Probe, Sample
 from pdserve.benchmarks.router_overhead_report import (
     from_columns,
     markdown,
@@ -49,15 +51,37 @@ from pdserve.benchmarks.router_overhead_report import (
 from pdserve.cluster.cli.progress import bar
 
 # protocol -> probe factory, given the cluster that is up (``LocalCluster`` or ``Cluster``)
-PROBES = {"grpc": lambda cluster: GrpcProbe(cluster.address)}
+PROBES = {"grpc": lambda cluster: GrpcProbe(cluster.address),
+          "http": lambda cluster: HttpProbe(_http_address(cluster))}
 
 
-def run(probe: Probe, n: int, prompt_len: int, seed: int, what: str) -> list[Sample]:
+def _http_address(cluster) -> str:
+    address = getattr(cluster, "http_address", None) or cluster.server.http_address
+    if not address:
+        raise RuntimeError("the router serves no HTTP endpoint")
+    return address
+
+
+def protocols(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = sorted(set(names) - set(PROBES))
+    if not names or unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"--protocol: a comma-separated list of distinct {sorted(PROBES)}, got {text!r}")
+    return names
+
+
+def run(probes: dict[str, Probe], n: int, prompt_len: int, seed: int,
+        what: str) -> dict[str, list[Sample]]:
+    """``n`` requests per front door, taking turns request by request, so the front doors
+    see the same host noise. Every request has its own random prompt of the same length
+    (one prompt sent twice would be a prefix-cache hit the second time)."""
     rng = random.Random(seed)
-    out = []
+    out: dict[str, list[Sample]] = {name: [] for name in probes}
     for _ in bar(range(n), desc=f"router_overhead {what}", unit="req"):
-        prompt = [rng.randrange(3, 900) for _ in range(prompt_len)]
-        out.append(probe.send(prompt, max_tokens=2))
+        for name, probe in probes.items():
+            prompt = [rng.randrange(3, 900) for _ in range(prompt_len)]
+            out[name].append(probe.send(prompt, max_tokens=2))
     return out
 
 
@@ -65,21 +89,22 @@ def start_cluster(args, model: str):
     """(cluster, stop, mode) for the arguments."""
     from pdserve.engine.config import EngineConfig
     from pdserve.kv_transfer.backend_config import KVTransferConfig
-
-    engine = EngineConfig(model=model, device="cpu", num_kv_blocks=1024, max_num_seqs=16)
-    kv = KVTransferConfig(backend=args.kv_backend)
-    if args.no_ray:
-        from pdserve.cluster.launch.local import LocalCluster
-
-        ctx = LocalCluster(engine, kv=kv)
-        return ctx.__enter__(), lambda: ctx.__exit__(None, None, None), "in-process"
-    from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
     from pdserve.router.config import RouterConfig
     from pdserve.router.server import ServerConfig
 
+    engine = EngineConfig(model=model, device="cpu", num_kv_blocks=1024, max_num_seqs=16)
+    kv = KVTransferConfig(backend=args.kv_backend)
+    router = RouterConfig(model=model, server=ServerConfig(
+        port=0, metrics_port=0, http_port=0 if "http" in args.protocol else None))
+    if args.no_ray:
+        from pdserve.cluster.launch.local import LocalCluster
+
+        ctx = LocalCluster(engine, kv=kv, router=router)
+        return ctx.__enter__(), lambda: ctx.__exit__(None, None, None), "in-process"
+    from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec, launch
+
     cluster = launch(ClusterSpec(engine=engine, prefill=PoolSpec(1), decode=PoolSpec(1), kv=kv,
-                                 router=RouterConfig(model=model, server=ServerConfig(
-                                     port=0, metrics_port=0))))
+                                 router=router))
     return cluster, cluster.shutdown, "ray"
 
 
@@ -91,43 +116,50 @@ def measure(args) -> dict:
 
     model = args.model or str(create_demo_model())
     cluster, stop, mode = start_cluster(args, model)
+    probes: dict[str, Probe] = {}
     try:
-        probe = PROBES[args.protocol](cluster)
-        try:
-            run(probe, args.warmup, args.prompt_len, seed=1, what=f"{args.label} warm-up")
-            samples = run(probe, args.requests, args.prompt_len, seed=2, what=args.label)
-        finally:
-            probe.close()
+        for name in args.protocol:
+            probes[name] = PROBES[name](cluster)
+        run(probes, args.warmup, args.prompt_len, seed=1, what=f"{args.label} warm-up")
+        samples = run(probes, args.requests, args.prompt_len, seed=2, what=args.label)
     finally:
+        for probe in probes.values():
+            probe.close()
         stop()
-    table = rows(samples)
-    return {
+    head = {
         "benchmark": "router_overhead", "mode": mode, "kv_backend": args.kv_backend,
-        "protocol": args.protocol, "label": args.label, "model": model,
+        "label": args.label, "model": model,
         "prompt_len": args.prompt_len, "requests": args.requests,
         "code": str(Path(pdserve.router.__file__).parent),  # which tree served (A/B runs)
         "host": {"platform": platform.platform(), "python": platform.python_version(),
                  "torch": torch.__version__, "cpus": torch.get_num_threads()},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), **summarize(table),
-        "requests_ms": to_columns(table),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if len(samples) == 1:  # one front door: the flat layout the A/B runs read back
+        (name, only), = samples.items()
+        return {**head, "protocol": name, **summarize(rows(only)),
+                "requests_ms": to_columns(rows(only))}
+    return {**head, "protocol": ",".join(samples), "protocols": {
+        name: {**summarize(rows(s)), "requests_ms": to_columns(rows(s))}
+        for name, s in samples.items()}}
 
 
 def stem(mode: str, args) -> str:
-    proto = "" if args.protocol == "grpc" else f"_{args.protocol}"
+    proto = "" if args.protocol == ["grpc"] else "_" + "_".join(args.protocol)
     return f"{mode.replace('-', '_')}_{args.kv_backend}{proto}"
 
 
 def title(mode: str, args, what: str) -> str:
-    return (f"{what} ({mode}, {args.kv_backend}, {args.protocol}, prompt {args.prompt_len} "
-            f"tokens, {args.requests} sequential requests)")
+    return (f"{what} ({mode}, {args.kv_backend}, {' vs '.join(args.protocol)}, prompt "
+            f"{args.prompt_len} tokens, {args.requests} sequential requests"
+            f"{' per front door, taking turns' if len(args.protocol) > 1 else ''})")
 
 
 def child_args(args) -> list[str]:
     """The arguments of one measured run of ``--ab``: this run's, without ``--ab``."""
     out = ["--requests", str(args.requests), "--warmup", str(args.warmup),
            "--prompt-len", str(args.prompt_len), "--kv-backend", args.kv_backend,
-           "--protocol", args.protocol]
+           "--protocol", ",".join(args.protocol)]
     if args.model:
         out += ["--model", args.model]
     return out + (["--no-ray"] if args.no_ray else [])
@@ -164,7 +196,7 @@ def ab(args) -> dict:
                                   for run_ in runs], **summarize(table),
                          "requests_ms": to_columns(table)}
     return {"benchmark": "router_overhead_ab", "mode": results["this"][0]["mode"],
-            "kv_backend": args.kv_backend, "protocol": args.protocol, "rounds": args.rounds,
+            "kv_backend": args.kv_backend, "protocol": args.protocol[0], "rounds": args.rounds,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "labels": merged}
 
 
@@ -182,7 +214,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--kv-backend", default="shm", choices=["shm", "tcp"])
-    ap.add_argument("--protocol", default="grpc", choices=sorted(PROBES))
+    ap.add_argument("--protocol", type=protocols, default=None,
+                    help="front doors, comma-separated, measured side by side "
+                         f"(of {sorted(PROBES)}; default grpc,http, and grpc with --ab)")
     ap.add_argument("--no-ray", action="store_true", help="run the workers in this process")
     ap.add_argument("--ab", metavar="REV", nargs="+", default=None,
                     help="also measure these git revisions' serving code, alternating runs")
@@ -191,6 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json-to", default=None, help=argparse.SUPPRESS)  # --ab's child runs
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
+    args.protocol = args.protocol or (["grpc"] if args.ab else ["grpc", "http"])
+    if args.ab and len(args.protocol) > 1:
+        ap.error("--ab compares revisions through one front door: give one --protocol")
 
     if args.ab:
         result = ab(args)
@@ -204,7 +241,10 @@ def main(argv=None) -> int:
             Path(args.json_to).write_text(json.dumps(result))
             return 0
         name = f"router_overhead_{stem(result['mode'], args)}"
-        lines = markdown(title(result["mode"], args, "Router + handoff overhead"), result)
+        what = "Router + handoff overhead"
+        lines = (markdown(title(result["mode"], args, what), result)
+                 if "protocols" not in result else
+                 markdown_ab(title(result["mode"], args, what), result["protocols"]))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(_dumps(result))

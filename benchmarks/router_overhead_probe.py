@@ -3,7 +3,7 @@
 A ``Probe`` sends one request and returns a ``Sample``: when the client sent it and got
 the first token (its own ``time.monotonic()``), and the figures the server reported with
 the final message (``ServerFigures``: the router's TTFT, the prefill worker's compute,
-and the router's hop breakdown). Each front door (gRPC here; HTTP/SSE later) is one
+and the router's hop breakdown). Each front door (gRPC, HTTP/SSE) is one
 ``Probe`` subclass; the benchmark and its report know nothing of the protocol.
 
 Clocks: CLOCK_MONOTONIC is one clock for every process of a host, so when the client
@@ -112,3 +112,71 @@ def _grpc_figures(usage) -> ServerFigures:
         concurrent = tuple((h.name, h.ms) for h in getattr(usage.timing, "concurrent", ()))
     return ServerFigures(usage.ttft_ms, usage.prefill_ms, usage.prefill_queue_ms,
                          usage.kv_transfer_wait_ms, received, hops, concurrent)
+
+
+class HttpProbe(Probe):
+    """The OpenAI-compatible endpoint: a streamed ``/v1/completions`` of token ids, on one
+    kept-alive connection. The first token is the first SSE chunk that carries text or
+    token ids; the router's figures come with the usage chunk (``timing``)."""
+
+    name = "http"
+
+    def __init__(self, address: str, timeout_s: float = 120.0):
+        import http.client
+
+        host, _, port = address.rpartition(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+        self.model = self._json("GET", "/v1/models", None)["data"][0]["id"]
+
+    def _json(self, method: str, path: str, body: dict | None) -> dict:
+        import json
+
+        self.conn.request(method, path, body=None if body is None else json.dumps(body),
+                          headers={"Content-Type": "application/json"})
+        resp = self.conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"{method} {path}: HTTP {resp.status}: {data[:300]!r}")
+        return json.loads(data)
+
+    def send(self, prompt: Sequence[int], max_tokens: int) -> Sample:
+        import json
+
+        from pdserve.cluster.cli.replay.sse import SSEParser
+
+        body = {"model": self.model, "prompt": list(prompt), "max_tokens": max_tokens,
+                "temperature": 0.0, "stream": True, "return_token_ids": True,
+                "stream_options": {"include_usage": True}}
+        sent = time.monotonic()
+        self.conn.request("POST", "/v1/completions", body=json.dumps(body),
+                          headers={"Content-Type": "application/json"})
+        resp = self.conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"POST /v1/completions: HTTP {resp.status}: "
+                               f"{resp.read()[:300]!r}")
+        parser, first, timing = SSEParser(), None, None
+        while (chunk := resp.read1(65536)):
+            for data in parser.feed(chunk):
+                if data == "[DONE]":
+                    continue
+                event = json.loads(data)
+                if first is None and any(c.get("token_ids") or c.get("text")
+                                         for c in event.get("choices", ())):
+                    first = time.monotonic()
+                timing = event.get("timing", timing)
+        if first is None or timing is None:
+            raise RuntimeError("the stream ended without a token or without timing")
+        return Sample(sent, first, _http_figures(timing))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _http_figures(timing: dict) -> ServerFigures:
+    """``timing`` of the usage chunk (router/openai_http/responses.timing_json)."""
+    def pairs(key: str) -> tuple[tuple[str, float], ...]:
+        return tuple((h["name"], h["ms"]) for h in timing.get(key, ()))
+
+    return ServerFigures(timing["ttft_ms"], timing["prefill_ms"], timing["prefill_queue_ms"],
+                         timing["kv_transfer_wait_ms"], timing.get("received_monotonic_s"),
+                         pairs("hops"), pairs("concurrent"))

@@ -61,3 +61,31 @@ def test_rows_survive_the_compact_json_form():
         assert got.keys() == want.keys()
         assert all(got[k]["p50"] == pytest.approx(want[k]["p50"], abs=1e-3) for k in want)
     assert back[2]["concurrent_ms"] == {"reserve_call": 2.5} and back[1]["hops_ms"] == {}
+
+
+def test_both_front_doors_report_the_same_hops(demo_model_dir):
+    """The gRPC and HTTP probes against one in-process cluster: each sees its first token,
+    the prefill worker's compute, and the router's hops wrapped by the client's own."""
+    from pdserve.benchmarks.router_overhead_probe import GrpcProbe, HttpProbe
+    from pdserve.cluster.launch.local import LocalCluster
+    from pdserve.engine.config import EngineConfig
+    from pdserve.router.config import RouterConfig
+    from pdserve.router.server import ServerConfig
+
+    engine = EngineConfig(model=str(demo_model_dir), device="cpu", num_kv_blocks=256)
+    router = RouterConfig(model=engine.model,
+                          server=ServerConfig(port=0, metrics_port=0, http_port=0))
+    with LocalCluster(engine, router=router) as c:
+        probes = [GrpcProbe(c.address), HttpProbe(c.server.http_address)]
+        try:
+            samples = {p.name: p.send(list(range(5, 45)), max_tokens=2) for p in probes}
+        finally:
+            for p in probes:
+                p.close()
+    assert set(samples) == {"grpc", "http"}
+    for s in samples.values():
+        names = [name for name, _ in s.hops_ms()]
+        assert names[0] == "client_to_router" and names[-1] == "router_to_client"
+        assert "prefill_compute" in names and "validate" in names
+        assert s.server.prefill_ms > 0 and s.client_ttft_ms > s.server.prefill_ms
+        assert sum(ms for _, ms in s.hops_ms()) == pytest.approx(s.client_ttft_ms, abs=0.05)
