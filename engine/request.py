@@ -39,7 +39,9 @@ class FinishReason(str, enum.Enum):
 _FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
              RequestStatus.FINISHED_ABORTED}
 _ALLOWED = {
-    RequestStatus.WAITING: {RequestStatus.RUNNING, RequestStatus.FINISHED_ABORTED},
+    # WAITING -> FINISHED_LENGTH: a preempted request that grew past the whole cache.
+    RequestStatus.WAITING: {RequestStatus.RUNNING, RequestStatus.FINISHED_ABORTED,
+                            RequestStatus.FINISHED_LENGTH},
     RequestStatus.RUNNING: {RequestStatus.WAITING} | _FINISHED,
 }
 FINISH_STATUS = {

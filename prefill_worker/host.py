@@ -31,6 +31,9 @@ class PrefillHost(WorkerHost):
 
     async def prefill(self, msg: PrefillRequest) -> PrefillResult:
         received = time.monotonic()
+        if msg.request_id in self._waiters:  # (its waiter must not be replaced: it would hang)
+            raise ValueError(f"request {msg.request_id} is already queued on "
+                             f"{self.worker.worker_id}")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._waiters[msg.request_id] = (loop, fut)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.llm_engine import validate_prompt
 from pdserve.engine.loader import LoadedModel
 from pdserve.engine.messages import SampledToken
 from pdserve.engine.model_step import EngineParts
@@ -110,6 +111,10 @@ class PrefillWorker(EngineWorker):
         """Queue ``msg``; ``received``: when the host got the call (default: now)."""
         if msg.request_id in self._pending:
             raise ValueError(f"request {msg.request_id} is already queued on {self.worker_id}")
+        # The router validates prompts against the model; only the worker knows its cache.
+        # (A prompt larger than the whole cache would otherwise wait in the queue forever.)
+        validate_prompt(msg.prompt_token_ids, self.loaded.model_config.vocab_size,
+                        self.loaded.max_model_len, self.blocks.num_blocks, self.blocks.block_size)
         req = Request(msg.request_id, msg.prompt_token_ids, msg.params)
         now = time.monotonic()
         received = now if received is None else received

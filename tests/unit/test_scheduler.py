@@ -442,3 +442,14 @@ def test_add_running_adopts_requests_with_blocks():
     sched.add_running(req)
     out = sched.schedule()
     assert [(c.request, c.start, c.num_tokens, c.samples) for c in out.chunks] == [(req, 6, 1, True)]
+
+
+def test_a_request_larger_than_the_whole_cache_finishes_instead_of_crashing():
+    """The waiting request the cache can never hold (a preempted one that grew past it;
+    here one queued directly) ends with LENGTH; the rest are served."""
+    sim = Sim(num_blocks=4, block_size=4)
+    big = sim.add("big", range(1, 21), 2)  # 20 prompt tokens: 6 blocks with the next token
+    small = sim.add("small", range(1, 6), 2)
+    sim.sched.schedule()
+    assert big.status is RequestStatus.FINISHED_LENGTH
+    assert small.status is RequestStatus.RUNNING
