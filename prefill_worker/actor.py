@@ -9,6 +9,7 @@ from pdserve.engine.worker_host import WorkerActorCalls
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 from pdserve.kv_transfer.messages import KVDestination
 from pdserve.prefill_worker.build import build_prefill_host
+from pdserve.prefill_worker.channel_server import ChannelServer
 from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult
 
 
@@ -18,6 +19,7 @@ class PrefillWorkerActor(WorkerActorCalls):
                  torch_threads: int | None = None):
         self.host = build_prefill_host(worker_id, engine, kv, torch_threads,
                                        ray.util.get_node_ip_address())
+        self.channel = ChannelServer(self.host)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -30,3 +32,14 @@ class PrefillWorkerActor(WorkerActorCalls):
 
     async def abort(self, request_id: str) -> bool:
         return await self.host.abort(request_id)
+
+    async def channel_address(self, router_node_id: str) -> str | None:
+        """The Unix socket of the direct request-path channel (``channel_server.py``) for
+        a router on ``router_node_id``; None for a router on another node."""
+        if router_node_id != self.node_id():
+            return None
+        return await self.channel.start()
+
+    async def shutdown(self) -> None:
+        await self.channel.close()
+        await super().shutdown()

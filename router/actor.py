@@ -36,6 +36,9 @@ class RouterActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     async def reliability(self) -> dict:
         """Retries so far, requests failed after spending their retries, and each
         worker's health (alive, deaths seen)."""

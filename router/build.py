@@ -40,7 +40,8 @@ def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
 
         profile = LatencyProfile.load(config.profile)
     policy = create_policy(config.policy, profile, config.prefill_token_budget)
-    pclients = [PrefillClient(w, t) for w, t in prefills]
+    pclients = [PrefillClient(w, t, direct=config.prefill_channel == "direct")
+                for w, t in prefills]
     dclients = [DecodeClient(w, t) for w, t in decodes]
     orch = Orchestrator(pclients, dclients, policy, config.slo, config.admission,
                         units=dict(config.units), reliability=config.reliability)

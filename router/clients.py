@@ -19,10 +19,10 @@ from pdserve.decode_worker.messages import (
 )
 from pdserve.kv_transfer.messages import KVDestination
 from pdserve.prefill_worker.messages import PrefillRequest, PrefillResult, PrefillStats
+from pdserve.router.prefill_direct import DirectPath
+from pdserve.router.worker_gone import WorkerGone
 
-
-class WorkerGone(RuntimeError):
-    """The worker process is dead or unreachable."""
+__all__ = ["DecodeClient", "PrefillClient", "WorkerGone"]
 
 
 def _is_actor(obj: Any) -> bool:
@@ -62,20 +62,66 @@ async def _ready(value):
     return value
 
 
+def _local_node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 class PrefillClient:
-    def __init__(self, worker_id: str, target: Any):
+    """The request path's calls (``prefill``, ``set_destination``, ``abort``) to a Ray
+    actor go over the direct channel when ``direct`` and one is up (``prefill_direct``),
+    over Ray otherwise; the others always over Ray. A request's later calls take the path
+    its prefill took, so they reach the worker after it."""
+
+    def __init__(self, worker_id: str, target: Any, direct: bool = True):
         self.worker_id = worker_id
         self.target = target
+        self.direct = (DirectPath(worker_id, target, _local_node_id)
+                       if direct and _is_actor(target) else None)
+        self._path_of: dict[str, Any] = {}  # request id -> its prefill's channel
+        self.sent = {"direct": 0, "ray": 0}  # prefills sent by each path
+
+    def path_report(self) -> dict:
+        """How this worker's prefills travel (the router's reliability report)."""
+        why = self.direct.disabled if self.direct is not None else "in process or disabled"
+        return {"sent": dict(self.sent), **({"ray_only": why} if why else {}),
+                **({"channels_opened": self.direct.connects} if self.direct else {})}
 
     def prefill(self, msg: PrefillRequest) -> Awaitable[PrefillResult]:
-        return _call(self.target, "prefill", msg)
+        channel = self.direct.channel() if self.direct is not None else None
+        if channel is None:
+            self.sent["ray"] += 1
+            return _call(self.target, "prefill", msg)
+        self.sent["direct"] += 1
+        self._path_of[msg.request_id] = channel
+        fut = channel.prefill(msg)
+        fut.add_done_callback(lambda _f: self._path_of.pop(msg.request_id, None))
+        return fut
 
     def set_destination(self, destination: KVDestination) -> Awaitable[None]:
         """The destination of a request sent with ``destination_follows``."""
+        channel = self._path_of.get(destination.transfer_id)
+        if channel is not None:
+            return channel.set_destination(destination)
         return _call(self.target, "set_destination", destination)
 
     def abort(self, request_id: str) -> Awaitable[bool]:
+        channel = self._path_of.get(request_id) or (
+            self.direct.channel() if self.direct is not None else None)
+        if channel is not None:
+            return channel.abort(request_id)
         return _call(self.target, "abort", request_id)
+
+    def open(self) -> None:
+        """Start connecting the direct channel, if any (in the event loop), so the first
+        requests need not go over Ray."""
+        if self.direct is not None:
+            self.direct.channel()
+
+    async def close(self) -> None:
+        if self.direct is not None:
+            await self.direct.close()
 
     def stats(self) -> Awaitable[PrefillStats]:
         return _call(self.target, "stats")

@@ -31,8 +31,14 @@ class RouterConfig:
     # (low node-affinity plans); empty = any pair.
     units: tuple[tuple[str, int], ...] = ()
     reliability: ReliabilityConfig = ReliabilityConfig()
+    # How the request path's calls reach a prefill worker's Ray actor on the router's node:
+    # "direct" = a Unix socket to it (router/prefill_direct.py), "ray" = Ray actor calls.
+    # Workers on other nodes, and every other call, always go over Ray.
+    prefill_channel: str = "direct"
 
     def __post_init__(self) -> None:
+        if self.prefill_channel not in ("direct", "ray"):
+            raise ValueError(f"prefill_channel must be direct or ray, got {self.prefill_channel!r}")
         if self.admission not in ("reject", "best_effort"):
             raise ValueError(f"admission must be reject or best_effort, got {self.admission!r}")
         if self.policy == "slo_aware" and not self.profile:

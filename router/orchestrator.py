@@ -83,12 +83,15 @@ class Orchestrator:
         for client in self.prefills.values():
             self._tasks.append(asyncio.create_task(
                 self.health.watch(client.worker_id, client.stats)))
+            client.open()
 
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.attempts.drain()
+        await asyncio.gather(*(c.close() for c in self.prefills.values()),
+                             return_exceptions=True)
 
     async def _consume(self, client: DecodeClient) -> None:
         """The worker's token stream for the router's life; after the worker dies, wait for
@@ -203,7 +206,8 @@ class Orchestrator:
     def reliability_report(self) -> dict:
         return {"retries": self.retries, "failed_after_retries": self.failed_after_retries,
                 "workers": {wid: {"alive": w.load.healthy, "deaths": w.deaths}
-                            for wid, w in self.health.workers.items()}}
+                            for wid, w in self.health.workers.items()},
+                "prefill_paths": {wid: c.path_report() for wid, c in self.prefills.items()}}
 
     def in_flight(self) -> int:
         return len(self._requests)

@@ -58,7 +58,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         router=RouterConfig(model=model, server=server, served_model_name=args.served_model_name,
                             policy=args.policy,
                             max_model_len=args.max_model_len, slo=slo,
-                            admission=args.admission, profile=args.profile),
+                            admission=args.admission, profile=args.profile,
+                            prefill_channel=args.prefill_channel),
     )
     what = (f"{args.prefill + args.decode} colocated workers" if args.colocated
             else f"{args.prefill} prefill + {args.decode} decode workers")
@@ -188,6 +189,9 @@ def register(sub) -> None:
     p.add_argument("--attainment", type=float, default=0.9, help="share that must meet both")
     p.add_argument("--admission", default="reject", choices=["reject", "best_effort"],
                    help="when the TTFT target cannot be met: answer RESOURCE_EXHAUSTED or serve")
+    p.add_argument("--prefill-channel", default="direct", choices=["direct", "ray"],
+                   help="the request path to prefill workers on the router's node: a Unix "
+                        "socket (direct) or Ray actor calls")
     p.add_argument("--plan", default=None,
                    help="launch exactly this plan (pdserve plan) with Ray placement groups")
     p.add_argument("--colocated", action="store_true",

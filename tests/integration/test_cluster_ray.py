@@ -71,6 +71,25 @@ def start(model, backend, prefill=TWO, decode=TWO):
     return launch(spec)
 
 
+def check_prefill_paths(cluster) -> None:
+    """Prompts to a prefill worker on the router's node went over the direct channel (one
+    socket, opened when the router started; a request or two may precede it), those to
+    a worker on another node as Ray calls."""
+    import ray
+
+    router_node = ray.get(cluster.router.node_id.remote())
+    paths = ray.get(cluster.router.reliability.remote())["prefill_paths"]
+    for w, handle in cluster.prefills:
+        p = paths[w]
+        if ray.get(handle.node_id.remote()) == router_node:
+            assert p["channels_opened"] == 1 and "ray_only" not in p, paths
+            assert p["sent"]["ray"] <= 2 and p["sent"]["direct"] > 0, paths
+        else:
+            assert "another node" in p["ray_only"] and p["sent"]["direct"] == 0, paths
+    assert any(p["sent"]["direct"] for p in paths.values()) or all(
+        "ray_only" in p for p in paths.values()), paths
+
+
 @pytest.mark.parametrize("backend", ["shm", "tcp"])
 def test_32_concurrent_requests_match_engine(ray_cluster, demo_model_dir, reference, backend):
     prompts, max_tokens, want = reference
@@ -78,6 +97,7 @@ def test_32_concurrent_requests_match_engine(ray_cluster, demo_model_dir, refere
     try:
         got = run_concurrently(cluster.address, prompts, max_tokens)
         assert got == list(want)
+        check_prefill_paths(cluster)
         deadline = time.monotonic() + 10
         while blocks_held(cluster) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -101,6 +121,7 @@ def test_multi_node_prefill_and_decode_on_different_nodes_over_tcp(
         assert all("node_b" in nodes[where[w]] for w, _ in cluster.decodes)
         got = run_concurrently(cluster.address, prompts[:16], max_tokens[:16])
         assert got == list(want[:16])
+        check_prefill_paths(cluster)
     finally:
         cluster.shutdown()
 

@@ -42,9 +42,10 @@ EXEMPT = {
     "router/actor.py": {"ray"},
     "router/clients.py": {"ray"},  # calls Ray actors (imported only when talking to one)
 }
-# The router may import these modules of the workers: their torch-free messages, nothing
-# of their implementation.
-ROUTER_MAY_IMPORT = {"pdserve.prefill_worker.messages", "pdserve.decode_worker.messages"}
+# The router may import these modules of the workers: their torch-free messages and the
+# direct channel's wire format, nothing of their implementation.
+ROUTER_MAY_IMPORT = {"pdserve.prefill_worker.messages", "pdserve.decode_worker.messages",
+                     "pdserve.prefill_worker.channel_wire"}
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:
