@@ -1,0 +1,208 @@
+"""Tensor parallelism on CPU: tp 2 and tp 4 against tp 1 and ``transformers``.
+
+Each group of rank processes (gloo, ``tests/tp_harness.py``) runs the same scenario on
+every checkpoint: two prompts prefilled in one batch (logits at every position), then ten
+decode steps of both while a third prompt is prefilled in two chunks alongside and then
+decodes too, every sequence's KV scattered over non-contiguous blocks. Rank 0 samples
+greedily and shares the tokens, as it will share each step's inputs when serving. The
+logits of every step must match tp 1 within 1e-4 (float32), the tokens must be those of
+``transformers`` ``generate``, and each rank's cache must hold exactly its KV heads, equal
+to that slice of the tp 1 cache. The checkpoints: the TP demo models (4 KV heads, sharded
+files) and the tiny test checkpoints (2 KV heads, one file), which at tp 4 replicate each
+KV head on two ranks. Two groups are started for the whole file (tp 2, tp 4).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.demo_tp_model import TP_DEMO_ARCHS, create_tp_demo_model
+from pdserve.engine.loader import build_runner, kv_cache_spec, load_model
+from pdserve.engine.model_runner import ModelInput
+from pdserve.engine.parallel.group import TPGroup
+from pdserve.engine.parallel.shard import kv_head_range
+from tests.conftest import ARCHS
+from tests.tp_harness import run_ranks
+
+ATOL = 1e-4
+BLOCK = 4
+NUM_BLOCKS = 64
+DECODE_STEPS = 10
+
+
+def scenario(group: TPGroup | None, paths: list[str]) -> dict[str, dict]:
+    """What one rank sees of the scenario on each checkpoint (logits only on rank 0)."""
+    torch.set_num_threads(1)  # several ranks share two cores
+    return {p: _one_checkpoint(group, p) for p in paths}
+
+
+def _one_checkpoint(group: TPGroup | None, path: str) -> dict:
+    tp = 1 if group is None else group.size
+    loaded = load_model(EngineConfig(model=path, device="cpu", block_size=BLOCK,
+                                     num_kv_blocks=NUM_BLOCKS, tensor_parallel_size=tp),
+                        load_tokenizer=False, group=group)
+    runner = build_runner(loaded, kv_cache_spec(loaded, NUM_BLOCKS))
+    rng = random.Random(Path(path).name)
+    vocab = loaded.model_config.vocab_size
+    seqs = {name: [rng.randrange(vocab) for _ in range(n)] for name, n in
+            (("a", 19), ("b", 6), ("c", 11))}
+    blocks = rng.sample(range(NUM_BLOCKS), 40)
+    tables = {"a": blocks[:10], "b": blocks[10:18], "c": blocks[18:30]}
+    prompt_len = {k: len(v) for k, v in seqs.items()}
+    # First a's prompt alone (into blocks of its own), logits at every position.
+    logits = runner.run([ModelInput(seqs["a"], 0, blocks[30:])], all_logits=True)
+    steps: list[np.ndarray] = [] if logits is None else [logits.numpy()]
+
+    def step(inputs, names):
+        logits = runner.run(inputs)
+        if logits is not None:
+            steps.append(logits.numpy())
+        new = _share(group, None if logits is None else logits.argmax(-1), len(names))
+        for name, tok in zip(names, new, strict=True):
+            seqs[name].append(tok)
+
+    def decode(name):
+        return ModelInput([seqs[name][-1]], len(seqs[name]) - 1, tables[name])
+
+    step([ModelInput(seqs["a"], 0, tables["a"]), ModelInput(seqs["b"], 0, tables["b"])],
+         ["a", "b"])
+    for i in range(DECODE_STEPS):
+        batch, names = [decode("a"), decode("b")], ["a", "b"]
+        if i == 0:
+            batch.append(ModelInput(seqs["c"][:6], 0, tables["c"], sample=False))
+        elif i == 1:
+            batch.append(ModelInput(seqs["c"][6:], 6, tables["c"]))
+            names.append("c")
+        else:
+            batch.append(decode("c"))
+            names.append("c")
+        step(batch, names)
+    k_cache, v_cache = runner.kv_cache.layer(0)
+    a_blocks = torch.tensor(tables["a"])
+    return {
+        "steps": steps,
+        "generated": {k: v[prompt_len[k]:] for k, v in seqs.items()},
+        "prompts": {k: v[:prompt_len[k]] for k, v in seqs.items()},
+        "kv_heads": (loaded.kv_head_range.start, loaded.kv_head_range.stop),
+        "cache_heads": runner.kv_cache.spec.num_kv_heads,
+        "kv_a": np.stack([k_cache[a_blocks].numpy(), v_cache[a_blocks].numpy()]),
+        "got_logits": bool(steps),
+    }
+
+
+def _share(group: TPGroup | None, tokens: torch.Tensor | None, n: int) -> list[int]:
+    """Rank 0's sampled tokens, on every rank."""
+    if group is None:
+        return tokens.tolist()
+    buf = tokens.clone() if tokens is not None else torch.zeros(n, dtype=torch.int64)
+    torch.distributed.broadcast(buf, src=0)
+    return buf.tolist()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_checkpoints, tmp_path_factory) -> dict[str, str]:
+    """name -> path: ``tp-<arch>`` (4 KV heads) and ``tiny-<arch>`` (2 KV heads)."""
+    root = tmp_path_factory.mktemp("tp-demo")
+    out = {f"tp-{a}": str(create_tp_demo_model(a, root / a)) for a in TP_DEMO_ARCHS}
+    out |= {f"tiny-{a}": str(tiny_checkpoints[a]) for a in ARCHS}
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(checkpoints) -> dict[int, list[dict]]:
+    """tp -> every rank's results (tp 1 in this process)."""
+    paths = list(checkpoints.values())
+    out = {1: [scenario(None, paths)]}
+    for tp in (2, 4):
+        out[tp] = run_ranks(scenario, tp, paths, preload=(__name__,))
+    return out
+
+
+CASES = [(f"{kind}-{a}", tp) for kind in ("tp", "tiny") for a in ARCHS for tp in (2, 4)]
+
+
+@pytest.mark.parametrize("name, tp", CASES)
+def test_every_step_matches_tp1(name, tp, runs, checkpoints):
+    path = checkpoints[name]
+    want, got = runs[1][0][path], runs[tp][0][path]
+    assert got["generated"] == want["generated"]
+    assert len(got["steps"]) == len(want["steps"]) == DECODE_STEPS + 2
+    for i, (g, w) in enumerate(zip(got["steps"], want["steps"], strict=True)):
+        assert g.shape == w.shape, i
+        np.testing.assert_allclose(g, w, atol=ATOL, rtol=0, err_msg=f"step {i}")
+    assert all(not r[path]["got_logits"] for r in runs[tp][1:])  # only rank 0 has logits
+
+
+@pytest.mark.parametrize("name, tp", CASES)
+def test_each_rank_caches_only_its_kv_heads(name, tp, runs, checkpoints):
+    path = checkpoints[name]
+    whole = runs[1][0][path]["kv_a"]  # [k/v, blocks, block_size, heads, head_dim]
+    heads = whole.shape[3]
+    for rank, result in enumerate(runs[tp]):
+        mine = kv_head_range(heads, tp, rank)
+        assert result[path]["kv_heads"] == (mine.start, mine.stop)
+        assert result[path]["cache_heads"] == len(mine)
+        np.testing.assert_allclose(result[path]["kv_a"], whole[:, :, :, mine.start:mine.stop],
+                                   atol=ATOL, rtol=0)
+    if name.startswith("tiny") and tp == 4:  # 2 KV heads over 4 ranks: each held twice
+        assert [r[path]["kv_heads"] for r in runs[tp]] == [(0, 1), (0, 1), (1, 2), (1, 2)]
+
+
+@pytest.mark.parametrize("name", [f"{kind}-{a}" for kind in ("tp", "tiny") for a in ARCHS])
+def test_greedy_tokens_equal_transformers_generate(name, runs, checkpoints):
+    path = checkpoints[name]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager", dtype=torch.float32, local_files_only=True).eval()
+    result = runs[1][0][path]
+    for seq, prompt in result["prompts"].items():
+        new = len(result["generated"][seq])
+        with torch.no_grad():
+            want = ref.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new,
+                                do_sample=False)[0, len(prompt):].tolist()
+        for tp in (2, 4):
+            assert runs[tp][0][path]["generated"][seq] == want, (seq, tp)
+
+
+def _dies(group: TPGroup, rank_to_die: int) -> str:
+    import os
+
+    if group.rank == rank_to_die:
+        os._exit(3)
+    try:
+        group.all_reduce_(torch.ones(4))
+    except RuntimeError as exc:
+        return f"raised: {type(exc).__name__}"
+    return "no error"
+
+
+def test_a_rank_that_dies_fails_the_group_instead_of_hanging():
+    with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] died"):
+        run_ranks(_dies, 2, 1, timeout_s=60, collective_timeout_s=10, preload=(__name__,))
+
+
+def _peer_leaves(group: TPGroup) -> str:
+    import time
+
+    if group.rank == 1:
+        group.close()  # what a dead rank's sockets do: closed by the kernel
+        return "left"
+    time.sleep(0.5)
+    try:
+        group.all_reduce_(torch.ones(4))
+    except RuntimeError as exc:
+        return f"raised {type(exc).__name__}"
+    return "no error"
+
+
+def test_a_collective_with_a_departed_rank_raises():
+    """What restarting an instance as a group relies on: a survivor's next collective
+    raises rather than hangs (a closed peer is seen at once; ``timeout_s`` bounds the rest)."""
+    assert run_ranks(_peer_leaves, 2, timeout_s=60, collective_timeout_s=30,
+                     preload=(__name__,)) == ["raised RuntimeError", "left"]
