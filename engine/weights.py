@@ -51,6 +51,20 @@ class ModelWeights:
     norm: torch.Tensor
     lm_head: torch.Tensor
 
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor once (a tied LM head is the embedding)."""
+        yield self.embed
+        yield self.norm
+        if self.lm_head is not self.embed:
+            yield self.lm_head
+        for lw in self.layers:
+            yield from (t for t in (lw.input_norm, lw.qkv, lw.qkv_bias, lw.o_proj, lw.o_bias,
+                                    lw.post_norm, lw.gate_up, lw.down) if t is not None)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
 
 def checkpoint_files(model_dir: str | os.PathLike) -> dict[str, Path]:
     """Map every tensor name to the safetensors file holding it."""
@@ -119,8 +133,9 @@ def load_weights(
     wanted = required | {n for n in optional if n in files}
     _check_shapes(files, wanted, _full_shapes(config), model_dir)
     cuts = _shard_cuts(config, shard) if shard is not None and shard.is_sharded else {}
+    own = bool(cuts) and torch.device(device).type == "cpu"
     t = {name: tensor.to(device=device, dtype=dtype)
-         for name, tensor in _read_tensors(files, wanted, cuts)}
+         for name, tensor in _read_tensors(files, wanted, cuts, own)}
 
     layers = []
     for i in range(config.num_layers):
@@ -157,23 +172,28 @@ class _Slice:
     size: int
 
 
-def _read_tensors(files: dict[str, Path], names: set[str], cuts: dict[str, _Slice]
-                  ) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_tensors(files: dict[str, Path], names: set[str], cuts: dict[str, _Slice],
+                  own: bool) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
+    # safetensors may hand out views of its memory map. At tp=1 that is free (the whole
+    # file is wanted); a rank must own copies instead, or one view would keep the file
+    # mapped and every page touched reading a column slice (all of the tensor's rows)
+    # resident in this process: a rank's RSS would not shrink with tp. (On a GPU the move
+    # to the device is the copy.)
     for path, wanted in _by_file(files, names).items():
         with _open(path, safe_open) as fh:
             for name in wanted:
                 cut = cuts.get(name)
                 try:
                     if cut is None:
-                        yield name, fh.get_tensor(name)
-                        continue
-                    index = (slice(None),) * cut.dim + (slice(cut.start, cut.stop),)
-                    part = fh.get_slice(name)[index]
+                        tensor = fh.get_tensor(name)
+                    else:
+                        index = (slice(None),) * cut.dim + (slice(cut.start, cut.stop),)
+                        tensor = _pad(fh.get_slice(name)[index], cut)
                 except Exception as exc:
                     raise ValueError(f"cannot read tensor {name!r} from {path}: {exc}") from exc
-                yield name, _pad(part, cut)
+                yield name, tensor.clone() if own else tensor
 
 
 def _pad(part: torch.Tensor, cut: _Slice) -> torch.Tensor:

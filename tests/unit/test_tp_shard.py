@@ -101,11 +101,9 @@ def test_rank_shares_rebuild_the_weights_and_are_read_sliced(tp, tp_mistral, mon
     assert not embed[config.vocab_size:].any()  # the padding rows are zero
 
     # A rank holds 1/tp of every split tensor; only the norms are held tp times over.
-    def nbytes(w):
-        return sum(t.nbytes for t in _tensors(w))
-    replicated = sum(t.nbytes for t in _tensors(full) if t.dim() == 1)
+    replicated = sum(t.nbytes for t in full.tensors() if t.dim() == 1)
     padding = (embed.shape[0] - config.vocab_size) * config.hidden_size * 4 * 2
-    assert sum(nbytes(p) for p in parts) == nbytes(full) + (tp - 1) * replicated + padding
+    assert sum(p.nbytes for p in parts) == full.nbytes + (tp - 1) * replicated + padding
 
 
 def test_replicated_kv_heads_are_read_by_every_holder(tiny_checkpoints):
@@ -121,15 +119,6 @@ def test_replicated_kv_heads_are_read_by_every_holder(tiny_checkpoints):
         assert torch.equal(p.layers[0].qkv[q:q + kv], full.layers[0].qkv[k_rows])
         assert torch.equal(p.layers[0].qkv_bias[q:q + kv], full.layers[0].qkv_bias[k_rows])
         assert p.lm_head is p.embed  # tied: one tensor
-
-
-def _tensors(w):
-    yield from (w.embed, w.norm)
-    if w.lm_head is not w.embed:
-        yield w.lm_head
-    for lw in w.layers:
-        yield from (t for t in (lw.input_norm, lw.qkv, lw.qkv_bias, lw.o_proj, lw.o_bias,
-                                lw.post_norm, lw.gate_up, lw.down) if t is not None)
 
 
 def _record_whole_reads(monkeypatch) -> list[str]:
