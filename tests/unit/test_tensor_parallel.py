@@ -170,16 +170,20 @@ def test_greedy_tokens_equal_transformers_generate(name, runs, checkpoints):
             assert runs[tp][0][path]["generated"][seq] == want, (seq, tp)
 
 
+def _all_reduce_outcome(group: TPGroup) -> str:
+    try:
+        group.all_reduce_(torch.ones(4))
+    except RuntimeError as exc:
+        return f"raised {type(exc).__name__}"
+    return "no error"
+
+
 def _dies(group: TPGroup, rank_to_die: int) -> str:
     import os
 
     if group.rank == rank_to_die:
         os._exit(3)
-    try:
-        group.all_reduce_(torch.ones(4))
-    except RuntimeError as exc:
-        return f"raised: {type(exc).__name__}"
-    return "no error"
+    return _all_reduce_outcome(group)
 
 
 def test_a_rank_that_dies_fails_the_group_instead_of_hanging():
@@ -194,11 +198,7 @@ def _peer_leaves(group: TPGroup) -> str:
         group.close()  # what a dead rank's sockets do: closed by the kernel
         return "left"
     time.sleep(0.5)
-    try:
-        group.all_reduce_(torch.ones(4))
-    except RuntimeError as exc:
-        return f"raised {type(exc).__name__}"
-    return "no error"
+    return _all_reduce_outcome(group)
 
 
 def test_a_collective_with_a_departed_rank_raises():

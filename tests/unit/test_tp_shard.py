@@ -153,3 +153,14 @@ def _hf(arch: str, vocab: int):
 
     return tp_demo_hf_config(arch, vocab, {"bos_token_id": 0, "eos_token_id": 1,
                                            "pad_token_id": 2})
+
+
+def test_a_tp_config_needs_its_group(tiny_checkpoints):
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.loader import load_model
+
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        EngineConfig(model="/m", tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="needs a joined group of 2 ranks, got none"):
+        load_model(EngineConfig(model=str(tiny_checkpoints["llama"]), device="cpu",
+                                tensor_parallel_size=2))
