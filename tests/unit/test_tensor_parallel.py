@@ -9,7 +9,8 @@ logits of every step must match tp 1 within 1e-4 (float32), the tokens must be t
 ``transformers`` ``generate``, and each rank's cache must hold exactly its KV heads, equal
 to that slice of the tp 1 cache. The checkpoints: the TP demo models (4 KV heads, sharded
 files) and the tiny test checkpoints (2 KV heads, one file), which at tp 4 replicate each
-KV head on two ranks. Two groups are started for the whole file (tp 2, tp 4).
+KV head on two ranks, plus a tiny Llama with attention biases (o_proj's is added once,
+after the all-reduce). Two groups are started for the whole file (tp 2, tp 4).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pdserve.engine.loader import build_runner, kv_cache_spec, load_model
 from pdserve.engine.model_runner import ModelInput
 from pdserve.engine.parallel.group import TPGroup
 from pdserve.engine.parallel.shard import kv_head_range
-from tests.conftest import ARCHS
+from tests.conftest import ARCHS, save_tiny_checkpoint
 from tests.tp_harness import run_ranks
 
 ATOL = 1e-4
@@ -112,6 +113,7 @@ def checkpoints(tiny_checkpoints, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tp-demo")
     out = {f"tp-{a}": str(create_tp_demo_model(a, root / a)) for a in TP_DEMO_ARCHS}
     out |= {f"tiny-{a}": str(tiny_checkpoints[a]) for a in ARCHS}
+    out["bias-llama"] = str(save_tiny_checkpoint("llama", root / "bias", attention_bias=True))
     return out
 
 
@@ -125,7 +127,8 @@ def runs(checkpoints) -> dict[int, list[dict]]:
     return out
 
 
-CASES = [(f"{kind}-{a}", tp) for kind in ("tp", "tiny") for a in ARCHS for tp in (2, 4)]
+NAMES = [f"{kind}-{a}" for kind in ("tp", "tiny") for a in ARCHS] + ["bias-llama"]
+CASES = [(name, tp) for name in NAMES for tp in (2, 4)]
 
 
 @pytest.mark.parametrize("name, tp", CASES)
@@ -151,11 +154,11 @@ def test_each_rank_caches_only_its_kv_heads(name, tp, runs, checkpoints):
         assert result[path]["cache_heads"] == len(mine)
         np.testing.assert_allclose(result[path]["kv_a"], whole[:, :, :, mine.start:mine.stop],
                                    atol=ATOL, rtol=0)
-    if name.startswith("tiny") and tp == 4:  # 2 KV heads over 4 ranks: each held twice
+    if name.startswith(("tiny", "bias")) and tp == 4:  # 2 KV heads over 4 ranks: each held twice
         assert [r[path]["kv_heads"] for r in runs[tp]] == [(0, 1), (0, 1), (1, 2), (1, 2)]
 
 
-@pytest.mark.parametrize("name", [f"{kind}-{a}" for kind in ("tp", "tiny") for a in ARCHS])
+@pytest.mark.parametrize("name", NAMES)
 def test_greedy_tokens_equal_transformers_generate(name, runs, checkpoints):
     path = checkpoints[name]
     ref = transformers.AutoModelForCausalLM.from_pretrained(
