@@ -35,9 +35,6 @@ class HeadRange:
     def __len__(self) -> int:
         return self.stop - self.start
 
-    def __contains__(self, index: object) -> bool:
-        return isinstance(index, int) and self.start <= index < self.stop
-
 
 def check_tp_size(num_kv_heads: int, tp_size: int) -> None:
     """ValueError unless ``tp_size`` divides ``num_kv_heads`` or is a multiple of it."""
