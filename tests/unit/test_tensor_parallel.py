@@ -1,110 +1,31 @@
 """Tensor parallelism on CPU: tp 2 and tp 4 against tp 1 and ``transformers``.
 
-Each group of rank processes (gloo, ``tests/tp_harness.py``) runs the same scenario on
-every checkpoint: two prompts prefilled in one batch (logits at every position), then ten
-decode steps of both while a third prompt is prefilled in two chunks alongside and then
-decodes too, every sequence's KV scattered over non-contiguous blocks. Rank 0 samples
-greedily and shares the tokens, as it will share each step's inputs when serving. The
-logits of every step must match tp 1 within 1e-4 (float32), the tokens must be those of
+Each group of rank processes (gloo, ``tests/tp_harness.py``) runs ``tests/tp_scenario.py``
+on every checkpoint: a prefill with logits at every position, then a mixed batch of decodes
+and a chunked prefill for ten steps, KV scattered over non-contiguous blocks. The logits of
+every step must match tp 1 within 1e-4 (float32), the tokens must be those of
 ``transformers`` ``generate``, and each rank's cache must hold exactly its KV heads, equal
 to that slice of the tp 1 cache. The checkpoints: the TP demo models (4 KV heads, sharded
-files) and the tiny test checkpoints (2 KV heads, one file), which at tp 4 replicate each
-KV head on two ranks, plus a tiny Llama with attention biases (o_proj's is added once,
-after the all-reduce). Two groups are started for the whole file (tp 2, tp 4).
+files), the tiny test checkpoints (2 KV heads, one file), which at tp 4 replicate each KV
+head on two ranks, and a tiny Llama with attention biases (o_proj's is added once, after
+the all-reduce). Two groups are started for the whole file (tp 2, tp 4).
 """
 
 from __future__ import annotations
-
-import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from pdserve.engine.config import EngineConfig
 from pdserve.engine.demo_tp_model import TP_DEMO_ARCHS, create_tp_demo_model
-from pdserve.engine.loader import build_runner, kv_cache_spec, load_model
-from pdserve.engine.model_runner import ModelInput
 from pdserve.engine.parallel.group import TPGroup
 from pdserve.engine.parallel.shard import kv_head_range
 from tests.conftest import ARCHS, save_tiny_checkpoint
 from tests.tp_harness import run_ranks
+from tests.tp_scenario import DECODE_STEPS, scenario
 
 ATOL = 1e-4
-BLOCK = 4
-NUM_BLOCKS = 64
-DECODE_STEPS = 10
-
-
-def scenario(group: TPGroup | None, paths: list[str]) -> dict[str, dict]:
-    """What one rank sees of the scenario on each checkpoint (logits only on rank 0)."""
-    torch.set_num_threads(1)  # several ranks share two cores
-    return {p: _one_checkpoint(group, p) for p in paths}
-
-
-def _one_checkpoint(group: TPGroup | None, path: str) -> dict:
-    tp = 1 if group is None else group.size
-    loaded = load_model(EngineConfig(model=path, device="cpu", block_size=BLOCK,
-                                     num_kv_blocks=NUM_BLOCKS, tensor_parallel_size=tp),
-                        load_tokenizer=False, group=group)
-    runner = build_runner(loaded, kv_cache_spec(loaded, NUM_BLOCKS))
-    rng = random.Random(Path(path).name)
-    vocab = loaded.model_config.vocab_size
-    seqs = {name: [rng.randrange(vocab) for _ in range(n)] for name, n in
-            (("a", 19), ("b", 6), ("c", 11))}
-    blocks = rng.sample(range(NUM_BLOCKS), 40)
-    tables = {"a": blocks[:10], "b": blocks[10:18], "c": blocks[18:30]}
-    prompt_len = {k: len(v) for k, v in seqs.items()}
-    # First a's prompt alone (into blocks of its own), logits at every position.
-    logits = runner.run([ModelInput(seqs["a"], 0, blocks[30:])], all_logits=True)
-    steps: list[np.ndarray] = [] if logits is None else [logits.numpy()]
-
-    def step(inputs, names):
-        logits = runner.run(inputs)
-        if logits is not None:
-            steps.append(logits.numpy())
-        new = _share(group, None if logits is None else logits.argmax(-1), len(names))
-        for name, tok in zip(names, new, strict=True):
-            seqs[name].append(tok)
-
-    def decode(name):
-        return ModelInput([seqs[name][-1]], len(seqs[name]) - 1, tables[name])
-
-    step([ModelInput(seqs["a"], 0, tables["a"]), ModelInput(seqs["b"], 0, tables["b"])],
-         ["a", "b"])
-    for i in range(DECODE_STEPS):
-        batch, names = [decode("a"), decode("b")], ["a", "b"]
-        if i == 0:
-            batch.append(ModelInput(seqs["c"][:6], 0, tables["c"], sample=False))
-        elif i == 1:
-            batch.append(ModelInput(seqs["c"][6:], 6, tables["c"]))
-            names.append("c")
-        else:
-            batch.append(decode("c"))
-            names.append("c")
-        step(batch, names)
-    k_cache, v_cache = runner.kv_cache.layer(0)
-    a_blocks = torch.tensor(tables["a"])
-    return {
-        "steps": steps,
-        "generated": {k: v[prompt_len[k]:] for k, v in seqs.items()},
-        "prompts": {k: v[:prompt_len[k]] for k, v in seqs.items()},
-        "kv_heads": (loaded.kv_head_range.start, loaded.kv_head_range.stop),
-        "cache_heads": runner.kv_cache.spec.num_kv_heads,
-        "kv_a": np.stack([k_cache[a_blocks].numpy(), v_cache[a_blocks].numpy()]),
-        "got_logits": bool(steps),
-    }
-
-
-def _share(group: TPGroup | None, tokens: torch.Tensor | None, n: int) -> list[int]:
-    """Rank 0's sampled tokens, on every rank."""
-    if group is None:
-        return tokens.tolist()
-    buf = tokens.clone() if tokens is not None else torch.zeros(n, dtype=torch.int64)
-    torch.distributed.broadcast(buf, src=0)
-    return buf.tolist()
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +44,7 @@ def runs(checkpoints) -> dict[int, list[dict]]:
     paths = list(checkpoints.values())
     out = {1: [scenario(None, paths)]}
     for tp in (2, 4):
-        out[tp] = run_ranks(scenario, tp, paths, preload=(__name__,))
+        out[tp] = run_ranks(scenario, tp, paths)
     return out
 
 
