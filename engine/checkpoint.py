@@ -17,9 +17,21 @@ def has_tokenizer(model_dir: str) -> bool:
 
 
 def ensure_model_present(model_dir: str) -> None:
-    """On a worker node without the demo checkpoint, create it: it is deterministic, so
-    every node builds identical weights (real checkpoints must be on every node)."""
+    """On a worker node without a demo checkpoint (``demo_model``, ``demo_tp_model``), create
+    it: they are deterministic, so every node builds identical weights (real checkpoints
+    must be on every node)."""
     from pdserve.engine.demo_model import create_demo_model, demo_model_path
+    from pdserve.engine.demo_tp_model import (
+        TP_DEMO_ARCHS,
+        create_tp_demo_model,
+        tp_demo_model_path,
+    )
 
-    if not Path(model_dir).exists() and Path(model_dir) == demo_model_path():
+    path = Path(model_dir)
+    if path.exists():
+        return
+    if path == demo_model_path():
         create_demo_model(model_dir)
+    for arch in TP_DEMO_ARCHS:
+        if path == tp_demo_model_path(arch):
+            create_tp_demo_model(arch, model_dir)

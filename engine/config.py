@@ -39,6 +39,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     attention_backend: str = "auto"
     seed: int = 0
+    # Ranks the model is split over (one process each, engine/parallel/); 1 = no split.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -57,6 +59,8 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
         if (not self.enable_chunked_prefill and self.max_model_len is not None

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 DEMO_MODEL_VERSION = "v1"
@@ -138,11 +139,8 @@ def _build_tokenizer():
     return hf_tok
 
 
-def _build_checkpoint(out_dir: Path, seed: int, dtype: str) -> None:
-    """Write tokenizer, model weights, configs and README into ``out_dir``."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
+def save_tokenizer(out_dir: Path):
+    """Train the demo tokenizer, save it into ``out_dir`` and return it."""
     tokenizer = _build_tokenizer()
     tokenizer.save_pretrained(out_dir)
     # Some transformers versions record the backend class name instead of one that
@@ -152,12 +150,21 @@ def _build_checkpoint(out_dir: Path, seed: int, dtype: str) -> None:
     tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8"))
     tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    return tokenizer
 
-    special_ids = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+
+
+def _build_checkpoint(out_dir: Path, seed: int, dtype: str) -> None:
+    """Write tokenizer, model weights, configs and README into ``out_dir``."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = save_tokenizer(out_dir)
+    special_ids = special_token_ids(tokenizer)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=256,
@@ -207,6 +214,13 @@ def create_demo_model(
     if not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     target = Path(path).expanduser() if path is not None else demo_model_path()
+    # Looked up at call time, so a test can stand in for the builder.
+    return create_checkpoint(target, lambda out: _build_checkpoint(out, seed, dtype), overwrite)
+
+
+def create_checkpoint(target: Path, build: Callable[[Path], None], overwrite: bool) -> Path:
+    """Run ``build(tmp_dir)`` and move the result to ``target`` atomically (see the module
+    docstring); an existing checkpoint there is kept unless ``overwrite``."""
     if not overwrite:
         if (target / "config.json").is_file():
             return target
@@ -221,7 +235,7 @@ def create_demo_model(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _build_checkpoint(tmp, seed, dtype)
+        build(tmp)
         if overwrite and (target.exists() or target.is_symlink()):
             _replace_existing(target, tmp)
         else:

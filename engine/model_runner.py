@@ -40,9 +40,10 @@ class ModelRunner:
         self.block_size = kv_cache.spec.block_size
 
     def run(self, inputs: Sequence[ModelInput], all_logits: bool = False,
-            layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+            layer_done: Callable[[int], None] | None = None) -> torch.Tensor | None:
         """Logits [rows, vocab] in float32: one row per input with ``sample`` set (its last
-        token), or one per token of every input if ``all_logits``."""
+        token), or one per token of every input if ``all_logits``. A tensor-parallel rank
+        other than 0 runs the same step (every rank must, with the same inputs) and gets None."""
         if not inputs:
             raise ValueError("empty step")
         p = self.block_size

@@ -36,12 +36,17 @@ def tiny_hf_config(arch: str):
     raise ValueError(arch)
 
 
-def save_tiny_checkpoint(arch: str, path: Path, seed: int = 0, dtype=torch.float32) -> Path:
+def save_tiny_checkpoint(arch: str, path: Path, seed: int = 0, dtype=torch.float32,
+                         **config_changes) -> Path:
+    """``config_changes``: attributes set on the HF config (e.g. ``attention_bias=True``)."""
     import transformers
 
     torch.manual_seed(seed)
+    config = tiny_hf_config(arch)
+    for key, value in config_changes.items():
+        setattr(config, key, value)
     model = transformers.AutoModelForCausalLM.from_config(
-        tiny_hf_config(arch), attn_implementation="eager", dtype=dtype)
+        config, attn_implementation="eager", dtype=dtype)
     # Random init leaves norms at 1 and biases at 0; perturb them so those code paths matter.
     with torch.no_grad():
         for name, p in model.named_parameters():
