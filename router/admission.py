@@ -59,7 +59,7 @@ class Admission:
         keeps a request that will be refused from costing a prefill (and the router a
         prefill call and its abort)."""
         return any(w.healthy and not w.refused
-                   and (not w.max_seqs or w.in_flight < w.max_seqs)
+                   and not w.seats_full
                    and w.free_blocks >= 2 * -(-routing.num_prompt_tokens // w.block_size)
                    for w in self.decode_load.values())
 

@@ -229,6 +229,12 @@ class AttemptRunner:
     async def _reserve(self, routing: RoutingRequest):
         full = 0
         for wid in self.admission.rank_decode(routing):
+            if self.admission.decode_load[wid].seats_full:
+                # This router alone holds as many requests there as the worker takes: it
+                # would refuse. Not asking spares an overloaded worker a call per request
+                # (under 5x overload those calls starved its event loop past the heartbeat).
+                full += 1
+                continue
             try:
                 res = await self._reserve_on(wid, routing)
             except NoCapacityError:

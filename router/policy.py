@@ -35,6 +35,12 @@ class WorkerLoad:
     # decode: current context length of each request running there
     decode_contexts: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def seats_full(self) -> bool:
+        """Decode: this router alone holds as many requests here as the worker takes
+        (``max_seqs``), so it would refuse another reservation."""
+        return bool(self.max_seqs) and self.in_flight >= self.max_seqs
+
 
 @dataclass(frozen=True)
 class RoutingRequest:
