@@ -2,9 +2,22 @@
 
 Objective: the highest per-GPU goodput (requests/s/GPU meeting the SLO attainment target)
 for a ``ClusterDesc``, a ``LatencyProfile``, a trace and an ``SloConfig``. Every number
-comes from the simulator (``pdserve.cluster.planning.simulator``) on a representative slice of the
-trace (``max_requests`` consecutive requests with the trace's length distribution),
-rescaled in rate by bisection; goodput searches are cached by simulation key.
+comes from the simulator (``pdserve.cluster.planning.simulator``): each rate a bisection
+probes is simulated on a steady-state window sized in time for that rate (warm-up,
+measured span, cool-down; ``simulator/window.py``), cut from the trace at the start of
+its most representative stretch and replayed cyclically when longer than the trace; a
+probe stops as soon as its measured misses decide it. Bisections stop at a relative
+precision ``tol`` (the plan states it); goodput searches are cached by simulation key.
+Before the plan is written, ``check.check_plan`` replays the chosen plan on the whole
+trace at the claimed rate (backing off when it does not hold) and measures its attainment
+on ``replicates`` other windows of the trace (the plan's confidence figure). When nothing
+meets the SLO, ``infeasibility.explain`` says which target binds and what would relax it.
+
+Phase curves (Alg. 1) are measured on a sparse grid of instance counts (steps of about
+25%) and interpolated between; once the per-instance goodput stops growing (pooling
+gains below ``curve_growth`` per step) the curve is extended at that per-instance rate,
+a lower bound, as adding identical instances to a pool does not lower its per-instance
+goodput. Estimates only rank candidates: the best are verified as whole systems.
 
 - High node-affinity (DistServe Alg. 1; fast cross-node network): search each phase's
   ``(tp, pp)`` alone (prefill: TTFT only; decode: TPOT only, fed as if prefill were
@@ -37,9 +50,11 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from pdserve.cluster.planning.check import PlanCheck, check_plan
 from pdserve.cluster.planning.cluster_desc import ClusterDesc
+from pdserve.cluster.planning.infeasibility import Infeasibility, explain
 from pdserve.cluster.planning.plan import (
     Plan,
     SearchStats,
@@ -50,7 +65,12 @@ from pdserve.cluster.planning.plan import (
 from pdserve.cluster.planning.simulator.config import DisaggPlanSpec, InstanceSpec, SimConfig
 from pdserve.cluster.planning.simulator.evaluator import Candidate, Evaluation, Evaluator, sim_key
 from pdserve.cluster.planning.simulator.goodput import GoodputResult
-from pdserve.cluster.planning.simulator.workload import Workload, representative_slice
+from pdserve.cluster.planning.simulator.window import SteadyWindows, WindowConfig, instances_of
+from pdserve.cluster.planning.simulator.workload import (
+    Workload,
+    representative_slice,
+    representative_start,
+)
 from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.router.slo import SloConfig
 from pdserve.workloads.trace import Trace
@@ -59,23 +79,45 @@ AFFINITY_CHOICES = ("auto", "high", "low")
 
 
 class PlanningError(ValueError):
-    """No configuration meets the SLO on this cluster."""
+    """No configuration meets the SLO on this cluster; ``infeasibility`` says why when
+    known (its message is the error's)."""
+
+    def __init__(self, message: str, infeasibility: Infeasibility | None = None) -> None:
+        super().__init__(message)
+        self.infeasibility = infeasibility
 
 
 @dataclass(frozen=True)
 class PlannerConfig:
-    max_requests: int = 1500
+    """``max_requests``: plan on a representative slice of this many requests (None: the
+    whole trace; windows replay either cyclically). ``tol``: relative precision of the
+    whole-system goodput bisections, ``phase_tol`` of the phase curves (which only rank).
+    ``replicates``: windows of the confidence figure; ``final_check``: replay the chosen
+    plan on the whole trace before writing it. ``workers`` > 1 runs phase curves and
+    exhaustive searches in that many processes."""
+
+    max_requests: int | None = None
     max_pp: int = 4
-    tol: float = 0.01  # relative precision of each goodput bisection
+    tol: float = 0.01
+    phase_tol: float = 0.02
     keep_per_phase: int | None = None  # None: every (tp, pp) that meets its SLO alone
     verify_top: int = 8
     low_affinity_final: int = 3  # unit configs replicated and simulated whole
     max_instances: int | None = None  # per pool, exhaustive search only
     consider_colocated: bool = False  # plan(): also search colocated (tp, pp, count)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    curve_growth: float = 0.02
+    replicates: int = 4
+    final_check: bool = True
+    workers: int = 1
 
     def __post_init__(self) -> None:
-        if self.max_requests < 10 or self.max_pp < 1 or not (0 < self.tol < 0.5):
-            raise ValueError("need max_requests >= 10, max_pp >= 1, 0 < tol < 0.5")
+        if (self.max_requests is not None and self.max_requests < 10) or self.max_pp < 1:
+            raise ValueError("need max_requests >= 10 (or None) and max_pp >= 1")
+        if not (0 < self.tol < 0.5 and 0 < self.phase_tol < 0.5):
+            raise ValueError("need 0 < tol, phase_tol < 0.5")
+        if self.curve_growth < 0 or self.replicates < 0 or self.workers < 1:
+            raise ValueError("need curve_growth >= 0, replicates >= 0 and workers >= 1")
         if min(self.keep_per_phase or 1, self.verify_top, self.low_affinity_final) < 1:
             raise ValueError("keep_per_phase, verify_top and low_affinity_final must be >= 1")
         if self.max_instances is not None and self.max_instances < 1:
@@ -95,13 +137,22 @@ class Planner:
 
     def __init__(self, cluster: ClusterDesc, profile: LatencyProfile, trace: Trace,
                  slo: SloConfig, sim_config: SimConfig | None = None,
-                 config: PlannerConfig | None = None) -> None:
+                 config: PlannerConfig | None = None, arrivals: str = "trace") -> None:
+        """``arrivals`` names the arrival model of ``trace`` (``workloads.arrivals``), for
+        the plan's record; the trace already has it."""
         self.cluster, self.profile, self.slo = cluster, profile, slo
+        self.arrivals = arrivals
         self.cfg = sim_config or SimConfig()
         self.pc = config or PlannerConfig()
-        self.trace = representative_slice(trace, self.pc.max_requests)
+        self.trace = (representative_slice(trace, self.pc.max_requests)
+                      if self.pc.max_requests else trace)
         self.workload = Workload.from_trace(self.trace)
-        self.ev = Evaluator(profile, self.workload, slo, self.cfg, self.pc.tol)
+        # Windows start where the trace's lengths look most like the whole of it (its
+        # head is often unlike the rest: see ``representative_start``).
+        start = representative_start(self.trace, min(len(self.trace),
+                                                     max(1500, len(self.trace) // 4)))
+        self.windows = SteadyWindows(self.workload, slo, self.pc.window, start)
+        self.ev = Evaluator(profile, self.workload, slo, self.cfg, self.pc.tol, self.windows)
         self.max_prompt = max(self.workload.prompt)
         self.max_footprint = self.workload.max_footprint
 
@@ -128,16 +179,22 @@ class Planner:
     def phase_goodput(self, role: str, tp: int, pp: int, n: int,
                       lo: float | None = None, hi: float | None = None) -> GoodputResult:
         inst = InstanceSpec(tp, pp, n)
-        return self.ev.goodput(DisaggPlanSpec(inst, inst), role, lo, hi)
+        return self.ev.goodput(DisaggPlanSpec(inst, inst), role, lo, hi, self.pc.phase_tol)
 
     def _curve(self, role: str, tp: int, pp: int, max_n: int) -> dict[int, float]:
-        """Phase goodput (req/s) of 1..max_n instances, each search seeded by the last."""
-        out: dict[int, float] = {}
-        prev = 0.0
-        for n in range(1, max_n + 1):
-            hint = (prev, prev * n / (n - 1) * 1.1) if prev > 0 and n > 1 else (None, None)
-            out[n] = prev = self.phase_goodput(role, tp, pp, n, *hint).rate
-        return out
+        """Phase goodput (req/s) of 1..max_n instances: measured on ``curve_grid``, each
+        search seeded by the last, until the per-instance goodput stops growing; linear
+        in between, and at the last measured per-instance rate beyond (module doc)."""
+        measured: dict[int, float] = {}
+        prev_n, prev = 0, 0.0
+        for n in curve_grid(max_n):
+            hint = (prev, prev * n / prev_n * 1.1) if prev > 0 else (None, None)
+            g = self.phase_goodput(role, tp, pp, n, *hint).rate
+            measured[n] = g
+            if g <= 0 or (n >= 4 and g / n < prev / prev_n * (1 + self.pc.curve_growth)):
+                break
+            prev_n, prev = n, g
+        return fill_curve(measured, max_n)
 
     # -- Alg. 1 -------------------------------------------------------------------------
     def _high(self) -> _Found:
@@ -257,13 +314,34 @@ class Planner:
                     if affinity != "auto":
                         raise
         if not found:
-            raise PlanningError("no configuration meets the SLO on this cluster")
+            why = self.explain()
+            raise PlanningError(why.message(), why)
         best = max(found, key=lambda f: (f.evaluation.per_gpu_goodput,
                                          f.evaluation.goodput.rate))
+        check = None
+        if self.pc.final_check:
+            e = best.evaluation
+            spec = e.candidate.spec()
+            check = check_plan(spec, self.profile, self.windows, self.slo, self.cfg,
+                               e.goodput.rate, instances_of(spec), self.pc.replicates,
+                               self.pc.tol)
+        w = self.pc.window
         stats = SearchStats(sum(f.candidates for f in found), self.ev.num_sims - sims0,
                             time.perf_counter() - t0, len(self.workload),
-                            f"affinity={affinity}; goodput bisection tol={self.pc.tol}")
-        return self.make_plan(best, stats)
+                            f"affinity={affinity}; goodput bisection precision {self.pc.tol:g} "
+                            f"(phase curves {self.pc.phase_tol:g}); steady-state windows: "
+                            f"warm-up {w.warmup:g}, measured {w.measure:g}, cool-down "
+                            f"{w.cooldown:g} x {self.windows.scale_s:.1f} s, >= "
+                            f"{w.min_per_instance} measured requests per instance",
+                            self.ev.requests_simulated)
+        return self.make_plan(best, stats, check)
+
+    def explain(self) -> Infeasibility:
+        """Why no plan meets the SLO (``infeasibility``)."""
+        G = self.cluster.num_gpus
+        return explain(self.profile, self.workload, self.slo, self.cfg,
+                       {r: self.parallel_configs(r, G) for r in ("prefill", "decode")},
+                       self.cluster.gpus_per_node)
 
     def _colocated(self) -> _Found:
         """The colocated baseline as a plan option (``consider_colocated``)."""
@@ -281,16 +359,19 @@ class Planner:
             raise PlanningError("no colocated configuration meets the SLO")
         return _Found(best, "none", candidates=len(cands))
 
-    def make_plan(self, found: _Found, stats: SearchStats) -> Plan:
+    def make_plan(self, found: _Found, stats: SearchStats, check: PlanCheck | None = None
+                  ) -> Plan:
         e, c = found.evaluation, self.cluster
         cand = e.candidate
+        rate = check.rate if check is not None else e.goodput.rate
+        extra = {"arrivals": self.arrivals, "check": check}
         if cand.mode == "colocated":
             groups = assign_nodes(instance_groups("colocated", cand.colocated), c.num_nodes,
                                   c.gpus_per_node)
             return Plan(self.profile.model, f"{self.profile.model} on {self.profile.hardware}",
                         "colocated", "none", colocated=cand.colocated, placement=tuple(groups),
-                        expected_rate=e.goodput.rate, expected_per_gpu_goodput=e.per_gpu_goodput,
-                        slo=self.slo, trace=self.trace.name, search=stats, cluster=c)
+                        expected_rate=rate, expected_per_gpu_goodput=rate / cand.num_gpus,
+                        slo=self.slo, trace=self.trace.name, search=stats, cluster=c, **extra)
         if found.affinity == "low":
             tp_p, s_p, n_p, tp_d, s_d, n_d, pp_cross = found.layout
             groups = low_affinity_groups(tp_p, s_p, n_p, tp_d, s_d, n_d, pp_cross, cand.units,
@@ -301,8 +382,8 @@ class Planner:
                                   c.num_nodes, c.gpus_per_node)
         return Plan(self.profile.model, f"{self.profile.model} on {self.profile.hardware}",
                     "disaggregated", found.affinity, cand.prefill, cand.decode, None, cand.units,
-                    cand.transfer_bandwidth, tuple(groups), e.goodput.rate, e.per_gpu_goodput,
-                    self.slo, self.trace.name, stats, c)
+                    cand.transfer_bandwidth, tuple(groups), rate, rate / cand.num_gpus,
+                    self.slo, self.trace.name, stats, c, **extra)
 
     def candidates(self, include_colocated: bool = True) -> list[Candidate]:
         """Every full configuration within the cluster (bounded by ``max_instances``)."""
@@ -351,7 +432,7 @@ class Planner:
                 lo, hi = (0.85 * est, est) if est > 0 else (None, g_p)
             jobs.append((key, cand, lo, hi))
         if workers > 1 and len(jobs) > 1:
-            args = (self.profile, self.workload, self.slo, self.cfg, self.pc.tol)
+            args = (self.profile, self.workload, self.slo, self.cfg, self.pc.tol, self.windows)
             with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=args) as pool:
                 results = list(pool.map(_worker_goodput, [j[1:] for j in jobs]))
         else:
@@ -368,14 +449,42 @@ class Planner:
 _WORKER: Evaluator | None = None
 
 
-def _init_worker(profile, workload, slo, cfg, tol) -> None:
+def _init_worker(profile, workload, slo, cfg, tol, windows) -> None:
     global _WORKER
-    _WORKER = Evaluator(profile, workload, slo, cfg, tol)
+    _WORKER = Evaluator(profile, workload, slo, cfg, tol, windows)
 
 
 def _worker_goodput(job: tuple[Candidate, float | None, float | None]) -> GoodputResult:
     cand, lo, hi = job
     return _WORKER.evaluate(cand, lo, hi).goodput
+
+
+def curve_grid(max_n: int) -> list[int]:
+    """Instance counts a phase curve is measured at: every count up to 6, then steps of
+    about 25%, and ``max_n``."""
+    out, n = [], 1
+    while n < max_n:
+        out.append(n)
+        n = n + 1 if n < 6 else max(n + 1, round(n * 1.25))
+    return out + [max_n] if max_n >= 1 else out
+
+
+def fill_curve(measured: dict[int, float], max_n: int) -> dict[int, float]:
+    """Goodput for every count 1..max_n from the ``measured`` grid points: linear between
+    them, and at the last point's per-instance rate beyond it."""
+    pts = sorted(measured.items())
+    out: dict[int, float] = {}
+    j = 0
+    for n in range(1, max_n + 1):
+        while j + 1 < len(pts) and pts[j + 1][0] <= n:
+            j += 1
+        n0, g0 = pts[j]
+        if n == n0 or j + 1 >= len(pts):
+            out[n] = g0 * n / n0 if n0 <= n else g0
+        else:
+            n1, g1 = pts[j + 1]
+            out[n] = g0 + (g1 - g0) * (n - n0) / (n1 - n0)
+    return out
 
 
 def plan(cluster: ClusterDesc, profile: LatencyProfile, trace: Trace, slo: SloConfig,
