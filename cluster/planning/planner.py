@@ -233,8 +233,24 @@ class Planner:
                                                     self.bandwidth(gpus))
                             options.append((est / gpus, est, cand))
         options.sort(key=lambda o: (o[0], o[1]), reverse=True)
-        evals = [self.ev.evaluate(c, lo=0.85 * est, hi=est)
-                 for _, est, c in options[:self.pc.verify_top]]
+        # The phase estimates miss what only the whole system shows (KV transfers queueing
+        # on a slow link delay decode, which TPOT counts), so the best estimates may all be
+        # one (tp, pp) pairing that fails as a whole: verify the best count pair of each
+        # pairing first, then more count pairs of the pairing that verified best.
+        pairings: dict[tuple, list[tuple[float, float, Candidate]]] = {}
+        for o in options:
+            c = o[2]
+            pairings.setdefault((c.prefill.tp, c.prefill.pp, c.decode.tp, c.decode.pp),
+                                []).append(o)
+        k = self.pc.verify_top
+
+        def verify(opts: list) -> list[Evaluation]:
+            return [self.ev.evaluate(c, lo=0.85 * est, hi=est) for _, est, c in opts]
+
+        evals = verify([opts[0] for opts in pairings.values()][:k])
+        best = max(evals, key=lambda e: (e.per_gpu_goodput, e.goodput.rate))
+        b = best.candidate
+        evals += verify(pairings[b.prefill.tp, b.prefill.pp, b.decode.tp, b.decode.pp][1:k])
         best = max(evals, key=lambda e: (e.per_gpu_goodput, e.goodput.rate))
         if best.goodput.rate <= 0:
             raise PlanningError("no high-affinity configuration meets the SLO")
