@@ -8,7 +8,9 @@ place in the trace. Before the plan is written, ``check_plan``:
    cyclically up to that length), measuring every request, as a user re-simulating the
    plan on the trace would. If attainment falls below the target, the rate *backs off*:
    a bisection on the same long window, down from the searched rate, to the highest rate
-   that holds there (the precision ``tol``). The plan claims that rate;
+   that holds there (the precision ``tol``); a rate known only as a lower bound (a
+   replicated plan, ``replicate.py``) is searched upwards instead. The plan claims that
+   rate;
 2. measures a confidence figure at the claimed rate: attainment on ``replicates``
    steady-state windows starting at evenly spaced places of the trace (different
    stretches of the real arrivals and lengths). ``PlanCheck`` reports each, their mean
@@ -32,7 +34,8 @@ from pdserve.router.slo import SloConfig
 @dataclass(frozen=True)
 class PlanCheck:
     searched_rate: float  # req/s the search found on steady-state windows
-    rate: float  # req/s the plan claims: searched_rate, or less after backing off
+    rate: float  # req/s the plan claims: searched_rate, less after backing off, or more
+    # when searched upwards (``explore_up``)
     long_requests: int  # requests in the long window
     long_attainment: float  # attainment on the long window at ``rate``
     backed_off: bool
@@ -55,6 +58,8 @@ class PlanCheck:
                 f"{self.long_requests} requests at {self.rate:.3f} req/s")
         if self.backed_off:
             head += f" (backed off from {self.searched_rate:.3f} req/s)"
+        elif self.rate != self.searched_rate:
+            head += f" (searched up from {self.searched_rate:.3f} req/s)"
         if not self.replicates:
             return head
         return (f"{head}; confidence: attainment {self.replicate_mean:.3f} +- "
@@ -65,16 +70,19 @@ class PlanCheck:
 
 def check_plan(spec: PlanSpec, profile: LatencyProfile, windows: SteadyWindows,
                slo: SloConfig, cfg: SimConfig, rate: float, instances: int,
-               replicates: int = 4, tol: float = 0.01) -> PlanCheck:
-    """See the module docstring. ``instances`` sizes the windows' per-instance floor."""
+               replicates: int = 4, tol: float = 0.01, explore_up: bool = False) -> PlanCheck:
+    """See the module docstring. ``instances`` sizes the windows' per-instance floor;
+    ``explore_up``: ``rate`` is a lower bound (a replicated plan), so when it holds the
+    long window is also searched above it."""
     w = windows.workload
     steady = sum(windows.counts(rate, instances))
     long_w = w.cycle(0, max(len(w), steady))
     claimed = rate
     att = simulate(spec, profile, long_w.at_rate(rate), cfg).attainment(slo)
     backed = att < slo.attainment
-    if backed:
-        g = GoodputSearch(spec, profile, long_w, slo, cfg).run(lo=0.9 * rate, hi=rate, tol=tol)
+    if backed or explore_up:
+        lo, hi = (0.9 * rate, rate) if backed else (rate, 1.1 * rate)
+        g = GoodputSearch(spec, profile, long_w, slo, cfg).run(lo=lo, hi=hi, tol=tol)
         claimed, att = g.rate, g.attainment_at_rate
     reps: list[float] = []
     measured = 0

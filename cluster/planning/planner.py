@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pdserve.cluster.planning.check import PlanCheck, check_plan
 from pdserve.cluster.planning.cluster_desc import ClusterDesc
@@ -62,6 +62,7 @@ from pdserve.cluster.planning.plan import (
     instance_groups,
     low_affinity_groups,
 )
+from pdserve.cluster.planning.replicate import replicate, split_cluster
 from pdserve.cluster.planning.simulator.config import DisaggPlanSpec, InstanceSpec, SimConfig
 from pdserve.cluster.planning.simulator.evaluator import Candidate, Evaluation, Evaluator, sim_key
 from pdserve.cluster.planning.simulator.goodput import GoodputResult
@@ -93,8 +94,9 @@ class PlannerConfig:
     whole trace; windows replay either cyclically). ``tol``: relative precision of the
     whole-system goodput bisections, ``phase_tol`` of the phase curves (which only rank).
     ``replicates``: windows of the confidence figure; ``final_check``: replay the chosen
-    plan on the whole trace before writing it. ``workers`` > 1 runs phase curves and
-    exhaustive searches in that many processes."""
+    plan on the whole trace before writing it. ``workers`` > 1 runs whole-system
+    verifications and exhaustive searches in that many processes. ``max_search_gpus``:
+    a larger cluster is searched as identical sub-clusters (``replicate``)."""
 
     max_requests: int | None = None
     max_pp: int = 4
@@ -110,14 +112,17 @@ class PlannerConfig:
     replicates: int = 4
     final_check: bool = True
     workers: int = 1
+    max_search_gpus: int = 64  # larger clusters: searched as identical sub-clusters
 
     def __post_init__(self) -> None:
         if (self.max_requests is not None and self.max_requests < 10) or self.max_pp < 1:
             raise ValueError("need max_requests >= 10 (or None) and max_pp >= 1")
         if not (0 < self.tol < 0.5 and 0 < self.phase_tol < 0.5):
             raise ValueError("need 0 < tol, phase_tol < 0.5")
-        if self.curve_growth < 0 or self.replicates < 0 or self.workers < 1:
-            raise ValueError("need curve_growth >= 0, replicates >= 0 and workers >= 1")
+        if self.curve_growth < 0 or self.replicates < 0 or min(self.workers,
+                                                                self.max_search_gpus) < 1:
+            raise ValueError("need curve_growth >= 0, replicates >= 0, workers >= 1 and "
+                             "max_search_gpus >= 1")
         if min(self.keep_per_phase or 1, self.verify_top, self.low_affinity_final) < 1:
             raise ValueError("keep_per_phase, verify_top and low_affinity_final must be >= 1")
         if self.max_instances is not None and self.max_instances < 1:
@@ -234,24 +239,32 @@ class Planner:
                             options.append((est / gpus, est, cand))
         options.sort(key=lambda o: (o[0], o[1]), reverse=True)
         # The phase estimates miss what only the whole system shows (KV transfers queueing
-        # on a slow link delay decode, which TPOT counts), so the best estimates may all be
-        # one (tp, pp) pairing that fails as a whole: verify the best count pair of each
-        # pairing first, then more count pairs of the pairing that verified best.
-        pairings: dict[tuple, list[tuple[float, float, Candidate]]] = {}
-        for o in options:
-            c = o[2]
-            pairings.setdefault((c.prefill.tp, c.prefill.pp, c.decode.tp, c.decode.pp),
-                                []).append(o)
+        # on a slow link delay decode, which TPOT counts: at 8x8 on the Azure trace every
+        # top estimate had pp > 1 prefill instances whose links saturate), so the best
+        # estimates may all share one prefill configuration that fails as a whole. Verify
+        # in stages: the best count pair of each prefill (tp, pp); then, with the prefill
+        # that verified best, of each decode (tp, pp); then more count pairs of that
+        # pairing. ``verify_top`` bounds each stage.
         k = self.pc.verify_top
 
-        def verify(opts: list) -> list[Evaluation]:
-            return [self.ev.evaluate(c, lo=0.85 * est, hi=est) for _, est, c in opts]
+        def firsts(opts: list, key) -> list:
+            seen: dict = {}
+            for o in opts:
+                seen.setdefault(key(o[2]), o)
+            return list(seen.values())[:k]
 
-        evals = verify([opts[0] for opts in pairings.values()][:k])
-        best = max(evals, key=lambda e: (e.per_gpu_goodput, e.goodput.rate))
-        b = best.candidate
-        evals += verify(pairings[b.prefill.tp, b.prefill.pp, b.decode.tp, b.decode.pp][1:k])
-        best = max(evals, key=lambda e: (e.per_gpu_goodput, e.goodput.rate))
+        def stage(opts: list) -> Evaluation:
+            self.verify_many([(c, 0.85 * est, est) for _, est, c in opts])
+            evals.extend(self.ev.evaluate(c) for _, _, c in opts)
+            return max(evals, key=lambda e: (e.per_gpu_goodput, e.goodput.rate))
+
+        evals: list[Evaluation] = []
+        b = stage(firsts(options, lambda c: (c.prefill.tp, c.prefill.pp))).candidate
+        same_p = [o for o in options if o[2].prefill.tp == b.prefill.tp
+                  and o[2].prefill.pp == b.prefill.pp]
+        b = stage(firsts(same_p, lambda c: (c.decode.tp, c.decode.pp))).candidate
+        best = stage([o for o in same_p if (o[2].decode.tp, o[2].decode.pp) ==
+                      (b.decode.tp, b.decode.pp)][:k])
         if best.goodput.rate <= 0:
             raise PlanningError("no high-affinity configuration meets the SLO")
         return _Found(best, "high", candidates=len(options))
@@ -315,9 +328,50 @@ class Planner:
 
     # -- public -------------------------------------------------------------------------
     def plan(self, affinity: str = "auto") -> Plan:
+        """The best plan (module doc); a cluster larger than ``max_search_gpus`` is
+        searched as identical sub-clusters (``replicate``) and checked whole."""
         if affinity not in AFFINITY_CHOICES:
             raise ValueError(f"affinity must be one of {AFFINITY_CHOICES}, got {affinity!r}")
-        t0, sims0 = time.perf_counter(), self.ev.num_sims
+        t0 = time.perf_counter()
+        sub, copies = split_cluster(self.cluster, self.pc.max_search_gpus)
+        searcher = self if copies == 1 else Planner(
+            sub, self.profile, self.trace, self.slo, self.cfg,
+            replace(self.pc, max_requests=None, final_check=False), self.arrivals)
+        found = searcher.search(affinity)
+        best = max(found, key=lambda f: (f.evaluation.per_gpu_goodput,
+                                         f.evaluation.goodput.rate))
+        if copies > 1:
+            e = best.evaluation
+            cand = replicate(e.candidate, copies, best.affinity, sub)
+            rate = e.goodput.rate * copies
+            g = replace(e.goodput, rate=rate, per_gpu_rate=rate / cand.num_gpus,
+                        interpolated_rate=e.goodput.interpolated_rate * copies,
+                        num_gpus=cand.num_gpus)
+            best = replace(best, evaluation=Evaluation(cand, rate / cand.num_gpus, g))
+        check = None
+        if self.pc.final_check:
+            e = best.evaluation
+            spec = e.candidate.spec()
+            check = check_plan(spec, self.profile, self.windows, self.slo, self.cfg,
+                               e.goodput.rate, instances_of(spec), self.pc.replicates,
+                               self.pc.tol, explore_up=copies > 1)
+        w = self.pc.window
+        split = (f"; searched one {sub.num_nodes}x{sub.gpus_per_node} sub-cluster, "
+                 f"replicated {copies}x" if copies > 1 else "")
+        ev = searcher.ev
+        stats = SearchStats(sum(f.candidates for f in found), ev.num_sims,
+                            time.perf_counter() - t0, len(self.workload),
+                            f"affinity={affinity}; goodput bisection precision {self.pc.tol:g} "
+                            f"(phase curves {self.pc.phase_tol:g}); steady-state windows: "
+                            f"warm-up {w.warmup:g}, measured {w.measure:g}, cool-down "
+                            f"{w.cooldown:g} x {self.windows.scale_s:.1f} s, >= "
+                            f"{w.min_per_instance} measured requests per instance{split}",
+                            ev.requests_simulated)
+        return self.make_plan(best, stats, check)
+
+    def search(self, affinity: str) -> list[_Found]:
+        """The best of each search ``affinity`` asks for; ``PlanningError`` with the
+        reason (``explain``) when none meets the SLO."""
         found = []
         searches = [("high", self._high), ("low", self._low)]
         if self.pc.consider_colocated:
@@ -332,25 +386,7 @@ class Planner:
         if not found:
             why = self.explain()
             raise PlanningError(why.message(), why)
-        best = max(found, key=lambda f: (f.evaluation.per_gpu_goodput,
-                                         f.evaluation.goodput.rate))
-        check = None
-        if self.pc.final_check:
-            e = best.evaluation
-            spec = e.candidate.spec()
-            check = check_plan(spec, self.profile, self.windows, self.slo, self.cfg,
-                               e.goodput.rate, instances_of(spec), self.pc.replicates,
-                               self.pc.tol)
-        w = self.pc.window
-        stats = SearchStats(sum(f.candidates for f in found), self.ev.num_sims - sims0,
-                            time.perf_counter() - t0, len(self.workload),
-                            f"affinity={affinity}; goodput bisection precision {self.pc.tol:g} "
-                            f"(phase curves {self.pc.phase_tol:g}); steady-state windows: "
-                            f"warm-up {w.warmup:g}, measured {w.measure:g}, cool-down "
-                            f"{w.cooldown:g} x {self.windows.scale_s:.1f} s, >= "
-                            f"{w.min_per_instance} measured requests per instance",
-                            self.ev.requests_simulated)
-        return self.make_plan(best, stats, check)
+        return found
 
     def explain(self) -> Infeasibility:
         """Why no plan meets the SLO (``infeasibility``)."""
@@ -423,6 +459,30 @@ class Planner:
                 for tp, pp in self.parallel_configs("colocated", G)
                 for n in range(1, min(cap, G // (tp * pp)) + 1)]
 
+    def verify_many(self, jobs: list[tuple[Candidate, float | None, float | None]],
+                    workers: int | None = None) -> None:
+        """Whole-system goodput searches of ``jobs`` (candidate, lo, hi hints) into the
+        cache, in ``workers`` processes (default ``PlannerConfig.workers``) when more
+        than one is new."""
+        workers = workers or self.pc.workers
+        todo: dict[tuple, tuple] = {}
+        for job in jobs:
+            key = sim_key(job[0].spec(), "both")
+            if key not in self.ev.cache:
+                todo.setdefault(key, job)
+        if workers > 1 and len(todo) > 1:
+            args = (self.profile, self.workload, self.slo, self.cfg, self.pc.tol, self.windows)
+            with ProcessPoolExecutor(min(workers, len(todo)), initializer=_init_worker,
+                                     initargs=args) as pool:
+                results = list(pool.map(_worker_goodput, todo.values()))
+            for key, (res, reqs) in zip(todo, results, strict=True):
+                self.ev.cache[key] = res
+                self.ev.num_sims += res.num_sims
+                self.ev.requests_simulated += reqs
+        else:
+            for cand, lo, hi in todo.values():
+                self.ev.evaluate(cand, lo, hi)
+
     def exhaustive(self, include_colocated: bool = True, workers: int = 1) -> list[Evaluation]:
         """Simulate every candidate as a whole system (equivalent ones once), best first.
 
@@ -447,16 +507,7 @@ class Planner:
                 est = min(g_p, self.phase_goodput("decode", d.tp, d.pp, d.count).rate)
                 lo, hi = (0.85 * est, est) if est > 0 else (None, g_p)
             jobs.append((key, cand, lo, hi))
-        if workers > 1 and len(jobs) > 1:
-            args = (self.profile, self.workload, self.slo, self.cfg, self.pc.tol, self.windows)
-            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=args) as pool:
-                results = list(pool.map(_worker_goodput, [j[1:] for j in jobs]))
-        else:
-            results = [self.ev.evaluate(c, lo, hi).goodput for _, c, lo, hi in jobs]
-        for (key, *_), res in zip(jobs, results, strict=True):
-            if key not in self.ev.cache:
-                self.ev.cache[key] = res
-                self.ev.num_sims += res.num_sims
+        self.verify_many([j[1:] for j in jobs], workers)
         out = [self.ev.evaluate(cand) for cand in cands]
         out.sort(key=lambda e: (e.per_gpu_goodput, e.goodput.rate), reverse=True)
         return out
@@ -470,9 +521,12 @@ def _init_worker(profile, workload, slo, cfg, tol, windows) -> None:
     _WORKER = Evaluator(profile, workload, slo, cfg, tol, windows)
 
 
-def _worker_goodput(job: tuple[Candidate, float | None, float | None]) -> GoodputResult:
+def _worker_goodput(job: tuple[Candidate, float | None, float | None]
+                    ) -> tuple[GoodputResult, int]:
     cand, lo, hi = job
-    return _WORKER.evaluate(cand, lo, hi).goodput
+    before = _WORKER.requests_simulated
+    res = _WORKER.evaluate(cand, lo, hi).goodput
+    return res, _WORKER.requests_simulated - before
 
 
 def curve_grid(max_n: int) -> list[int]:
