@@ -54,6 +54,7 @@ from dataclasses import dataclass, field, replace
 
 from pdserve.cluster.planning.check import PlanCheck, check_plan
 from pdserve.cluster.planning.cluster_desc import ClusterDesc
+from pdserve.cluster.planning.curves import curve_grid, fill_curve
 from pdserve.cluster.planning.infeasibility import Infeasibility, explain
 from pdserve.cluster.planning.plan import (
     Plan,
@@ -527,34 +528,6 @@ def _worker_goodput(job: tuple[Candidate, float | None, float | None]
     before = _WORKER.requests_simulated
     res = _WORKER.evaluate(cand, lo, hi).goodput
     return res, _WORKER.requests_simulated - before
-
-
-def curve_grid(max_n: int) -> list[int]:
-    """Instance counts a phase curve is measured at: every count up to 6, then steps of
-    about 25%, and ``max_n``."""
-    out, n = [], 1
-    while n < max_n:
-        out.append(n)
-        n = n + 1 if n < 6 else max(n + 1, round(n * 1.25))
-    return out + [max_n] if max_n >= 1 else out
-
-
-def fill_curve(measured: dict[int, float], max_n: int) -> dict[int, float]:
-    """Goodput for every count 1..max_n from the ``measured`` grid points: linear between
-    them, and at the last point's per-instance rate beyond it."""
-    pts = sorted(measured.items())
-    out: dict[int, float] = {}
-    j = 0
-    for n in range(1, max_n + 1):
-        while j + 1 < len(pts) and pts[j + 1][0] <= n:
-            j += 1
-        n0, g0 = pts[j]
-        if n == n0 or j + 1 >= len(pts):
-            out[n] = g0 * n / n0 if n0 <= n else g0
-        else:
-            n1, g1 = pts[j + 1]
-            out[n] = g0 + (g1 - g0) * (n - n0) / (n1 - n0)
-    return out
 
 
 def plan(cluster: ClusterDesc, profile: LatencyProfile, trace: Trace, slo: SloConfig,

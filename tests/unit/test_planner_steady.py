@@ -9,15 +9,10 @@ import math
 import pytest
 
 from pdserve.cluster.planning.cluster_desc import ClusterDesc
+from pdserve.cluster.planning.curves import curve_grid, fill_curve
 from pdserve.cluster.planning.infeasibility import zero_load_tpot_s, zero_load_ttft_s
 from pdserve.cluster.planning.plan import Plan
-from pdserve.cluster.planning.planner import (
-    Planner,
-    PlannerConfig,
-    PlanningError,
-    curve_grid,
-    fill_curve,
-)
+from pdserve.cluster.planning.planner import Planner, PlannerConfig, PlanningError
 from pdserve.cluster.planning.simulator import (
     DisaggPlanSpec,
     InstanceSpec,
