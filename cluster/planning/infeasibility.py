@@ -98,7 +98,9 @@ class Infeasibility:
                 continue
             lines.append(f"- {name}: even at zero load at most {best.attainment:.0%} of the "
                          f"requests meet {goal:g} s (best: {best.role} tp{best.tp} pp{best.pp}), "
-                         f"against {target:.0%}")
+                         f"against {target:.0%}" if best.attainment < target else
+                         f"- {name}: at zero load {best.attainment:.0%} of the requests meet "
+                         f"{goal:g} s (best: {best.role} tp{best.tp} pp{best.pp})")
         binding = self.binding
         if not binding:
             lines.append(f"Both targets hold at zero load ({self.joint:.0%} meet both); the "

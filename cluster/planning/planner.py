@@ -49,13 +49,13 @@ plan. DistServe's algorithms only search disaggregated placements.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from pdserve.cluster.planning.check import PlanCheck, check_plan
 from pdserve.cluster.planning.cluster_desc import ClusterDesc
 from pdserve.cluster.planning.curves import curve_grid, fill_curve
 from pdserve.cluster.planning.infeasibility import Infeasibility, explain
+from pdserve.cluster.planning.parallel import evaluate_many
 from pdserve.cluster.planning.plan import (
     Plan,
     SearchStats,
@@ -462,27 +462,9 @@ class Planner:
 
     def verify_many(self, jobs: list[tuple[Candidate, float | None, float | None]],
                     workers: int | None = None) -> None:
-        """Whole-system goodput searches of ``jobs`` (candidate, lo, hi hints) into the
-        cache, in ``workers`` processes (default ``PlannerConfig.workers``) when more
-        than one is new."""
-        workers = workers or self.pc.workers
-        todo: dict[tuple, tuple] = {}
-        for job in jobs:
-            key = sim_key(job[0].spec(), "both")
-            if key not in self.ev.cache:
-                todo.setdefault(key, job)
-        if workers > 1 and len(todo) > 1:
-            args = (self.profile, self.workload, self.slo, self.cfg, self.pc.tol, self.windows)
-            with ProcessPoolExecutor(min(workers, len(todo)), initializer=_init_worker,
-                                     initargs=args) as pool:
-                results = list(pool.map(_worker_goodput, todo.values()))
-            for key, (res, reqs) in zip(todo, results, strict=True):
-                self.ev.cache[key] = res
-                self.ev.num_sims += res.num_sims
-                self.ev.requests_simulated += reqs
-        else:
-            for cand, lo, hi in todo.values():
-                self.ev.evaluate(cand, lo, hi)
+        """Whole-system goodput searches of ``jobs`` into the cache (``parallel``), in
+        ``workers`` processes (default ``PlannerConfig.workers``)."""
+        evaluate_many(self.ev, jobs, workers or self.pc.workers)
 
     def exhaustive(self, include_colocated: bool = True, workers: int = 1) -> list[Evaluation]:
         """Simulate every candidate as a whole system (equivalent ones once), best first.
@@ -512,22 +494,6 @@ class Planner:
         out = [self.ev.evaluate(cand) for cand in cands]
         out.sort(key=lambda e: (e.per_gpu_goodput, e.goodput.rate), reverse=True)
         return out
-
-
-_WORKER: Evaluator | None = None
-
-
-def _init_worker(profile, workload, slo, cfg, tol, windows) -> None:
-    global _WORKER
-    _WORKER = Evaluator(profile, workload, slo, cfg, tol, windows)
-
-
-def _worker_goodput(job: tuple[Candidate, float | None, float | None]
-                    ) -> tuple[GoodputResult, int]:
-    cand, lo, hi = job
-    before = _WORKER.requests_simulated
-    res = _WORKER.evaluate(cand, lo, hi).goodput
-    return res, _WORKER.requests_simulated - before
 
 
 def plan(cluster: ClusterDesc, profile: LatencyProfile, trace: Trace, slo: SloConfig,

@@ -202,3 +202,14 @@ def test_cli_plan_arrivals_flag(tmp_path):
     assert args.func(args) == 0
     plan = Plan.load(tmp_path / "plan.json")
     assert plan.arrivals == "gamma(cv=3)" and len(plan.check.replicates) == 2
+
+
+def test_worker_processes_give_the_same_plan():
+    trace = synthetic(300, 20.0, (50, 200), (5, 40), seed=2)
+    plans = [Planner(ClusterDesc(1, 4, 80.0, 300e9, 25e9, "toy"), _toy_profile(), trace,
+                     SloConfig(0.05, 0.02), config=PlannerConfig(max_pp=1, workers=w,
+                                                                 replicates=1)).plan("high")
+             for w in (1, 2)]
+    assert plans[0].spec() == plans[1].spec()
+    assert plans[0].expected_rate == plans[1].expected_rate
+    assert plans[0].search.requests_simulated == plans[1].search.requests_simulated
