@@ -9,6 +9,10 @@ Traces: a trace file (Azure or BurstGPT CSV, Mooncake JSONL, ShareGPT JSON; dete
 at ``--trace-rate``), ``azure`` (the shared Azure conversation trace) or a synthetic spec
 ``poisson:RATE:N:PLO-PHI:OLO-OHI`` (``gamma:...:CV`` for bursty arrivals), lengths drawn
 uniformly from the given ranges.
+
+``plan`` replays the trace's own arrival times rescaled to each rate unless
+``--arrivals poisson|gamma`` redraws them; it prints the claimed goodput, the long-window
+check and the confidence figure, or, when nothing meets the SLO, why (docs/placement.md).
 """
 
 from __future__ import annotations
