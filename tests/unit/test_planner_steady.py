@@ -14,6 +14,7 @@ from pdserve.cluster.planning.infeasibility import zero_load_tpot_s, zero_load_t
 from pdserve.cluster.planning.plan import Plan
 from pdserve.cluster.planning.planner import Planner, PlannerConfig, PlanningError
 from pdserve.cluster.planning.simulator import (
+    ColocatedPlanSpec,
     DisaggPlanSpec,
     InstanceSpec,
     SimConfig,
@@ -95,10 +96,11 @@ def test_cycle_wraps_with_the_mean_gap():
         w.cycle(3, 1)
 
 
-def test_stop_rule_decides_as_the_full_run_does():
+@pytest.mark.parametrize("spec", [DisaggPlanSpec(InstanceSpec(1, 1, 1), InstanceSpec(1, 1, 1)),
+                                  ColocatedPlanSpec(InstanceSpec(1, 1, 2))])
+def test_stop_rule_decides_as_the_full_run_does(spec):
     prof, slo = LONG_DECODE, SloConfig(0.05, 0.006, 0.9)
     w = Workload.from_trace(synthetic(3000, 400.0, (10, 50), (50, 100), seed=5))
-    spec = DisaggPlanSpec(InstanceSpec(1, 1, 1), InstanceSpec(1, 1, 1))
     for rate in (50.0, 400.0):
         full = simulate(spec, prof, w.at_rate(rate), LONG_CFG)
         stop = StopRule.for_target(slo, 500, 2500)

@@ -33,8 +33,8 @@ def simulate(plan: PlanSpec, profile: LatencyProfile, trace: Trace | Workload,
     """Simulate serving ``trace`` (at its own arrival times) on ``plan``.
 
     ``phase`` ("both" | "prefill" | "decode") isolates one pool of a disaggregated plan;
-    the colocated baseline only runs as a whole. ``stop`` may end a disaggregated run
-    early (``SimResult.stopped_early``); the colocated loop ignores it."""
+    the colocated baseline only runs as a whole. ``stop`` may end a run early
+    (``SimResult.stopped_early``) once its measured misses decide it."""
     cfg = sim_config or SimConfig()
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
@@ -44,5 +44,5 @@ def simulate(plan: PlanSpec, profile: LatencyProfile, trace: Trace | Workload,
     if isinstance(plan, ColocatedPlanSpec):
         if phase != "both":
             raise ValueError("a colocated plan can only be simulated with phase='both'")
-        return run_colocated(plan, profile, w, cfg)
+        return run_colocated(plan, profile, w, cfg, stop)
     raise TypeError(f"not a plan spec: {plan!r}")
