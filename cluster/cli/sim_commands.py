@@ -166,6 +166,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
           f"{plan.search.runtime_s:.1f} s")
     if plan.check is not None:
         print(plan.check.summary(plan.slo.attainment))
+    print(f"search: {plan.search.notes}")
     if args.out:
         plan.save(args.out)
         print(f"wrote {args.out}", file=sys.stderr)

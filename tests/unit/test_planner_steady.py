@@ -189,7 +189,7 @@ def test_cli_prints_the_reason_of_an_infeasible_target(tmp_path, capsys):
     assert "Binding: TPOT" in err and "a looser TPOT target" in err
 
 
-def test_cli_plan_arrivals_flag(tmp_path):
+def test_cli_plan_arrivals_flag(tmp_path, capsys):
     from pdserve.cluster.cli.sim_commands import register
 
     parser = argparse.ArgumentParser(prog="pdserve")
@@ -204,6 +204,9 @@ def test_cli_plan_arrivals_flag(tmp_path):
     assert args.func(args) == 0
     plan = Plan.load(tmp_path / "plan.json")
     assert plan.arrivals == "gamma(cv=3)" and len(plan.check.replicates) == 2
+    out = capsys.readouterr().out
+    assert "(gamma(cv=3) arrivals)" in out and "confidence: attainment" in out
+    assert "bisection precision 0.01" in out
 
 
 def test_worker_processes_give_the_same_plan():
