@@ -93,7 +93,7 @@ class _ColocatedSim:
         """Run to the last event, or until ``stop`` sees too many measured misses (as in
         ``disagg.py``); True when it stopped early."""
         heap, arr, n, form = self.heap, self.arr, len(self.arr), self._form
-        s_lo, s_hi, max_miss = (stop.lo, stop.hi, stop.max_misses) if stop else (0, 0, 0)
+        s_lo, s_hi, max_miss = (stop.lo, stop.hi, stop.max_misses) if stop else (0, 0, n)
         ttft_s, tpot_s = (stop.ttft_s, stop.tpot_s) if stop else (math.inf, math.inf)
         oh, rejected = self.request_oh, self.rejected
         misses = 0
@@ -150,7 +150,7 @@ class _ColocatedSim:
                 i += 1
             else:
                 break
-            if misses > max_miss and stop is not None:
+            if misses > max_miss:  # never without a stop rule: misses stay 0
                 self.events = events
                 return True
         self.events = events

@@ -150,7 +150,7 @@ class _DisaggSim:
         """Run to the last event, or until ``stop`` sees too many measured misses (the
         checks cost a comparison per first token and per finished request)."""
         heap, arr, n = self.heap, self.arr, len(self.arr)
-        s_lo, s_hi, max_miss = (stop.lo, stop.hi, stop.max_misses) if stop else (0, 0, 0)
+        s_lo, s_hi, max_miss = (stop.lo, stop.hi, stop.max_misses) if stop else (0, 0, n)
         ttft_s, tpot_s = (stop.ttft_s, stop.tpot_s) if stop else (math.inf, math.inf)
         oh = self.cfg.request_overhead_s if self.do_prefill else 0.0
         misses = 0
@@ -220,7 +220,7 @@ class _DisaggSim:
                 i += 1
             else:
                 break
-            if misses > max_miss and stop is not None:
+            if misses > max_miss:  # never without a stop rule: misses stay 0
                 self.stopped = True
                 break
         self.events = events
