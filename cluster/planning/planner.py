@@ -373,7 +373,7 @@ class Planner:
     def search(self, affinity: str) -> list[_Found]:
         """The best of each search ``affinity`` asks for; ``PlanningError`` with the
         reason (``explain``) when none meets the SLO."""
-        found = []
+        found, failed = [], []
         searches = [("high", self._high), ("low", self._low)]
         if self.pc.consider_colocated:
             searches.append(("auto", self._colocated))
@@ -381,12 +381,11 @@ class Planner:
             if affinity in (kind, "auto"):
                 try:
                     found.append(search())
-                except PlanningError:
-                    if affinity != "auto":
-                        raise
+                except PlanningError as exc:
+                    failed.append(str(exc))
         if not found:
             why = self.explain()
-            raise PlanningError(why.message(), why)
+            raise PlanningError(f"{why.message()}\n(searches: {'; '.join(failed)})", why)
         return found
 
     def explain(self) -> Infeasibility:
