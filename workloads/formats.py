@@ -43,7 +43,8 @@ def load_azure_csv(path: str | Path) -> Trace:
                 t = _azure_time(row["TIMESTAMP"])
                 p, o = int(row["ContextTokens"]), int(row["GeneratedTokens"])
             except (ValueError, TypeError) as exc:
-                raise ValueError(f"{path}:{line}: bad row {row}: {exc}") from exc
+                raise ValueError(f"{path}:{line}: bad row {_shown(str(row))}: "
+                                 f"{_shown(str(exc))}") from exc
             if p > 0 and o > 0:
                 rows.append(TraceRequest(t, p, o))
     return Trace.rebased(path.stem, rows)
@@ -69,7 +70,8 @@ def load_burstgpt_csv(path: str | Path, model: str | None = None) -> Trace:
                 t = float(row["Timestamp"])
                 p, o = int(float(row["Request tokens"])), int(float(row["Response tokens"]))
             except (ValueError, TypeError) as exc:
-                raise ValueError(f"{path}:{line}: bad row {row}: {exc}") from exc
+                raise ValueError(f"{path}:{line}: bad row {_shown(str(row))}: "
+                                 f"{_shown(str(exc))}") from exc
             if p > 0 and o > 0:
                 rows.append(TraceRequest(t, p, o))
     return Trace.rebased(path.stem, rows)
@@ -80,12 +82,21 @@ _HEAD_CHARS = 1 << 16
 _SHOWN_CHARS = 80
 
 
+def _shown(text: str) -> str:
+    """``text`` cut to ``_SHOWN_CHARS`` for an error message (a row or a first line may be
+    megabytes long)."""
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + f"... ({len(text)} chars)"
+
+
 def detect_format(path: str | Path) -> str:
     """"azure", "burstgpt", "mooncake" or "sharegpt", from the start of the file: a JSON
     list is ShareGPT (its loader checks the entries), a first line that is a JSON object
     with Mooncake's keys is Mooncake, else the CSV header decides."""
-    with Path(path).open(newline="") as fh:
+    with Path(path).open(newline="", errors="replace") as fh:
         head = fh.read(_HEAD_CHARS)
+    if "\x00" in head or "\ufffd" in head[:1024]:
+        raise ValueError(f"{path}: unknown trace format (a binary file, not text); expected an "
+                         "Azure or BurstGPT CSV, Mooncake JSONL or ShareGPT JSON")
     text = head.lstrip("\ufeff \t\r\n")
     first = text.split("\n", 1)[0].strip()
     if text.startswith("["):
@@ -103,8 +114,7 @@ def detect_format(path: str | Path) -> str:
             return "azure"
         if "Timestamp" in header and "Request tokens" in header:
             return "burstgpt"
-    shown = first if len(first) <= _SHOWN_CHARS else first[:_SHOWN_CHARS] + "..."
-    raise ValueError(f"{path}: unknown trace format (starts {shown!r}); expected an Azure or "
+    raise ValueError(f"{path}: unknown trace format (starts {_shown(first)!r}); expected an Azure or "
                      "BurstGPT CSV, Mooncake JSONL or ShareGPT JSON")
 
 

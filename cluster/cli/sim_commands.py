@@ -9,6 +9,10 @@ Traces: a trace file (Azure or BurstGPT CSV, Mooncake JSONL, ShareGPT JSON; dete
 at ``--trace-rate``), ``azure`` (the shared Azure conversation trace) or a synthetic spec
 ``poisson:RATE:N:PLO-PHI:OLO-OHI`` (``gamma:...:CV`` for bursty arrivals), lengths drawn
 uniformly from the given ranges.
+
+``plan`` replays the trace's own arrival times rescaled to each rate unless
+``--arrivals poisson|gamma`` redraws them; it prints the claimed goodput, the long-window
+check and the confidence figure, or, when nothing meets the SLO, why (docs/placement.md).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 from pathlib import Path
 
 from pdserve.cluster.cli.common import add_trace_file_args, load_trace_file
+from pdserve.workloads.arrivals import ARRIVALS
 
 DISTSERVE_PROFILE = "distserve-opt13b"
 
@@ -142,18 +147,26 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cluster = ClusterDesc.load(args.cluster) if args.cluster else ClusterDesc(
         args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.intra_bw, args.inter_bw,
         args.gpu_type)
-    trace = load_trace_spec(args.trace, **_trace_file_options(args))
+    from pdserve.workloads.arrivals import describe, with_arrivals
+
+    trace = with_arrivals(load_trace_spec(args.trace, **_trace_file_options(args)),
+                          args.arrivals, args.arrival_cv, args.seed)
+    pc = PlannerConfig(max_requests=args.max_requests, max_pp=args.max_pp,
+                       consider_colocated=args.consider_colocated, workers=args.workers,
+                       replicates=args.replicates)
     planner = Planner(cluster, load_profile(args.profile), trace, _slo(args),
-                      _sim_config(args), PlannerConfig(max_requests=args.max_requests,
-                                                       max_pp=args.max_pp,
-                                                       consider_colocated=args.consider_colocated))
+                      _sim_config(args), pc, describe(args.arrivals, args.arrival_cv))
     plan = planner.plan(args.affinity)
     what = (f"P={plan.prefill.label()} D={plan.decode.label()} units={plan.units}"
             if plan.mode == "disaggregated" else plan.colocated.label())
     print(f"{plan.mode} ({plan.affinity} affinity) {what}: goodput {plan.expected_rate:.3f} "
           f"req/s = {plan.expected_per_gpu_goodput:.3f} req/s/GPU on {plan.num_gpus} of "
-          f"{cluster.num_gpus} GPUs; {plan.search.simulations} simulations in "
+          f"{cluster.num_gpus} GPUs ({plan.arrivals} arrivals); {plan.search.simulations} "
+          f"simulations ({plan.search.requests_simulated} requests) in "
           f"{plan.search.runtime_s:.1f} s")
+    if plan.check is not None:
+        print(plan.check.summary(plan.slo.attainment))
+    print(f"search: {plan.search.notes}")
     if args.out:
         plan.save(args.out)
         print(f"wrote {args.out}", file=sys.stderr)
@@ -212,8 +225,18 @@ def register(sub) -> None:
     p.add_argument("--inter-bw", type=float, default=25e9, help="inter-node bytes/s")
     p.add_argument("--gpu-type", default="")
     p.add_argument("--affinity", choices=("auto", "high", "low"), default="auto")
-    p.add_argument("--max-requests", type=int, default=1500,
-                   help="plan on a representative window of this many requests")
+    p.add_argument("--max-requests", type=int, default=None,
+                   help="plan on a representative slice of this many requests (default: the "
+                        "whole trace; simulations use steady-state windows either way)")
+    p.add_argument("--arrivals", choices=ARRIVALS, default="trace",
+                   help="arrival model: the trace's own timestamps rescaled (default), or "
+                        "Poisson / Gamma arrivals at the trace's mean rate")
+    p.add_argument("--arrival-cv", type=float, default=2.0,
+                   help="coefficient of variation of --arrivals gamma")
+    p.add_argument("--replicates", type=int, default=4,
+                   help="trace windows the claimed goodput is checked on (confidence)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes for independent simulations")
     p.add_argument("--max-pp", type=int, default=4)
     p.add_argument("--consider-colocated", action="store_true",
                    help="return a colocated plan when it beats disaggregation")

@@ -24,6 +24,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pdserve.cluster.planning.check import PlanCheck
 from pdserve.cluster.planning.cluster_desc import ClusterDesc
 from pdserve.cluster.planning.simulator.config import (
     ColocatedPlanSpec,
@@ -98,6 +99,7 @@ class SearchStats:
     runtime_s: float = 0.0
     trace_requests: int = 0
     notes: str = ""
+    requests_simulated: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,8 @@ class Plan:
     trace: str = ""
     search: SearchStats = field(default_factory=SearchStats)
     cluster: ClusterDesc | None = None
+    arrivals: str = "trace"  # the arrival model planned for (``workloads.arrivals``)
+    check: PlanCheck | None = None  # the long-window check and confidence figure
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -174,6 +178,12 @@ class Plan:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["cluster"] = self.cluster.to_dict() if self.cluster is not None else None
+        if self.check is not None:  # derived figures, for readers (from_dict ignores them)
+            c, target = self.check, self.slo.attainment
+            d["confidence"] = {"replicate_mean": c.replicate_mean,
+                               "replicate_sd": c.replicate_sd,
+                               "replicates_passing": c.replicates_passing(target),
+                               "replicates": len(c.replicates)}
         return {"format": FORMAT, **d}
 
     def to_json(self) -> str:
@@ -201,7 +211,10 @@ class Plan:
                        float(d.get("expected_per_gpu_goodput", 0.0)),
                        SloConfig(**d["slo"]) if d.get("slo") else SloConfig(),
                        str(d.get("trace", "")), SearchStats(**d.get("search", {})),
-                       ClusterDesc.from_dict(d["cluster"]) if d.get("cluster") else None)
+                       ClusterDesc.from_dict(d["cluster"]) if d.get("cluster") else None,
+                       str(d.get("arrivals", "trace")),
+                       PlanCheck(**{**d["check"], "replicates": tuple(d["check"]["replicates"])})
+                       if d.get("check") else None)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed plan: {exc}") from exc
 

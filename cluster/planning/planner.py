@@ -2,9 +2,22 @@
 
 Objective: the highest per-GPU goodput (requests/s/GPU meeting the SLO attainment target)
 for a ``ClusterDesc``, a ``LatencyProfile``, a trace and an ``SloConfig``. Every number
-comes from the simulator (``pdserve.cluster.planning.simulator``) on a representative slice of the
-trace (``max_requests`` consecutive requests with the trace's length distribution),
-rescaled in rate by bisection; goodput searches are cached by simulation key.
+comes from the simulator (``pdserve.cluster.planning.simulator``): each rate a bisection
+probes is simulated on a steady-state window sized in time for that rate (warm-up,
+measured span, cool-down; ``simulator/window.py``), cut from the trace at the start of
+its most representative stretch and replayed cyclically when longer than the trace; a
+probe stops as soon as its measured misses decide it. Bisections stop at a relative
+precision ``tol`` (the plan states it); goodput searches are cached by simulation key.
+Before the plan is written, ``check.check_plan`` replays the chosen plan on the whole
+trace at the claimed rate (backing off when it does not hold) and measures its attainment
+on ``replicates`` other windows of the trace (the plan's confidence figure). When nothing
+meets the SLO, ``infeasibility.explain`` says which target binds and what would relax it.
+
+Phase curves (Alg. 1) are measured on a sparse grid of instance counts (steps of about
+25%) and interpolated between; once the per-instance goodput stops growing (pooling
+gains below ``curve_growth`` per step) the curve is extended at that per-instance rate,
+a lower bound, as adding identical instances to a pool does not lower its per-instance
+goodput. Estimates only rank candidates: the best are verified as whole systems.
 
 - High node-affinity (DistServe Alg. 1; fast cross-node network): search each phase's
   ``(tp, pp)`` alone (prefill: TTFT only; decode: TPOT only, fed as if prefill were
@@ -36,10 +49,13 @@ plan. DistServe's algorithms only search disaggregated placements.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
+from pdserve.cluster.planning.check import PlanCheck, check_plan
 from pdserve.cluster.planning.cluster_desc import ClusterDesc
+from pdserve.cluster.planning.curves import curve_grid, fill_curve
+from pdserve.cluster.planning.infeasibility import Infeasibility, explain
+from pdserve.cluster.planning.parallel import evaluate_many
 from pdserve.cluster.planning.plan import (
     Plan,
     SearchStats,
@@ -47,10 +63,16 @@ from pdserve.cluster.planning.plan import (
     instance_groups,
     low_affinity_groups,
 )
+from pdserve.cluster.planning.replicate import replicate, split_cluster
 from pdserve.cluster.planning.simulator.config import DisaggPlanSpec, InstanceSpec, SimConfig
 from pdserve.cluster.planning.simulator.evaluator import Candidate, Evaluation, Evaluator, sim_key
 from pdserve.cluster.planning.simulator.goodput import GoodputResult
-from pdserve.cluster.planning.simulator.workload import Workload, representative_slice
+from pdserve.cluster.planning.simulator.window import SteadyWindows, WindowConfig, instances_of
+from pdserve.cluster.planning.simulator.workload import (
+    Workload,
+    representative_slice,
+    representative_start,
+)
 from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.router.slo import SloConfig
 from pdserve.workloads.trace import Trace
@@ -59,23 +81,49 @@ AFFINITY_CHOICES = ("auto", "high", "low")
 
 
 class PlanningError(ValueError):
-    """No configuration meets the SLO on this cluster."""
+    """No configuration meets the SLO on this cluster; ``infeasibility`` says why when
+    known (its message is the error's)."""
+
+    def __init__(self, message: str, infeasibility: Infeasibility | None = None) -> None:
+        super().__init__(message)
+        self.infeasibility = infeasibility
 
 
 @dataclass(frozen=True)
 class PlannerConfig:
-    max_requests: int = 1500
+    """``max_requests``: plan on a representative slice of this many requests (None: the
+    whole trace; windows replay either cyclically). ``tol``: relative precision of the
+    whole-system goodput bisections, ``phase_tol`` of the phase curves (which only rank).
+    ``replicates``: windows of the confidence figure; ``final_check``: replay the chosen
+    plan on the whole trace before writing it. ``workers`` > 1 runs whole-system
+    verifications and exhaustive searches in that many processes. ``max_search_gpus``:
+    a larger cluster is searched as identical sub-clusters (``replicate``)."""
+
+    max_requests: int | None = None
     max_pp: int = 4
-    tol: float = 0.01  # relative precision of each goodput bisection
+    tol: float = 0.01
+    phase_tol: float = 0.02
     keep_per_phase: int | None = None  # None: every (tp, pp) that meets its SLO alone
     verify_top: int = 8
     low_affinity_final: int = 3  # unit configs replicated and simulated whole
     max_instances: int | None = None  # per pool, exhaustive search only
     consider_colocated: bool = False  # plan(): also search colocated (tp, pp, count)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    curve_growth: float = 0.02
+    replicates: int = 4
+    final_check: bool = True
+    workers: int = 1
+    max_search_gpus: int = 64  # larger clusters: searched as identical sub-clusters
 
     def __post_init__(self) -> None:
-        if self.max_requests < 10 or self.max_pp < 1 or not (0 < self.tol < 0.5):
-            raise ValueError("need max_requests >= 10, max_pp >= 1, 0 < tol < 0.5")
+        if (self.max_requests is not None and self.max_requests < 10) or self.max_pp < 1:
+            raise ValueError("need max_requests >= 10 (or None) and max_pp >= 1")
+        if not (0 < self.tol < 0.5 and 0 < self.phase_tol < 0.5):
+            raise ValueError("need 0 < tol, phase_tol < 0.5")
+        if self.curve_growth < 0 or self.replicates < 0 or min(self.workers,
+                                                                self.max_search_gpus) < 1:
+            raise ValueError("need curve_growth >= 0, replicates >= 0, workers >= 1 and "
+                             "max_search_gpus >= 1")
         if min(self.keep_per_phase or 1, self.verify_top, self.low_affinity_final) < 1:
             raise ValueError("keep_per_phase, verify_top and low_affinity_final must be >= 1")
         if self.max_instances is not None and self.max_instances < 1:
@@ -95,13 +143,22 @@ class Planner:
 
     def __init__(self, cluster: ClusterDesc, profile: LatencyProfile, trace: Trace,
                  slo: SloConfig, sim_config: SimConfig | None = None,
-                 config: PlannerConfig | None = None) -> None:
+                 config: PlannerConfig | None = None, arrivals: str = "trace") -> None:
+        """``arrivals`` names the arrival model of ``trace`` (``workloads.arrivals``), for
+        the plan's record; the trace already has it."""
         self.cluster, self.profile, self.slo = cluster, profile, slo
+        self.arrivals = arrivals
         self.cfg = sim_config or SimConfig()
         self.pc = config or PlannerConfig()
-        self.trace = representative_slice(trace, self.pc.max_requests)
+        self.trace = (representative_slice(trace, self.pc.max_requests)
+                      if self.pc.max_requests else trace)
         self.workload = Workload.from_trace(self.trace)
-        self.ev = Evaluator(profile, self.workload, slo, self.cfg, self.pc.tol)
+        # Windows start where the trace's lengths look most like the whole of it (its
+        # head is often unlike the rest: see ``representative_start``).
+        start = representative_start(self.trace, min(len(self.trace),
+                                                     max(1500, len(self.trace) // 4)))
+        self.windows = SteadyWindows(self.workload, slo, self.pc.window, start)
+        self.ev = Evaluator(profile, self.workload, slo, self.cfg, self.pc.tol, self.windows)
         self.max_prompt = max(self.workload.prompt)
         self.max_footprint = self.workload.max_footprint
 
@@ -128,16 +185,22 @@ class Planner:
     def phase_goodput(self, role: str, tp: int, pp: int, n: int,
                       lo: float | None = None, hi: float | None = None) -> GoodputResult:
         inst = InstanceSpec(tp, pp, n)
-        return self.ev.goodput(DisaggPlanSpec(inst, inst), role, lo, hi)
+        return self.ev.goodput(DisaggPlanSpec(inst, inst), role, lo, hi, self.pc.phase_tol)
 
     def _curve(self, role: str, tp: int, pp: int, max_n: int) -> dict[int, float]:
-        """Phase goodput (req/s) of 1..max_n instances, each search seeded by the last."""
-        out: dict[int, float] = {}
-        prev = 0.0
-        for n in range(1, max_n + 1):
-            hint = (prev, prev * n / (n - 1) * 1.1) if prev > 0 and n > 1 else (None, None)
-            out[n] = prev = self.phase_goodput(role, tp, pp, n, *hint).rate
-        return out
+        """Phase goodput (req/s) of 1..max_n instances: measured on ``curve_grid``, each
+        search seeded by the last, until the per-instance goodput stops growing; linear
+        in between, and at the last measured per-instance rate beyond (module doc)."""
+        measured: dict[int, float] = {}
+        prev_n, prev = 0, 0.0
+        for n in curve_grid(max_n):
+            hint = (prev, prev * n / prev_n * 1.1) if prev > 0 else (None, None)
+            g = self.phase_goodput(role, tp, pp, n, *hint).rate
+            measured[n] = g
+            if g <= 0 or (n >= 4 and g / n < prev / prev_n * (1 + self.pc.curve_growth)):
+                break
+            prev_n, prev = n, g
+        return fill_curve(measured, max_n)
 
     # -- Alg. 1 -------------------------------------------------------------------------
     def _high(self) -> _Found:
@@ -176,9 +239,33 @@ class Planner:
                                                     self.bandwidth(gpus))
                             options.append((est / gpus, est, cand))
         options.sort(key=lambda o: (o[0], o[1]), reverse=True)
-        evals = [self.ev.evaluate(c, lo=0.85 * est, hi=est)
-                 for _, est, c in options[:self.pc.verify_top]]
-        best = max(evals, key=lambda e: (e.per_gpu_goodput, e.goodput.rate))
+        # The phase estimates miss what only the whole system shows (KV transfers queueing
+        # on a slow link delay decode, which TPOT counts: at 8x8 on the Azure trace every
+        # top estimate had pp > 1 prefill instances whose links saturate), so the best
+        # estimates may all share one prefill configuration that fails as a whole. Verify
+        # in stages: the best count pair of each prefill (tp, pp); then, with the prefill
+        # that verified best, of each decode (tp, pp); then more count pairs of that
+        # pairing. ``verify_top`` bounds each stage.
+        k = self.pc.verify_top
+
+        def firsts(opts: list, key) -> list:
+            seen: dict = {}
+            for o in opts:
+                seen.setdefault(key(o[2]), o)
+            return list(seen.values())[:k]
+
+        def stage(opts: list) -> Evaluation:
+            self.verify_many([(c, 0.85 * est, est) for _, est, c in opts])
+            evals.extend(self.ev.evaluate(c) for _, _, c in opts)
+            return max(evals, key=lambda e: (e.per_gpu_goodput, e.goodput.rate))
+
+        evals: list[Evaluation] = []
+        b = stage(firsts(options, lambda c: (c.prefill.tp, c.prefill.pp))).candidate
+        same_p = [o for o in options if o[2].prefill.tp == b.prefill.tp
+                  and o[2].prefill.pp == b.prefill.pp]
+        b = stage(firsts(same_p, lambda c: (c.decode.tp, c.decode.pp))).candidate
+        best = stage([o for o in same_p if (o[2].decode.tp, o[2].decode.pp) ==
+                      (b.decode.tp, b.decode.pp)][:k])
         if best.goodput.rate <= 0:
             raise PlanningError("no high-affinity configuration meets the SLO")
         return _Found(best, "high", candidates=len(options))
@@ -242,10 +329,51 @@ class Planner:
 
     # -- public -------------------------------------------------------------------------
     def plan(self, affinity: str = "auto") -> Plan:
+        """The best plan (module doc); a cluster larger than ``max_search_gpus`` is
+        searched as identical sub-clusters (``replicate``) and checked whole."""
         if affinity not in AFFINITY_CHOICES:
             raise ValueError(f"affinity must be one of {AFFINITY_CHOICES}, got {affinity!r}")
-        t0, sims0 = time.perf_counter(), self.ev.num_sims
-        found = []
+        t0 = time.perf_counter()
+        sub, copies = split_cluster(self.cluster, self.pc.max_search_gpus)
+        searcher = self if copies == 1 else Planner(
+            sub, self.profile, self.trace, self.slo, self.cfg,
+            replace(self.pc, max_requests=None, final_check=False), self.arrivals)
+        found = searcher.search(affinity)
+        best = max(found, key=lambda f: (f.evaluation.per_gpu_goodput,
+                                         f.evaluation.goodput.rate))
+        if copies > 1:
+            e = best.evaluation
+            cand = replicate(e.candidate, copies, best.affinity, sub)
+            rate = e.goodput.rate * copies
+            g = replace(e.goodput, rate=rate, per_gpu_rate=rate / cand.num_gpus,
+                        interpolated_rate=e.goodput.interpolated_rate * copies,
+                        num_gpus=cand.num_gpus)
+            best = replace(best, evaluation=Evaluation(cand, rate / cand.num_gpus, g))
+        check = None
+        if self.pc.final_check:
+            e = best.evaluation
+            spec = e.candidate.spec()
+            check = check_plan(spec, self.profile, self.windows, self.slo, self.cfg,
+                               e.goodput.rate, instances_of(spec), self.pc.replicates,
+                               self.pc.tol, explore_up=copies > 1)
+        w = self.pc.window
+        split = (f"; searched one {sub.num_nodes}x{sub.gpus_per_node} sub-cluster, "
+                 f"replicated {copies}x" if copies > 1 else "")
+        ev = searcher.ev
+        stats = SearchStats(sum(f.candidates for f in found), ev.num_sims,
+                            time.perf_counter() - t0, len(self.workload),
+                            f"affinity={affinity}; goodput bisection precision {self.pc.tol:g} "
+                            f"(phase curves {self.pc.phase_tol:g}); steady-state windows: "
+                            f"warm-up {w.warmup:g}, measured {w.measure:g}, cool-down "
+                            f"{w.cooldown:g} x {self.windows.scale_s:.1f} s, >= "
+                            f"{w.min_per_instance} measured requests per instance{split}",
+                            ev.requests_simulated)
+        return self.make_plan(best, stats, check)
+
+    def search(self, affinity: str) -> list[_Found]:
+        """The best of each search ``affinity`` asks for; ``PlanningError`` with the
+        reason (``explain``) when none meets the SLO."""
+        found, failed = [], []
         searches = [("high", self._high), ("low", self._low)]
         if self.pc.consider_colocated:
             searches.append(("auto", self._colocated))
@@ -253,17 +381,19 @@ class Planner:
             if affinity in (kind, "auto"):
                 try:
                     found.append(search())
-                except PlanningError:
-                    if affinity != "auto":
-                        raise
+                except PlanningError as exc:
+                    failed.append(str(exc))
         if not found:
-            raise PlanningError("no configuration meets the SLO on this cluster")
-        best = max(found, key=lambda f: (f.evaluation.per_gpu_goodput,
-                                         f.evaluation.goodput.rate))
-        stats = SearchStats(sum(f.candidates for f in found), self.ev.num_sims - sims0,
-                            time.perf_counter() - t0, len(self.workload),
-                            f"affinity={affinity}; goodput bisection tol={self.pc.tol}")
-        return self.make_plan(best, stats)
+            why = self.explain()
+            raise PlanningError(f"{why.message()}\n(searches: {'; '.join(failed)})", why)
+        return found
+
+    def explain(self) -> Infeasibility:
+        """Why no plan meets the SLO (``infeasibility``)."""
+        G = self.cluster.num_gpus
+        return explain(self.profile, self.workload, self.slo, self.cfg,
+                       {r: self.parallel_configs(r, G) for r in ("prefill", "decode")},
+                       self.cluster.gpus_per_node)
 
     def _colocated(self) -> _Found:
         """The colocated baseline as a plan option (``consider_colocated``)."""
@@ -281,16 +411,19 @@ class Planner:
             raise PlanningError("no colocated configuration meets the SLO")
         return _Found(best, "none", candidates=len(cands))
 
-    def make_plan(self, found: _Found, stats: SearchStats) -> Plan:
+    def make_plan(self, found: _Found, stats: SearchStats, check: PlanCheck | None = None
+                  ) -> Plan:
         e, c = found.evaluation, self.cluster
         cand = e.candidate
+        rate = check.rate if check is not None else e.goodput.rate
+        extra = {"arrivals": self.arrivals, "check": check}
         if cand.mode == "colocated":
             groups = assign_nodes(instance_groups("colocated", cand.colocated), c.num_nodes,
                                   c.gpus_per_node)
             return Plan(self.profile.model, f"{self.profile.model} on {self.profile.hardware}",
                         "colocated", "none", colocated=cand.colocated, placement=tuple(groups),
-                        expected_rate=e.goodput.rate, expected_per_gpu_goodput=e.per_gpu_goodput,
-                        slo=self.slo, trace=self.trace.name, search=stats, cluster=c)
+                        expected_rate=rate, expected_per_gpu_goodput=rate / cand.num_gpus,
+                        slo=self.slo, trace=self.trace.name, search=stats, cluster=c, **extra)
         if found.affinity == "low":
             tp_p, s_p, n_p, tp_d, s_d, n_d, pp_cross = found.layout
             groups = low_affinity_groups(tp_p, s_p, n_p, tp_d, s_d, n_d, pp_cross, cand.units,
@@ -301,8 +434,8 @@ class Planner:
                                   c.num_nodes, c.gpus_per_node)
         return Plan(self.profile.model, f"{self.profile.model} on {self.profile.hardware}",
                     "disaggregated", found.affinity, cand.prefill, cand.decode, None, cand.units,
-                    cand.transfer_bandwidth, tuple(groups), e.goodput.rate, e.per_gpu_goodput,
-                    self.slo, self.trace.name, stats, c)
+                    cand.transfer_bandwidth, tuple(groups), rate, rate / cand.num_gpus,
+                    self.slo, self.trace.name, stats, c, **extra)
 
     def candidates(self, include_colocated: bool = True) -> list[Candidate]:
         """Every full configuration within the cluster (bounded by ``max_instances``)."""
@@ -325,6 +458,12 @@ class Planner:
         return [Candidate.colo(InstanceSpec(tp, pp, n))
                 for tp, pp in self.parallel_configs("colocated", G)
                 for n in range(1, min(cap, G // (tp * pp)) + 1)]
+
+    def verify_many(self, jobs: list[tuple[Candidate, float | None, float | None]],
+                    workers: int | None = None) -> None:
+        """Whole-system goodput searches of ``jobs`` into the cache (``parallel``), in
+        ``workers`` processes (default ``PlannerConfig.workers``)."""
+        evaluate_many(self.ev, jobs, workers or self.pc.workers)
 
     def exhaustive(self, include_colocated: bool = True, workers: int = 1) -> list[Evaluation]:
         """Simulate every candidate as a whole system (equivalent ones once), best first.
@@ -350,32 +489,10 @@ class Planner:
                 est = min(g_p, self.phase_goodput("decode", d.tp, d.pp, d.count).rate)
                 lo, hi = (0.85 * est, est) if est > 0 else (None, g_p)
             jobs.append((key, cand, lo, hi))
-        if workers > 1 and len(jobs) > 1:
-            args = (self.profile, self.workload, self.slo, self.cfg, self.pc.tol)
-            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=args) as pool:
-                results = list(pool.map(_worker_goodput, [j[1:] for j in jobs]))
-        else:
-            results = [self.ev.evaluate(c, lo, hi).goodput for _, c, lo, hi in jobs]
-        for (key, *_), res in zip(jobs, results, strict=True):
-            if key not in self.ev.cache:
-                self.ev.cache[key] = res
-                self.ev.num_sims += res.num_sims
+        self.verify_many([j[1:] for j in jobs], workers)
         out = [self.ev.evaluate(cand) for cand in cands]
         out.sort(key=lambda e: (e.per_gpu_goodput, e.goodput.rate), reverse=True)
         return out
-
-
-_WORKER: Evaluator | None = None
-
-
-def _init_worker(profile, workload, slo, cfg, tol) -> None:
-    global _WORKER
-    _WORKER = Evaluator(profile, workload, slo, cfg, tol)
-
-
-def _worker_goodput(job: tuple[Candidate, float | None, float | None]) -> GoodputResult:
-    cand, lo, hi = job
-    return _WORKER.evaluate(cand, lo, hi).goodput
 
 
 def plan(cluster: ClusterDesc, profile: LatencyProfile, trace: Trace, slo: SloConfig,

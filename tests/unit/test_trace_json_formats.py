@@ -183,6 +183,20 @@ def test_unknown_format_error_is_short(tmp_path):
         load_trace(text)
 
 
+def test_binary_file_and_long_bad_rows_give_short_errors(tmp_path):
+    binary = tmp_path / "trace.bin"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff" * 1000)
+    with pytest.raises(ValueError, match="a binary file") as err:
+        load_trace(binary)
+    assert len(str(err.value)) < 300
+    csv = tmp_path / "azure.csv"
+    csv.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                   f"2023-11-16 18:15:46.6805900,{'9' * 5000}x,5\n")
+    with pytest.raises(ValueError, match="azure.csv:2: bad row") as err:
+        load_trace(csv)
+    assert len(str(err.value)) < 400 and "chars)" in str(err.value)
+
+
 def test_trace_rebased_sorts_stably_and_starts_at_zero():
     reqs = [TraceRequest(5.0, 10, 2, prefix_hashes=(1,)), TraceRequest(3.0, 10, 2),
             TraceRequest(5.0, 10, 2, prefix_hashes=(2,))]

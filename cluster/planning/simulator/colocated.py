@@ -31,16 +31,18 @@ from heapq import heappop, heappush
 from pdserve.cluster.planning.simulator.config import ColocatedPlanSpec, SimConfig
 from pdserve.cluster.planning.simulator.costs import DecodeCost, PrefillCost, mixed_step_s
 from pdserve.cluster.planning.simulator.result import SimResult
+from pdserve.cluster.planning.simulator.window import StopRule
 from pdserve.cluster.planning.simulator.workload import Workload
 from pdserve.engine.latency_profile import LatencyProfile
 
 
 def run_colocated(plan: ColocatedPlanSpec, profile: LatencyProfile, w: Workload,
-                  cfg: SimConfig) -> SimResult:
+                  cfg: SimConfig, stop: StopRule | None = None) -> SimResult:
     sim = _ColocatedSim(plan, profile, w, cfg)
-    sim.run()
+    stopped = sim.run(stop)
     return SimResult.from_run(plan.label(), "both", plan.num_gpus, w, sim.first, sim.last,
-                              sim.rejected, cfg.request_overhead_s, sim.events)
+                              sim.rejected, cfg.request_overhead_s, sim.events,
+                              stopped_early=stopped)
 
 
 class _ColocatedSim:
@@ -52,7 +54,7 @@ class _ColocatedSim:
     __slots__ = (
         "arr", "prompt", "out", "first", "last", "rejected", "p_done", "heap", "seq",
         "events", "rr", "pc", "dc", "cap", "budget", "chunked", "max_batch", "step_oh",
-        "least_loaded", "n_lanes", "waiting", "partial", "admitted", "queued_tok", "d_n",
+        "request_oh", "least_loaded", "n_lanes", "waiting", "partial", "admitted", "queued_tok", "d_n",
         "d_ctx", "reserved", "steps", "finish", "busy", "kicked", "assigned",
     )
 
@@ -63,6 +65,7 @@ class _ColocatedSim:
         self.cap = inst.entry.kv_capacity_tokens
         self.budget, self.chunked = cfg.prefill_token_budget, cfg.chunked_prefill
         self.max_batch, self.step_oh = cfg.max_decode_batch, cfg.step_overhead_s
+        self.request_oh = cfg.request_overhead_s
         self.least_loaded = cfg.dispatch == "least_loaded"
         self.arr, self.prompt, self.out = w.arrival, w.prompt, w.output
         n = len(self.arr)
@@ -86,8 +89,14 @@ class _ColocatedSim:
         self.kicked = [False] * n_lanes
         self.assigned = [0] * n_lanes
 
-    def run(self) -> None:
+    def run(self, stop: StopRule | None = None) -> bool:
+        """Run to the last event, or until ``stop`` sees too many measured misses (as in
+        ``disagg.py``); True when it stopped early."""
         heap, arr, n, form = self.heap, self.arr, len(self.arr), self._form
+        s_lo, s_hi, max_miss = (stop.lo, stop.hi, stop.max_misses) if stop else (0, 0, n)
+        ttft_s, tpot_s = (stop.ttft_s, stop.tpot_s) if stop else (math.inf, math.inf)
+        oh, rejected = self.request_oh, self.rejected
+        misses = 0
         # The end of a step is nearly every event: it is handled here, on locals.
         steps, d_ctx, d_n, finish, busy = self.steps, self.d_ctx, self.d_n, self.finish, \
             self.busy
@@ -110,6 +119,9 @@ class _ColocatedSim:
                 if done_now:
                     for rid in done_now:
                         last[rid] = now
+                        if s_lo <= rid < s_hi and first[rid] - arr[rid] + oh <= ttft_s \
+                                and now - first[rid] > tpot_s * (out[rid] - 1):
+                            misses += 1
                         f = prompt[rid] + out[rid]
                         d_n[lane] -= 1
                         d_ctx[lane] -= f
@@ -117,6 +129,8 @@ class _ColocatedSim:
                         assigned[lane] -= 1
                 for rid in completing:
                     first[rid] = now
+                    if s_lo <= rid < s_hi and now - arr[rid] + oh > ttft_s:
+                        misses += 1
                     admitted[lane] -= 1
                     if out[rid] == 1:
                         last[rid] = now
@@ -131,10 +145,16 @@ class _ColocatedSim:
             elif i < n:
                 events += 1
                 self._arrive(i, arr[i])
+                if rejected[i] and s_lo <= i < s_hi:
+                    misses += 1
                 i += 1
             else:
                 break
+            if misses > max_miss:  # never without a stop rule: misses stay 0
+                self.events = events
+                return True
         self.events = events
+        return False
 
     def _arrive(self, rid: int, now: float) -> None:
         if self.prompt[rid] + self.out[rid] > self.cap:

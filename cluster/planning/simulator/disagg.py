@@ -50,6 +50,7 @@ from heapq import heappop, heappush
 from pdserve.cluster.planning.simulator.config import DisaggPlanSpec, SimConfig
 from pdserve.cluster.planning.simulator.costs import DecodeCost, PrefillCost, contended_s
 from pdserve.cluster.planning.simulator.result import SimResult
+from pdserve.cluster.planning.simulator.window import StopRule
 from pdserve.cluster.planning.simulator.workload import Workload
 from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.router.policy_slo import TokenRate, predict_ttft_s
@@ -60,9 +61,9 @@ _PDONE, _PFREE, _KV, _DSTEP = 0, 1, 2, 3
 
 
 def run_disagg(plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload, cfg: SimConfig,
-               phase: str = "both") -> SimResult:
+               phase: str = "both", stop: StopRule | None = None) -> SimResult:
     sim = _DisaggSim(plan, profile, w, cfg, phase)
-    sim.run()
+    sim.run(stop)
     return sim.result(plan, phase)
 
 
@@ -77,7 +78,7 @@ class _DisaggSim:
         # the run: workload, phases, per-request results, events, round-robin cursors
         "w", "cfg", "arr", "prompt", "out", "do_prefill", "do_decode", "first", "last",
         "rejected", "admission_rejected", "lane_of", "heap", "seq", "events", "rr",
-        "least_loaded", "slo_aware",
+        "least_loaded", "slo_aware", "stopped",
         # prefill instances
         "pc", "pp", "pre_cap", "n_pre", "budget", "chunked", "p_slow", "secs_per_token",
         "p_queue", "p_outstanding", "p_stage_free", "p_link_free", "p_kick", "p_done",
@@ -103,6 +104,7 @@ class _DisaggSim:
         self.heap: list = []
         self.seq = itertools.count(1)
         self.events = 0
+        self.stopped = False
         self.rr = [0, 0]  # round-robin cursors: prefill instance, decode lane
         cont = cfg.contention
         self._init_prefill(plan, profile, cont.prefill if cont is not None else 1.0)
@@ -144,8 +146,15 @@ class _DisaggSim:
         self.unit_lanes = [range(u * per_unit, (u + 1) * per_unit) for u in range(units)]
         self.all_lanes = range(n_lanes)
 
-    def run(self) -> None:
+    def run(self, stop: StopRule | None = None) -> None:
+        """Run to the last event, or until ``stop`` sees too many measured misses (the
+        checks cost a comparison per first token and per finished request)."""
         heap, arr, n = self.heap, self.arr, len(self.arr)
+        s_lo, s_hi, max_miss = (stop.lo, stop.hi, stop.max_misses) if stop else (0, 0, n)
+        ttft_s, tpot_s = (stop.ttft_s, stop.tpot_s) if stop else (math.inf, math.inf)
+        oh = self.cfg.request_overhead_s if self.do_prefill else 0.0
+        misses = 0
+        rejected = self.rejected
         kv_landed, kick_decode, form_prefill = self._kv_landed, self._kick_decode, \
             self._form_prefill
         do_decode, pp, first = self.do_decode, self.pp, self.first
@@ -171,6 +180,9 @@ class _DisaggSim:
                     if done_now:
                         for rid in done_now:
                             last[rid] = now
+                            if s_lo <= rid < s_hi and first[rid] - arr[rid] + oh <= ttft_s \
+                                    and now - first[rid] > tpot_s * (out[rid] - 1):
+                                misses += 1
                             f = prompt[rid] + out[rid]
                             d_n[lane] -= 1
                             d_ctx[lane] -= f
@@ -182,6 +194,8 @@ class _DisaggSim:
                 elif kind == _PDONE:  # first tokens; KV moves on (or is in flight)
                     for rid in payload:
                         first[rid] = now
+                        if s_lo <= rid < s_hi and now - arr[rid] + oh > ttft_s:
+                            misses += 1
                         if not do_decode or out[rid] == 1:
                             last[rid] = now
                     if do_decode:
@@ -201,8 +215,13 @@ class _DisaggSim:
             elif i < n:
                 events += 1
                 self._arrive(i, arr[i])
+                if rejected[i] and s_lo <= i < s_hi:
+                    misses += 1
                 i += 1
             else:
+                break
+            if misses > max_miss:  # never without a stop rule: misses stay 0
+                self.stopped = True
                 break
         self.events = events
 
@@ -213,7 +232,7 @@ class _DisaggSim:
         return SimResult.from_run(
             label, phase, gpus, self.w, self.first, self.last, self.rejected,
             self.cfg.request_overhead_s if self.do_prefill else 0.0, self.events,
-            self.do_decode, tuple(self.admission_rejected))
+            self.do_decode, tuple(self.admission_rejected), self.stopped)
 
     def _arrive(self, rid: int, now: float) -> None:
         """Reject ``rid``, or queue it at a prefill instance (least outstanding prompt

@@ -20,6 +20,7 @@ from pdserve.cluster.planning.simulator.config import (
     SimConfig,
 )
 from pdserve.cluster.planning.simulator.goodput import GoodputResult, GoodputSearch
+from pdserve.cluster.planning.simulator.window import SteadyWindows
 from pdserve.cluster.planning.simulator.workload import Workload
 from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.router.slo import SloConfig
@@ -99,20 +100,27 @@ class Evaluator:
     """Goodput of configurations on one workload under one SLO, memoised."""
 
     def __init__(self, profile: LatencyProfile, workload: Workload, slo: SloConfig,
-                 sim_config: SimConfig | None = None, tol: float = 0.02) -> None:
+                 sim_config: SimConfig | None = None, tol: float = 0.02,
+                 windows: SteadyWindows | None = None) -> None:
         self.profile, self.workload, self.slo = profile, workload, slo
         self.cfg = sim_config or SimConfig()
         self.tol = tol
+        self.windows = windows
         self.cache: dict[tuple, GoodputResult] = {}
         self.num_sims = 0
+        self.requests_simulated = 0
 
     def goodput(self, spec: PlanSpec, phase: str = "both", lo: float | None = None,
-                hi: float | None = None) -> GoodputResult:
+                hi: float | None = None, tol: float | None = None) -> GoodputResult:
+        """Cached by simulation key; ``tol`` (default the evaluator's) is the bisection's
+        precision the first time a key is searched."""
         key = sim_key(spec, phase)
         if key not in self.cache:
-            res = GoodputSearch(spec, self.profile, self.workload, self.slo, self.cfg,
-                                phase).run(lo, hi, self.tol)
+            search = GoodputSearch(spec, self.profile, self.workload, self.slo, self.cfg,
+                                   phase, self.windows)
+            res = search.run(lo, hi, tol or self.tol)
             self.num_sims += res.num_sims
+            self.requests_simulated += search.requests_simulated
             self.cache[key] = res
         return self.cache[key]
 

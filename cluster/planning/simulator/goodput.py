@@ -16,6 +16,12 @@ GPUs. ``GoodputSearch`` replays the same requests rescaled to each probed rate (
 attainment there is >= target by construction; ``interpolated_rate`` is DistServe's
 linear interpolation of the crossing between the final bracket's ends. Attainment is only
 statistically monotone in the rate; bisection then returns one of the crossings.
+
+With ``windows`` (``window.SteadyWindows``, what the planner uses) each rate is simulated
+on a steady-state window sized for that rate, attainment is measured on its middle span
+only, and a run stops as soon as the measured misses decide that the rate fails (its
+cached attainment is then an upper bound below the target). Without, every rate replays
+the whole workload (``pdserve simulate --goodput``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 
 from pdserve.cluster.planning.simulator.config import PlanSpec, SimConfig
 from pdserve.cluster.planning.simulator.simulate import as_workload, simulate
+from pdserve.cluster.planning.simulator.window import SteadyWindows, StopRule, instances_of
 from pdserve.cluster.planning.simulator.workload import Workload
 from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.router.slo import SloConfig
@@ -55,12 +62,14 @@ class GoodputSearch:
 
     def __init__(self, plan: PlanSpec, profile: LatencyProfile, trace: Trace | Workload,
                  slo: SloConfig, sim_config: SimConfig | None = None,
-                 phase: str = "both") -> None:
+                 phase: str = "both", windows: SteadyWindows | None = None) -> None:
         self.plan, self.profile, self.slo, self.phase = plan, profile, slo, phase
         self.cfg = sim_config or SimConfig()
         self.workload = as_workload(trace)
+        self.windows = windows
         self.num_gpus = self._gpus()
         self.cache: dict[float, float] = {}
+        self.requests_simulated = 0
 
     def _gpus(self) -> int:
         p = self.plan
@@ -72,9 +81,17 @@ class GoodputSearch:
 
     def attainment(self, rate: float) -> float:
         if rate not in self.cache:
-            res = simulate(self.plan, self.profile, self.workload.at_rate(rate), self.cfg,
-                           self.phase)
-            self.cache[rate] = res.attainment(self.slo)
+            if self.windows is None:
+                w = self.workload.at_rate(rate)
+                res = simulate(self.plan, self.profile, w, self.cfg, self.phase)
+                self.cache[rate] = res.attainment(self.slo)
+            else:
+                win = self.windows.at(rate, instances_of(self.plan, self.phase))
+                w = win.workload
+                res = simulate(self.plan, self.profile, w, self.cfg, self.phase,
+                               StopRule.for_target(self.slo, win.lo, win.hi))
+                self.cache[rate] = res.attainment(self.slo, win.lo, win.hi)
+            self.requests_simulated += len(w)
         return self.cache[rate]
 
     def passes(self, rate: float) -> bool:

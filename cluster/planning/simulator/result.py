@@ -69,6 +69,7 @@ class SimResult:
     num_events: int = 0
     # Per request: rejected by admission control (TTFT predicted to miss); empty = none.
     admission_rejected: tuple[bool, ...] = ()
+    stopped_early: bool = False  # a ``StopRule`` ended the run: attainment is a bound
 
     def __post_init__(self) -> None:
         n = len(self.arrival)
@@ -82,18 +83,22 @@ class SimResult:
     @classmethod
     def from_run(cls, label: str, phase: str, num_gpus: int, w: Workload, first: list[float],
                  last: list[float], rejected: list[bool], overhead_s: float, num_events: int,
-                 decoded: bool = True, admission_rejected: tuple[bool, ...] = ()) -> SimResult:
+                 decoded: bool = True, admission_rejected: tuple[bool, ...] = (),
+                 stopped_early: bool = False) -> SimResult:
         """What an event loop hands over, per request: TTFT = first token - arrival +
         ``overhead_s`` (infinite when rejected), TPOT = (last - first) / (output - 1) for
         requests that ``decoded`` more than one token."""
         arr, out = w.arrival, w.output
         n = len(arr)
+        # A stopped run leaves NaN times: TTFT stays NaN (never <= a target), TPOT infinite.
         ttft = tuple(math.inf if rejected[r] else first[r] - arr[r] + overhead_s
                      for r in range(n))
         tpot = tuple(None if (rejected[r] or not decoded or out[r] < 2)
-                     else (last[r] - first[r]) / (out[r] - 1) for r in range(n))
+                     else (last[r] - first[r]) / (out[r] - 1) if last[r] == last[r]
+                     else math.inf for r in range(n))
         return cls(label, phase, num_gpus, w.rate, arr, w.prompt, out, tuple(first),
-                   tuple(last), ttft, tpot, sum(rejected), num_events, admission_rejected)
+                   tuple(last), ttft, tpot, sum(rejected), num_events, admission_rejected,
+                   stopped_early)
 
     @property
     def records(self) -> tuple[RequestRecord, ...]:
@@ -101,12 +106,14 @@ class SimResult:
             self.arrival, self.prompt_len, self.output_len, self.first_token,
             self.last_token, self.ttft, self.tpot, strict=True))
 
-    def attainment(self, slo: SloConfig) -> float:
-        """Share of requests meeting both TTFT and TPOT (TPOT trivially met when None)."""
+    def attainment(self, slo: SloConfig, lo: int = 0, hi: int | None = None) -> float:
+        """Share of requests ``[lo, hi)`` (default all) meeting both TTFT and TPOT (TPOT
+        trivially met when None). A request a stopped run never finished counts as a miss."""
         t_ttft, t_tpot = slo.ttft_s, slo.tpot_s
-        ok = sum(1 for f, p in zip(self.ttft, self.tpot, strict=True)
+        hi = len(self.ttft) if hi is None else hi
+        ok = sum(1 for f, p in zip(self.ttft[lo:hi], self.tpot[lo:hi], strict=True)
                  if f <= t_ttft and (p is None or p <= t_tpot))
-        return ok / len(self.ttft)
+        return ok / (hi - lo)
 
     def attainment_admitted(self, slo: SloConfig) -> float:
         """Attainment among the requests admission control let in."""

@@ -17,6 +17,7 @@ from pdserve.cluster.planning.simulator.config import (
 )
 from pdserve.cluster.planning.simulator.disagg import run_disagg
 from pdserve.cluster.planning.simulator.result import SimResult
+from pdserve.cluster.planning.simulator.window import StopRule
 from pdserve.cluster.planning.simulator.workload import Workload
 from pdserve.engine.latency_profile import LatencyProfile
 from pdserve.workloads.trace import Trace
@@ -27,19 +28,21 @@ def as_workload(trace: Trace | Workload) -> Workload:
 
 
 def simulate(plan: PlanSpec, profile: LatencyProfile, trace: Trace | Workload,
-             sim_config: SimConfig | None = None, phase: str = "both") -> SimResult:
+             sim_config: SimConfig | None = None, phase: str = "both",
+             stop: StopRule | None = None) -> SimResult:
     """Simulate serving ``trace`` (at its own arrival times) on ``plan``.
 
     ``phase`` ("both" | "prefill" | "decode") isolates one pool of a disaggregated plan;
-    the colocated baseline only runs as a whole."""
+    the colocated baseline only runs as a whole. ``stop`` may end a run early
+    (``SimResult.stopped_early``) once its measured misses decide it."""
     cfg = sim_config or SimConfig()
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     w = as_workload(trace)
     if isinstance(plan, DisaggPlanSpec):
-        return run_disagg(plan, profile, w, cfg, phase)
+        return run_disagg(plan, profile, w, cfg, phase, stop)
     if isinstance(plan, ColocatedPlanSpec):
         if phase != "both":
             raise ValueError("a colocated plan can only be simulated with phase='both'")
-        return run_colocated(plan, profile, w, cfg)
+        return run_colocated(plan, profile, w, cfg, stop)
     raise TypeError(f"not a plan spec: {plan!r}")

@@ -53,6 +53,27 @@ class Workload:
         k = self.rate / rate
         return Workload(self.name, tuple(t * k for t in self.arrival), self.prompt, self.output)
 
+    def cycle(self, start: int, n: int) -> Workload:
+        """``n`` consecutive requests from index ``start``, wrapping around to the first
+        (a window longer than the workload replays it again). The arrival gaps are the
+        workload's own; the gap across the wrap is the mean gap. Arrivals start at 0."""
+        size = len(self)
+        if n < 1 or not (0 <= start < size):
+            raise ValueError(f"need n >= 1 and 0 <= start < {size}, got {start}, {n}")
+        if start == 0 and n == size:
+            return self
+        arr = self.arrival
+        mean_gap = (arr[-1] - arr[0]) / (size - 1) if size > 1 else 0.0
+        idx = [(start + i) % size for i in range(n)]
+        times, t = [0.0] * n, 0.0
+        for k in range(1, n):
+            i = idx[k]
+            t += arr[i] - arr[i - 1] if i > 0 else mean_gap
+            times[k] = t
+        prompt, output = self.prompt, self.output
+        return Workload(f"{self.name}[{start}+{n}]", tuple(times),
+                        tuple(prompt[i] for i in idx), tuple(output[i] for i in idx))
+
     @property
     def max_footprint(self) -> int:
         return max(p + o for p, o in zip(self.prompt, self.output, strict=True))
@@ -70,15 +91,15 @@ def _ks_distance(sample: list[int], ref_sorted: list[int]) -> float:
     return worst
 
 
-def representative_slice(trace: Trace, n: int, step: int | None = None) -> Trace:
-    """The window of ``n`` consecutive requests whose length distributions best match the
-    whole trace (KS distance on prompt and output lengths, the worse of the two).
-    Returns the trace itself when it has at most ``n`` requests."""
+def representative_start(trace: Trace, n: int, step: int | None = None) -> int:
+    """Where the window of ``n`` consecutive requests whose length distributions best
+    match the whole trace starts (KS distance on prompt and output lengths, the worse of
+    the two); 0 when the trace has at most ``n`` requests."""
     if n < 1:
         raise ValueError("n must be >= 1")
     reqs = trace.requests
     if len(reqs) <= n:
-        return trace
+        return 0
     ref_p = sorted(r.prompt_len for r in reqs)
     ref_o = sorted(r.output_len for r in reqs)
     step = step or max(1, n // 4)
@@ -89,6 +110,16 @@ def representative_slice(trace: Trace, n: int, step: int | None = None) -> Trace
                 _ks_distance([r.output_len for r in win], ref_o))
         if d < best:
             best, best_start = d, start
+    return best_start
+
+
+def representative_slice(trace: Trace, n: int, step: int | None = None) -> Trace:
+    """The window of ``n`` consecutive requests at ``representative_start``, re-based to
+    start at 0; the trace itself when it has at most ``n`` requests."""
+    best_start = representative_start(trace, n, step)
+    if len(trace) <= n:
+        return trace
+    reqs = trace.requests
     win = reqs[best_start:best_start + n]
     t0 = win[0].arrival_s
     return Trace(f"{trace.name}[{best_start}:{best_start + n}]",
