@@ -8,6 +8,7 @@ scenarios make one rank fail mid-run and return what the others saw.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -80,13 +81,49 @@ def serve_prefill(prompts: list[list[int]], cfg: EngineConfig, group: TPGroup | 
     return [by_id[f"r{i}"].token.token_id for i in range(len(prompts))]
 
 
+def serve_decode(prompts: list[list[int]], first: list[int], max_tokens: list[int],
+                 cfg: EngineConfig, group: TPGroup | None = None) -> list[list[int]]:
+    """A decode worker's tokens after ``first`` (each request's first token, from a tp 1
+    prefill), all requests decoding together. Each prompt's KV is computed into the
+    reserved blocks by running the prompt through the worker's own runner: at tp > 1 every
+    rank then holds its heads, as a same-degree transfer would leave them."""
+    from pdserve.decode_worker.messages import ReserveRequest, StartDecode
+    from pdserve.decode_worker.worker import DecodeWorker
+    from pdserve.engine.messages import SampledToken
+    from pdserve.engine.model_runner import ModelInput
+    from pdserve.kv_transfer.registry import create_receiver
+
+    worker = DecodeWorker.from_config(
+        "d0", cfg, lambda spec: create_receiver("inprocess", spec, f"d0-{os.getpid()}"),
+        load_model(cfg, load_tokenizer=False, group=group))
+    out: dict[str, list[int]] = {}
+    try:
+        for i, prompt in enumerate(prompts):
+            rid = f"r{i}"
+            dest = worker.reserve(ReserveRequest(rid, len(prompt))).destination
+            worker.runner.run([ModelInput(prompt, 0, dest.block_ids, sample=False)])
+            worker.start(StartDecode(rid, tuple(prompt), greedy(max_tokens[i]),
+                                     SampledToken(first[i], None, ())))
+            out[rid] = [first[i]]
+        while worker.has_work():
+            batch = worker.step()
+            for delta in () if batch is None else batch.deltas:
+                assert delta.error is None, delta.error
+                out[delta.request_id] += delta.token_ids
+    finally:
+        worker.runner.close()
+        worker.receiver.close()
+    return [out[f"r{i}"] for i in range(len(prompts))]
+
+
 def rank_main(group: TPGroup, what: str, cfg: EngineConfig, args: tuple, kwargs: dict) -> Any:
     """Rank 0 serves ``what`` (``serve_<what>(*args, cfg, group, **kwargs)``); the others
     follow it."""
     torch.set_num_threads(1)  # several ranks share two cores
     if not group.is_first:
         return executor.run_follower(cfg, group)
-    return {"engine": serve_engine, "prefill": serve_prefill}[what](*args, cfg, group, **kwargs)
+    serve = {"engine": serve_engine, "prefill": serve_prefill, "decode": serve_decode}[what]
+    return serve(*args, cfg, group, **kwargs)
 
 
 class _FailingRunner(ModelRunner):

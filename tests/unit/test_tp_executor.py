@@ -1,10 +1,11 @@
 """Rank 0 drives a tensor-parallel instance: the engine and workers at tp 2 and 4 on gloo.
 
-The step messages' wire form on its own; then the real ``LLMEngine`` and ``PrefillWorker``
-on rank 0 of a group whose other ranks are processes running ``run_follower``
-(``tests/tp_harness.py``), against the same engine at tp 1: greedy tokens of concurrent
-requests of mixed lengths, with chunked prefill and (in a small cache) preemption, must be
-equal. A failing follower or a departed rank 0 fails the others instead of hanging them.
+The step messages' wire form on its own; then the real ``LLMEngine``, ``PrefillWorker``
+and ``DecodeWorker`` on rank 0 of a group whose other ranks are processes running
+``run_follower`` (``tests/tp_harness.py``), against the same engine at tp 1: greedy tokens
+of concurrent requests of mixed lengths, with chunked prefill and (in a small cache)
+preemption, must be equal (the decode worker's KV is computed in place by its own
+runner, on every rank: the cross-degree transfer is ``test_kv_transfer_tp.py``'s). A failing follower or a departed rank 0 fails the others instead of hanging them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from pdserve.engine.parallel.step_message import (
     decode,
     encode,
 )
-from tests.tp_engine_scenario import config, rank_fails, rank_main, serve_engine, serve_prefill
+from tests.tp_engine_scenario import (
+    config,
+    rank_fails,
+    rank_main,
+    serve_decode,
+    serve_engine,
+    serve_prefill,
+)
 from tests.tp_harness import run_ranks
 
 PRELOAD = ("tests.tp_engine_scenario",)
@@ -112,6 +120,19 @@ def test_prefill_worker_at_tp2_equals_tp1(tp_qwen2):
     want = serve_prefill(prompts, config(tp_qwen2, 1))
     got = run_ranks(rank_main, 2, "prefill", config(tp_qwen2, 2), (prompts,), {},
                     preload=PRELOAD)
+    assert got[0] == want
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_decode_worker_at_tp_equals_tp1(tp, tp_llama):
+    prompts, max_tokens = _requests(13, 6)
+    max_tokens = [n + 2 for n in max_tokens]
+    want = serve_engine(prompts, max_tokens, config(tp_llama, 1))["tokens"]
+    first = [t[0] for t in want]
+    # the tp 1 decode worker is the reference's own check
+    assert serve_decode(prompts, first, max_tokens, config(tp_llama, 1)) == want
+    got = run_ranks(rank_main, tp, "decode", config(tp_llama, tp), (prompts, first, max_tokens),
+                    {}, preload=PRELOAD)
     assert got[0] == want
 
 
