@@ -31,6 +31,10 @@ class ModelInput:
 
 
 class ModelRunner:
+    # A failure outside any step that leaves the runner unusable (a tensor-parallel rank
+    # lost while the instance idled): health checks read it; the next step raises it.
+    error: BaseException | None = None
+
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, attn: AttentionBackend,
                  device: torch.device):
         self.model = model

@@ -169,3 +169,32 @@ def rank_fails(group: TPGroup, failing: int, fail_at: int, cfg: EngineConfig,
             group.close()  # what a dying follower does: leave
             return "failed"
         return f"raised {type(exc).__name__}"
+
+
+def follower_leaves_when_idle(group: TPGroup, cfg: EngineConfig, prompts: list[list[int]]
+                              ) -> str:
+    """Rank 0 serves ``prompts`` then idles; the follower runs the steps and leaves the
+    group at rank 0's first keepalive. Rank 0 returns its runner's error once the
+    keepalive noticed (the harness's timeout bounds the wait)."""
+    torch.set_num_threads(1)
+    from pdserve.engine.loader import build_runner, kv_cache_spec
+    from pdserve.engine.model_runner import ModelInput
+    from pdserve.engine.parallel.step_channel import StepChannel
+    from pdserve.engine.parallel.step_message import StepKind
+
+    loaded = load_model(cfg, load_tokenizer=False, group=group)
+    if group.is_first:
+        engine = LLMEngine.from_config(cfg, loaded)
+        engine.generate(prompts, greedy(3))
+        while engine.runner.error is None:
+            time.sleep(0.05)
+        return type(engine.runner.error).__name__
+    runner = build_runner(loaded, kv_cache_spec(loaded))
+    channel = StepChannel(group)
+    while True:
+        msg = channel.recv(runner.kv_cache.spec.num_blocks, loaded.model_config.vocab_size)
+        if msg.kind == StepKind.IDLE:
+            group.close()
+            return "left"
+        runner.run([ModelInput(s.token_ids, s.start, s.block_table, s.sample)
+                    for s in msg.sequences], msg.all_logits)

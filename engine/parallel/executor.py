@@ -45,7 +45,7 @@ class DrivingRunner(ModelRunner):
         self._lock = threading.Lock()
         self._last_sent = time.monotonic()
         self._closed = False
-        self.error: BaseException | None = None  # the keepalive's failure, raised by run
+        self.error = None  # a broken group (seen by a step or the keepalive)
         self._stop = threading.Event()
         self._keepalive_s = keepalive_s or group.config.timeout_s / 4
         self._keepalive = threading.Thread(target=self._keep_alive, daemon=True,

@@ -24,6 +24,7 @@ from pdserve.engine.parallel.step_message import (
 )
 from tests.tp_engine_scenario import (
     config,
+    follower_leaves_when_idle,
     rank_fails,
     rank_main,
     serve_decode,
@@ -146,3 +147,13 @@ def test_a_failed_rank_fails_the_others(failing, tp_llama):
                     timeout_s=60, collective_timeout_s=300)
     assert got[failing] == ("left" if failing == 0 else "failed")
     assert all(g.startswith("raised") for r, g in enumerate(got) if r != failing), got
+
+
+def test_a_rank_lost_while_idle_is_noticed_without_a_step(tp_llama):
+    """The keepalive finds the broken group: the runner's error is set (what the worker
+    host's health check reads) with no request in flight."""
+    prompts, _ = _requests(4, 2)
+    got = run_ranks(follower_leaves_when_idle, 2, config(tp_llama, 2), prompts,
+                    preload=PRELOAD, collective_timeout_s=5.0, timeout_s=60)
+    assert got[1] == "left"
+    assert "Error" in got[0]
