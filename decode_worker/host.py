@@ -62,6 +62,7 @@ class DecodeHost(WorkerHost):
 
     def close(self) -> None:
         self._loop.stop()
+        self.worker.runner.close()  # a TP rank 0 releases its followers
         receiver = getattr(self.worker, "receiver", None)
         if receiver is not None:
             receiver.close()

@@ -31,6 +31,10 @@ class ModelInput:
 
 
 class ModelRunner:
+    # A failure outside any step that leaves the runner unusable (a tensor-parallel rank
+    # lost while the instance idled): health checks read it; the next step raises it.
+    error: BaseException | None = None
+
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, attn: AttentionBackend,
                  device: torch.device):
         self.model = model
@@ -68,9 +72,14 @@ class ModelRunner:
             block_size=p,
         )
         self.attn.plan(meta)
-        logits_idx = None if all_logits else torch.tensor(sample_rows, device=self.device)
+        logits_idx = None if all_logits else torch.tensor(sample_rows, dtype=torch.long,
+                                                             device=self.device)
         return self.model.forward(
             torch.tensor(ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),
             self.kv_cache, self.attn, logits_idx, layer_done,
         )
+
+    def close(self) -> None:
+        """Release what the runner holds beyond memory (a tensor-parallel rank 0's
+        followers); nothing here."""

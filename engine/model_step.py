@@ -25,6 +25,7 @@ from pdserve.engine.kv_cache import KVCacheSpec
 from pdserve.engine.loader import LoadedModel, build_runner, load_model
 from pdserve.engine.messages import SampledToken
 from pdserve.engine.model_runner import ModelInput, ModelRunner
+from pdserve.engine.parallel.executor import DrivingRunner
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import Sampler, next_token_generator
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -77,6 +78,8 @@ class EngineParts:
         (a decode worker's blocks are written by prefill workers: nothing to share)."""
         loaded = loaded or load_model(config, load_tokenizer=load_tokenizer)
         runner = build_runner(loaded, kv_spec, kv_buffer=kv_buffer)
+        if loaded.group is not None:  # rank 0 of a TP instance; the others run_follower
+            runner = DrivingRunner.wrap(runner, loaded.group)
         spec = runner.kv_cache.spec
         caching = config.enable_prefix_caching if prefix_caching is None else prefix_caching
         blocks = BlockManager(spec.num_blocks, spec.block_size, caching)

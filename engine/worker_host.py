@@ -38,7 +38,9 @@ class WorkerHost:
         return m.text() if m is not None else ""
 
     def healthy(self) -> bool:
-        return self._loop.alive and self._loop.error is None
+        # The runner's error: a lost tensor-parallel rank, noticed even while idle.
+        return (self._loop.alive and self._loop.error is None
+                and self.worker.runner.error is None)
 
 
 class WorkerActorCalls:

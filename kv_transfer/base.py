@@ -42,6 +42,7 @@ from pdserve.engine.kv_cache import KVCache, KVCacheSpec
 from pdserve.kv_transfer.checksum import KVChecksum, KVDigest, check_mode
 from pdserve.kv_transfer.messages import (
     CudaIpcHandleMsg,
+    HeadSlice,
     KVCacheSpecMsg,
     KVDestination,
     KVEndpoint,
@@ -49,7 +50,7 @@ from pdserve.kv_transfer.messages import (
 from pdserve.kv_transfer.tracker import TransferState, TransferTable
 
 __all__ = [
-    "CudaIpcHandleMsg", "KVCacheSpecMsg", "KVDestination", "KVEndpoint", "KVReceiver",
+    "CudaIpcHandleMsg", "HeadSlice", "KVCacheSpecMsg", "KVDestination", "KVEndpoint", "KVReceiver",
     "KVSender", "StaleDestination", "Transfer", "TransferError", "TransferState",
     "send_kv_blocks",
 ]
@@ -87,6 +88,8 @@ class Transfer:
     context: Any = field(default=None, repr=False)  # backend-private per-transfer data
     checksum: KVChecksum | None = field(default=None, repr=False)
     error_reason: str = "error"  # the failing TransferError's reason (metrics label)
+    # The KV heads sent (all of the receiver's when None): a transfer between TP degrees
+    heads: HeadSlice | None = None
     _sent: set[int] = field(default_factory=set, repr=False)
     _cancelled: bool = field(default=False, repr=False)
 
@@ -97,6 +100,16 @@ class Transfer:
     @property
     def num_layers(self) -> int:
         return self.dest.endpoint.spec.num_layers
+
+    @property
+    def num_heads(self) -> int:
+        """KV heads per layer payload."""
+        return self.dest.endpoint.spec.num_kv_heads if self.heads is None else self.heads.count
+
+    @property
+    def head_window(self) -> tuple[int, int] | None:
+        """(first, count) of the receiver's heads this transfer writes; None: all of them."""
+        return None if self.heads is None else self.heads.dst_window
 
     def digest(self) -> KVDigest | None:
         """The KV checksum of what was sent (None when checksums are off); DONE only."""
@@ -112,22 +125,33 @@ class KVSender(ABC):
 
     name: ClassVar[str] = ""
 
-    def begin(self, dest: KVDestination, src_spec: KVCacheSpec, checksum: str = "off"
-              ) -> Transfer:
+    def begin(self, dest: KVDestination, src_spec: KVCacheSpec, checksum: str = "off",
+              heads: HeadSlice | None = None) -> Transfer:
         """Start a transfer to ``dest``; ``checksum`` (``checksum.CHECKSUM_MODES``) asks for
-        a digest of everything sent. Raises ``TransferError`` before anything is written."""
+        a digest of everything sent. ``heads``: send only those KV heads (the sender's
+        ``src_offset..`` into the receiver's ``dst_offset..``; the caches' head counts may
+        then differ: TP degrees); layer payloads then hold ``heads.count`` heads. Raises
+        ``TransferError`` before anything is written."""
         tid, spec = dest.transfer_id, dest.endpoint.spec
         if dest.endpoint.backend != self.name:
             raise TransferError(tid, f"endpoint is for backend {dest.endpoint.backend!r}, "
                                      f"this sender is {self.name!r}")
-        problem = spec.mismatch(src_spec)
+        problem = spec.mismatch(src_spec, any_heads=heads is not None)
+        if heads is not None and not problem:
+            if heads.src_offset + heads.count > src_spec.num_kv_heads:
+                problem = f"{heads} exceeds the sender's {src_spec.num_kv_heads} KV heads"
+            elif heads.dst_offset + heads.count > spec.num_kv_heads:
+                problem = f"{heads} exceeds the receiver's {spec.num_kv_heads} KV heads"
+            elif heads.count != spec.num_kv_heads and check_mode(checksum) != "off":
+                # A receiver's digest would span several senders' slices: not built yet.
+                problem = "KV checksums of part of a receiver's heads are not supported"
         if problem:
             raise TransferError(tid, f"KV cache specs differ: {problem}")
         need = math.ceil(dest.num_tokens / spec.block_size)
         if len(dest.block_ids) != need:
             raise TransferError(tid, f"{dest.num_tokens} tokens need {need} blocks of "
                                      f"{spec.block_size}, destination has {len(dest.block_ids)}")
-        transfer = Transfer(dest)
+        transfer = Transfer(dest, heads=heads)
         if check_mode(checksum) != "off":
             transfer.checksum = KVChecksum(checksum, spec.num_layers)
         try:
@@ -140,7 +164,8 @@ class KVSender(ABC):
         return transfer
 
     def send_layer(self, transfer: Transfer, layer: int, kv: torch.Tensor) -> None:
-        """Ship ``kv`` [2, n_blocks, P, H, D] (blocks in ``dest.block_ids`` order).
+        """Ship ``kv`` [2, n_blocks, P, H, D] (blocks in ``dest.block_ids`` order; ``H``
+        is ``transfer.num_heads``: the head slice's count when it has one).
 
         May return before the bytes are delivered, so ``kv`` must be a tensor the caller
         will not modify afterwards (``index_select`` output is a fresh copy: fine).
@@ -149,7 +174,7 @@ class KVSender(ABC):
         tid, spec = transfer.transfer_id, transfer.dest.endpoint.spec
         if transfer.state.terminal:
             raise TransferError(tid, f"transfer is already {transfer.state.value}")
-        want = (2, len(transfer.dest.block_ids), spec.block_size, spec.num_kv_heads,
+        want = (2, len(transfer.dest.block_ids), spec.block_size, transfer.num_heads,
                 spec.head_dim)
         problem = ""
         if not 0 <= layer < spec.num_layers:
@@ -267,7 +292,8 @@ class KVReceiver(ABC):
     def __init__(self, endpoint: KVEndpoint, cache: KVCache):
         self.endpoint = endpoint
         self.cache = cache
-        self._table = TransferTable(cache.spec.num_layers, cache.spec.num_blocks)
+        self._table = TransferTable(cache.spec.num_layers, cache.spec.num_blocks,
+                                    cache.spec.num_kv_heads)
 
     @classmethod
     @abstractmethod

@@ -3,7 +3,10 @@
 Usage: build one ``BlockWriter`` per destination cache (it precomputes views of the whole
 cache), turn a transfer's reserved block ids into an index once with ``index(...)``, then
 call ``write(layer, index, kv)`` (a tensor) or ``write_bytes(layer, index, payload)``
-(raw bytes off a socket) for each layer.
+(raw bytes off a socket) for each layer. ``heads=(first, count)`` writes a payload of
+``count`` heads into those heads of each block only (a transfer between TP degrees): the
+destination is then strided (NHD layout: a block's heads interleave with its token slots),
+so it is an element-wise strided assignment rather than whole rows.
 
 Why not ``cache[layer].index_copy_(1, idx, kv)`` on the CPU: torch's CPU index_copy_
 walks the blocks element by element and splits that walk over the intra-op thread pool;
@@ -22,6 +25,8 @@ import numpy as np
 import torch
 
 _WORDS = ((8, np.uint64), (4, np.uint32), (2, np.uint16), (1, np.uint8))
+_ELEMENT_WORDS = {size: dtype for size, dtype in _WORDS}
+HeadWindow = tuple[int, int]  # (first head, count) of the destination cache
 
 
 def _word_dtype(row_bytes: int) -> tuple[int, type]:
@@ -51,13 +56,18 @@ class BlockWriter:
         self.num_layers, _, self.num_blocks = data.shape[:3]
         self.block_shape = tuple(data.shape[3:])
         self.row_bytes = data[0, 0, 0].numel() * data.element_size()
+        self.num_heads = data.shape[4]
         self._rows: np.ndarray | None = None
+        self._elements: np.ndarray | None = None
         if data.device.type == "cpu":
             word, np_dtype = _word_dtype(self.row_bytes)
             self._word_dtype = np_dtype
             # [L, 2, N, row_words] sharing memory with the cache tensor.
             self._rows = tensor_bytes(data).reshape(
                 self.num_layers, 2, self.num_blocks, self.row_bytes).view(np_dtype)
+            # [L, 2, N, P, H, D] of same-size words, for head windows (bf16 has no numpy type)
+            self._element_dtype = _ELEMENT_WORDS[data.element_size()]
+            self._elements = tensor_bytes(data).view(self._element_dtype).reshape(data.shape)
 
     def index(self, block_ids: Sequence[int]) -> np.ndarray | torch.Tensor:
         """The form ``write`` wants the destination blocks in (reuse it for every layer)."""
@@ -65,15 +75,29 @@ class BlockWriter:
             return np.asarray(block_ids, dtype=np.intp)
         return torch.as_tensor(list(block_ids), dtype=torch.long, device=self.data.device)
 
-    def payload_bytes(self, num_blocks: int) -> int:
-        return 2 * num_blocks * self.row_bytes
+    def payload_bytes(self, num_blocks: int, heads: HeadWindow | None = None) -> int:
+        count = self.num_heads if heads is None else heads[1]
+        return 2 * num_blocks * self.row_bytes // self.num_heads * count
 
-    def write(self, layer: int, index: np.ndarray | torch.Tensor, kv: torch.Tensor) -> None:
-        """``kv`` [2, n, P, H, D] (same dtype as the cache) -> blocks ``index`` of ``layer``."""
+    def _payload_shape(self, n: int, heads: HeadWindow | None) -> tuple[int, ...]:
+        block_size, num_heads, head_dim = self.block_shape
+        if heads is not None and not (heads[1] >= 1 and heads[0] >= 0
+                                      and heads[0] + heads[1] <= num_heads):
+            raise ValueError(f"heads {heads} outside the cache's {num_heads} KV heads")
+        return 2, n, block_size, num_heads if heads is None else heads[1], head_dim
+
+    def write(self, layer: int, index: np.ndarray | torch.Tensor, kv: torch.Tensor,
+              heads: HeadWindow | None = None) -> None:
+        """``kv`` [2, n, P, H, D] (same dtype as the cache) -> blocks ``index`` of ``layer``;
+        with ``heads`` (first, count), ``kv`` holds ``count`` heads, written to those."""
         n = len(index)
-        if tuple(kv.shape) != (2, n, *self.block_shape) or kv.dtype != self.data.dtype:
+        shape = self._payload_shape(n, heads)
+        if tuple(kv.shape) != shape or kv.dtype != self.data.dtype:
             raise ValueError(f"layer payload is {tuple(kv.shape)} {kv.dtype}, expected "
-                             f"{(2, n, *self.block_shape)} {self.data.dtype}")
+                             f"{shape} {self.data.dtype}")
+        if heads is not None and heads[1] != self.num_heads:
+            self._write_heads(layer, index, kv, heads)
+            return
         if self._rows is None:
             self.data[layer].index_copy_(1, index, kv.to(self.data.device, non_blocking=True))
             return
@@ -83,17 +107,44 @@ class BlockWriter:
         self._scatter_rows(layer, index, tensor_bytes(src.contiguous()))
 
     def write_bytes(self, layer: int, index: np.ndarray | torch.Tensor,
-                    payload: np.ndarray) -> None:
-        """Like ``write`` for a raw uint8 payload laid out as a contiguous [2, n, P, H, D]."""
+                    payload: np.ndarray, heads: HeadWindow | None = None) -> None:
+        """Like ``write`` for a raw uint8 payload laid out as a contiguous [2, n, P, H, D]
+        (``H`` the window's count with ``heads``)."""
         n = len(index)
-        if payload.dtype != np.uint8 or payload.size != self.payload_bytes(n):
+        shape = self._payload_shape(n, heads)
+        if payload.dtype != np.uint8 or payload.size != self.payload_bytes(n, heads):
             raise ValueError(f"payload has {payload.size} bytes, expected "
-                             f"{self.payload_bytes(n)} for {n} blocks")
+                             f"{self.payload_bytes(n, heads)} for {n} blocks")
+        if heads is not None and heads[1] != self.num_heads:
+            if self._elements is not None:
+                self._scatter_heads(layer, index, payload, heads)
+            else:
+                kv = torch.from_numpy(payload).view(self.data.dtype).view(shape)
+                self._write_heads(layer, index, kv, heads)
+            return
         if self._rows is None:
             kv = torch.from_numpy(payload).view(self.data.dtype).view(2, n, *self.block_shape)
             self.data[layer].index_copy_(1, index, kv.to(self.data.device))
             return
         self._scatter_rows(layer, index, payload)
+
+    def _write_heads(self, layer: int, index, kv: torch.Tensor, heads: HeadWindow) -> None:
+        first, count = heads
+        if self._elements is None:
+            self.data[layer][:, index, :, first:first + count] = kv.to(self.data.device)
+            return
+        src = kv.detach()
+        if src.device.type != "cpu":
+            src = src.cpu()
+        self._scatter_heads(layer, index, tensor_bytes(src.contiguous()), heads)
+
+    def _scatter_heads(self, layer: int, index: np.ndarray, payload: np.ndarray,
+                       heads: HeadWindow) -> None:
+        first, count = heads
+        block_size, _, head_dim = self.block_shape
+        src = payload.view(self._element_dtype).reshape(2, len(index), block_size, count,
+                                                        head_dim)
+        self._elements[layer][:, index, :, first:first + count] = src
 
     def _scatter_rows(self, layer: int, index: np.ndarray, payload: np.ndarray) -> None:
         rows = payload.reshape(2, len(index), self.row_bytes).view(self._word_dtype)

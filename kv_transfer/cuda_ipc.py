@@ -193,14 +193,16 @@ class _WideWriter:
     def index(self, block_ids) -> torch.Tensor:
         return torch.as_tensor(list(block_ids), dtype=torch.long, device=self.data.device)
 
-    def payload_bytes(self, num_blocks: int) -> int:
-        return 2 * num_blocks * self.row_bytes
+    def payload_bytes(self, num_blocks: int, heads: tuple[int, int] | None = None) -> int:
+        return self.fallback.payload_bytes(num_blocks, heads)
 
-    def write(self, layer: int, index: torch.Tensor, kv: torch.Tensor) -> None:
-        """``kv`` already validated (shape, dtype) by ``KVSender.send_layer``."""
-        if (kv.device != self.data.device or not kv.is_contiguous()
+    def write(self, layer: int, index: torch.Tensor, kv: torch.Tensor,
+              heads: tuple[int, int] | None = None) -> None:
+        """``kv`` already validated (shape, dtype) by ``KVSender.send_layer``. A head window
+        is strided in the cache: no wide rows, the fallback's strided copy."""
+        if (heads is not None or kv.device != self.data.device or not kv.is_contiguous()
                 or (kv.storage_offset() * kv.element_size()) % self.dtype.itemsize):
-            self.fallback.write(layer, index, kv)
+            self.fallback.write(layer, index, kv, heads)
             return
         src = kv.view(2, kv.shape[1], -1).view(self.dtype)
         self.rows[layer].index_copy_(1, index, src)
@@ -253,14 +255,14 @@ class CudaIpcSender(KVSender):
             # The copy of layer i overlaps the compute of layer i+1, after layer i's K/V.
             stream.wait_stream(torch.cuda.current_stream(kv.device))
         with torch.cuda.stream(stream):
-            writer.write(layer, index, kv)
+            writer.write(layer, index, kv, transfer.head_window)
             if on_gpu:
                 kv.record_stream(stream)  # the caller may free kv before the copy runs
             if transfer.layers_sent + 1 == transfer.num_layers:  # the last layer
                 event = torch.cuda.Event()
                 event.record(stream)
                 transfer.context[2] = event
-        transfer.bytes_sent += writer.payload_bytes(len(index))
+        transfer.bytes_sent += writer.payload_bytes(len(index), transfer.head_window)
 
     def _complete(self, transfer: Transfer, timeout: float) -> None:
         event = transfer.context[2]

@@ -90,8 +90,8 @@ class InProcessSender(KVSender):
 
     def _write_layer(self, transfer: Transfer, layer: int, kv: torch.Tensor) -> None:
         writer, index = transfer.context
-        writer.write(layer, index, kv)
-        transfer.bytes_sent += writer.payload_bytes(len(index))
+        writer.write(layer, index, kv, transfer.head_window)
+        transfer.bytes_sent += writer.payload_bytes(len(index), transfer.head_window)
 
     def _complete(self, transfer: Transfer, timeout: float) -> None:
         """Every write was synchronous; the incarnation check that follows tells whether

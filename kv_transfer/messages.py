@@ -104,16 +104,42 @@ class KVCacheSpecMsg:
         """Bytes of one layer's K and V for ``num_blocks`` blocks ([2, n, P, H, D])."""
         return 2 * num_blocks * self.block_bytes
 
-    def mismatch(self, spec: KVCacheSpec) -> str:
-        """Why a sender's cache cannot fill this one ("" if it can). Block counts may differ."""
+    def mismatch(self, spec: KVCacheSpec, any_heads: bool = False) -> str:
+        """Why a sender's cache cannot fill this one ("" if it can). Block counts may differ;
+        with ``any_heads`` so may the KV head counts (a transfer of a ``HeadSlice``)."""
+        names = ("num_layers", "block_size", "head_dim") if any_heads else (
+            "num_layers", "block_size", "num_kv_heads", "head_dim")
         problems = [
             f"{name} {getattr(spec, name)} != {getattr(self, name)}"
-            for name in ("num_layers", "block_size", "num_kv_heads", "head_dim")
-            if getattr(spec, name) != getattr(self, name)
+            for name in names if getattr(spec, name) != getattr(self, name)
         ]
         if dtype_name(spec.dtype) != self.dtype:
             problems.append(f"dtype {dtype_name(spec.dtype)} != {self.dtype}")
         return "; ".join(problems)
+
+
+@dataclass(frozen=True)
+class HeadSlice:
+    """``count`` KV heads, at local head index ``src_offset`` in the sending cache and
+    ``dst_offset`` in the receiving one: what one rank of a prefill instance sends one rank
+    of a decode instance of another TP degree (``tp_plan.HeadTransfer``)."""
+
+    src_offset: int
+    dst_offset: int
+    count: int
+
+    def __post_init__(self) -> None:
+        for name in ("src_offset", "dst_offset", "count"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"HeadSlice.{name} must be an int >= 0, got {value!r}")
+        if self.count < 1:
+            raise ValueError("HeadSlice.count must be >= 1")
+
+    @property
+    def dst_window(self) -> tuple[int, int]:
+        """(first head, count) in the receiving cache."""
+        return self.dst_offset, self.count
 
 
 @dataclass(frozen=True)

@@ -136,8 +136,8 @@ class ShmSender(KVSender):
 
     def _write_layer(self, transfer: Transfer, layer: int, kv: torch.Tensor) -> None:
         att, index = transfer.context
-        att.writer.write(layer, index, kv)
-        transfer.bytes_sent += att.writer.payload_bytes(len(index))
+        att.writer.write(layer, index, kv, transfer.head_window)
+        transfer.bytes_sent += att.writer.payload_bytes(len(index), transfer.head_window)
 
     def _complete(self, transfer: Transfer, timeout: float) -> None:
         """Every ``send_layer`` already copied synchronously: nothing is in flight."""

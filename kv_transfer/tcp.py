@@ -217,7 +217,7 @@ class TcpReceiver(KVReceiver):
                 if header.msg_type is MsgType.LAYER:
                     self._on_layer(conn, cid, header, tid, staging)
                 elif header.msg_type is MsgType.DONE:
-                    self._table.complete(tid)
+                    self._on_done(cid, header, tid)
                 elif header.msg_type is MsgType.ABORT:
                     self._table.transition(tid, TransferState.FAILED, "aborted by the sender")
                 else:
@@ -275,11 +275,13 @@ class TcpReceiver(KVReceiver):
         spec = self.endpoint.spec
         # Claim before validating, so a malformed frame also fails the transfer it names.
         known = self._table.claim(tid, cid)
+        heads = self._heads(header)
         # Validated before anything is allocated: the length is attacker-controlled.
         if (header.num_blocks > spec.num_blocks
-                or header.payload_len != spec.layer_payload_bytes(header.num_blocks)):
-            raise ProtocolError(f"LAYER of {header.num_blocks} blocks with "
-                                f"{header.payload_len} payload bytes")
+                or header.payload_len != spec.layer_payload_bytes(header.num_blocks)
+                // spec.num_kv_heads * len(heads)):
+            raise ProtocolError(f"LAYER of {header.num_blocks} blocks and {len(heads)} heads "
+                                f"with {header.payload_len} payload bytes")
         payload = staging.take(header.payload_len)
         recv_exact_into(conn, memoryview(payload))
         if not known:
@@ -297,8 +299,20 @@ class TcpReceiver(KVReceiver):
             index = self._indices.get(tid)
             if index is None:
                 return  # forgotten while the payload was in flight
-            self._writer.write_bytes(header.layer, index, payload)
-            self._table.note_layer(tid, header.layer)
+            self._writer.write_bytes(header.layer, index, payload, (heads.start, len(heads)))
+            self._table.note_layer(tid, header.layer, heads)
+
+    def _heads(self, header: FrameHeader) -> range:
+        """The receiver's KV heads a LAYER or DONE frame names."""
+        count = header.head_count or self.endpoint.spec.num_kv_heads  # 0: all of them
+        heads = range(header.head_offset, header.head_offset + count)
+        if heads.stop > self.endpoint.spec.num_kv_heads:
+            raise ProtocolError(f"heads [{heads.start}, {heads.stop}) outside the cache's "
+                                f"{self.endpoint.spec.num_kv_heads}")
+        return heads
+
+    def _on_done(self, cid: int, header: FrameHeader, tid: str) -> None:
+        self._table.complete(tid, self._heads(header), cid)
 
 
 class TcpSender(KVSender):
@@ -351,12 +365,14 @@ class TcpSender(KVSender):
         src = kv.detach()
         if src.device.type != "cpu":
             src = src.cpu()
-        conn.send_layer(transfer, layer, src.contiguous(), self._queue_timeout)
+        conn.send_layer(transfer, layer, src.contiguous(), self._queue_timeout,
+                        _heads(transfer))
 
     def _complete(self, transfer: Transfer, timeout: float) -> None:
         conn: SendConnection = transfer.context
         try:
-            conn.send_control(MsgType.DONE, transfer.transfer_id, wait_timeout=timeout)
+            conn.send_control(MsgType.DONE, transfer.transfer_id, wait_timeout=timeout,
+                              heads=_heads(transfer))
         except (OSError, TimeoutError):
             self._discard(conn)
             raise
@@ -378,3 +394,8 @@ class TcpSender(KVSender):
                 if c is conn:
                     del self._conns[key]
         conn.close(timeout=0)
+
+
+def _heads(transfer: Transfer) -> tuple[int, int]:
+    """(first, count) of the receiver's KV heads ``transfer`` writes."""
+    return transfer.head_window or (0, transfer.dest.endpoint.spec.num_kv_heads)

@@ -93,24 +93,28 @@ class SendConnection:
         conn._thread.start()
         return conn
 
-    def send_layer(self, transfer, layer: int, kv: torch.Tensor, queue_timeout: float) -> None:
-        """Queue one LAYER frame; ``kv`` is a contiguous CPU tensor the caller won't touch."""
+    def send_layer(self, transfer, layer: int, kv: torch.Tensor, queue_timeout: float,
+                   heads: tuple[int, int]) -> None:
+        """Queue one LAYER frame of ``heads`` (first, count) of the receiver's; ``kv`` is a
+        contiguous CPU tensor the caller won't touch."""
         payload = tensor_bytes(kv)
         header = encode_header(MsgType.LAYER, transfer.transfer_id, layer, kv.shape[1],
-                               payload.size)
+                               payload.size, heads)
         self._put(_Frame(header, payload, transfer), queue_timeout)
 
     def send_control(self, msg_type: MsgType, transfer_id: str,
-                     wait_timeout: float | None) -> None:
-        """Queue DONE/ABORT; with ``wait_timeout`` block until it is written."""
+                     wait_timeout: float | None, heads: tuple[int, int] = (0, 0)) -> None:
+        """Queue DONE (naming the ``heads`` sent) or ABORT; with ``wait_timeout`` block until
+        it is written."""
         if wait_timeout is None:
             # Best effort: if it cannot go out, the receiver fails the transfer anyway
             # when this connection drops.
             with contextlib.suppress(OSError):
-                self._put(_Frame(encode_header(msg_type, transfer_id)), 1.0)
+                self._put(_Frame(encode_header(msg_type, transfer_id, heads=heads)), 1.0)
             return
         written = threading.Event()
-        self._put(_Frame(encode_header(msg_type, transfer_id), written=written), wait_timeout)
+        self._put(_Frame(encode_header(msg_type, transfer_id, heads=heads), written=written),
+                  wait_timeout)
         if not written.wait(wait_timeout):
             raise TimeoutError(f"not written within {wait_timeout} s")
         if self.error is not None:

@@ -6,6 +6,12 @@ Lifecycle of one entry: ``expect`` (PENDING, blocks reserved) -> optionally TRAN
 change again, so a late ABORT cannot undo a DONE and a late DONE cannot revive a FAILED.
 Everything is guarded by one condition variable so ``wait`` wakes as soon as a
 connection thread (or ``mark_delivered``) finishes a transfer.
+
+Between TP degrees several senders fill one receiver's blocks, each with some of its KV
+heads (``HeadSlice``): the table counts, per layer, which heads arrived; a sender's DONE
+(naming its heads) fails the transfer if any of its layers is missing, and the transfer is
+DONE once every layer has every head. A transfer streamed over several connections is
+failed by the loss of any of them that has not finished its part.
 """
 
 from __future__ import annotations
@@ -46,8 +52,8 @@ def can_transition(old: TransferState, new: TransferState) -> bool:
 class _Entry:
     block_ids: tuple[int, ...]
     state: TransferState = TransferState.PENDING
-    layers: set[int] = field(default_factory=set)
-    owner: int | None = None  # connection currently streaming it, if the backend has one
+    layers: dict[int, set[int]] = field(default_factory=dict)  # layer -> heads arrived
+    owners: set[int] = field(default_factory=set)  # connections streaming it, unfinished
     error: str = ""
 
 
@@ -65,9 +71,10 @@ class ExpectedTransfer:
 class TransferTable:
     """Thread-safe map transfer_id -> expected transfer."""
 
-    def __init__(self, num_layers: int, num_blocks: int):
+    def __init__(self, num_layers: int, num_blocks: int, num_heads: int = 1):
         self._num_layers = num_layers
         self._num_blocks = num_blocks
+        self._num_heads = num_heads
         self._cond = threading.Condition()
         self._entries: dict[str, _Entry] = {}
 
@@ -84,7 +91,8 @@ class TransferTable:
             e = self._entries.get(transfer_id)
             if e is None:
                 return None
-            return ExpectedTransfer(transfer_id, e.block_ids, e.state, len(e.layers), e.error)
+            return ExpectedTransfer(transfer_id, e.block_ids, e.state, self._full_layers(e),
+                                    e.error)
 
     def state(self, transfer_id: str) -> TransferState:
         with self._cond:
@@ -117,37 +125,49 @@ class TransferTable:
             e = self._entries.get(transfer_id)
             if e is None or e.state.terminal:
                 return False
-            e.state, e.owner = TransferState.TRANSFERRING, owner
+            e.state = TransferState.TRANSFERRING
+            e.owners.add(owner)
             self._cond.notify_all()
             return True
 
-    def note_layer(self, transfer_id: str, layer: int) -> bool:
+    def note_layer(self, transfer_id: str, layer: int, heads: range | None = None) -> bool:
+        """``heads`` of ``layer`` arrived (all of the receiver's when None)."""
         with self._cond:
             e = self._entries.get(transfer_id)
             if e is None or e.state.terminal:
                 return False
-            e.layers.add(layer)
+            e.layers.setdefault(layer, set()).update(heads or range(self._num_heads))
             return True
 
-    def complete(self, transfer_id: str) -> TransferState | None:
-        """The sender says it is done: DONE only if every layer arrived, else FAILED."""
+    def complete(self, transfer_id: str, heads: range | None = None,
+                 owner: int | None = None) -> TransferState | None:
+        """A sender says it is done with ``heads`` (all when None), streamed on connection
+        ``owner``: FAILED if a layer of those heads is missing; DONE once every layer has
+        every head; else still waiting for the other senders."""
+        heads = set(heads or range(self._num_heads))
         with self._cond:
             e = self._entries.get(transfer_id)
             if e is None or e.state.terminal:
                 return None if e is None else e.state
-            if len(e.layers) == self._num_layers:
-                e.state = TransferState.DONE
-            else:
+            e.owners.discard(owner)
+            short = [la for la in range(self._num_layers) if not heads <= e.layers.get(la, set())]
+            if short:
                 e.state = TransferState.FAILED
-                e.error = f"sender finished after {len(e.layers)}/{self._num_layers} layers"
+                e.error = (f"sender finished after {self._num_layers - len(short)}/"
+                           f"{self._num_layers} layers")
+            elif self._full_layers(e) == self._num_layers:
+                e.state = TransferState.DONE
             self._cond.notify_all()
             return e.state
+
+    def _full_layers(self, e: _Entry) -> int:
+        return sum(len(h) == self._num_heads for h in e.layers.values())
 
     def fail_owned_by(self, owner: int, error: str) -> list[str]:
         """A connection dropped: fail every unfinished transfer it was streaming."""
         with self._cond:
             failed = [tid for tid, e in self._entries.items()
-                      if e.owner == owner and not e.state.terminal]
+                      if owner in e.owners and not e.state.terminal]
             for tid in failed:
                 self._entries[tid].state = TransferState.FAILED
                 self._entries[tid].error = error

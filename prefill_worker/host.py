@@ -76,6 +76,7 @@ class PrefillHost(WorkerHost):
 
     def close(self) -> None:
         self._loop.stop()
+        self.worker.runner.close()  # a TP rank 0 releases its followers
         if self.worker.sender is not None:
             self.worker.sender.close()
 

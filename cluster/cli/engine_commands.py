@@ -19,9 +19,29 @@ def _cmd_demo_model(args: argparse.Namespace) -> int:
 def _cmd_complete(args: argparse.Namespace) -> int:
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.loader import load_model
+    from pdserve.engine.parallel.local_instance import LocalTPInstance, rank_config
+
+    config = EngineConfig(model=resolve_model(args.model), device=args.device,
+                          tensor_parallel_size=args.tp)
+    if args.tp == 1:
+        return _complete(LLMEngine.from_config(config), args)
+    # ranks 1..tp-1 as child processes, this one is rank 0 and drives them
+    instance = LocalTPInstance.start(config)
+    try:
+        config = rank_config(config, 0)
+        engine = LLMEngine.from_config(config, load_model(config, group=instance.group))
+        try:
+            return _complete(engine, args)
+        finally:
+            engine.runner.close()
+    finally:
+        instance.close()
+
+
+def _complete(engine, args: argparse.Namespace) -> int:
     from pdserve.engine.sampling_params import SamplingParams
 
-    engine = LLMEngine.from_config(EngineConfig(model=resolve_model(args.model), device=args.device))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
     req = engine.add_request(args.prompt, params)
@@ -45,5 +65,7 @@ def register(sub) -> None:
     p.add_argument("prompt")
     p.add_argument("--model", default=None, help="local Hugging Face checkpoint (default: demo)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks (one process each, on this host)")
     add_sampling_args(p)
     p.set_defaults(func=_cmd_complete)

@@ -49,11 +49,15 @@ class TPGroupConfig:
 class TPGroup:
     """The collectives of one rank; ``rank``/``size`` as in its config."""
 
-    def __init__(self, config: TPGroupConfig, group: dist.ProcessGroup | None = None):
+    def __init__(self, config: TPGroupConfig, group: dist.ProcessGroup | None = None,
+                 control: dist.ProcessGroup | None = None):
         self.config = config
         self.rank = config.rank
         self.size = config.size
         self.group = group
+        # gloo over the same ranks, for rank 0's per-step messages (CPU tensors): on CUDA
+        # the model's group is NCCL, as vLLM keeps a cpu_group beside its device_group.
+        self.control = control
 
     @classmethod
     def join(cls, config: TPGroupConfig) -> TPGroup:
@@ -63,7 +67,9 @@ class TPGroup:
         dist.init_process_group(config.backend, init_method=config.init_method,
                                 rank=config.rank, world_size=config.size,
                                 timeout=timedelta(seconds=config.timeout_s))
-        return cls(config, dist.group.WORLD)
+        control = dist.group.WORLD if config.backend == "gloo" else dist.new_group(
+            backend="gloo", timeout=timedelta(seconds=config.timeout_s))
+        return cls(config, dist.group.WORLD, control)
 
     @property
     def is_first(self) -> bool:
