@@ -13,6 +13,7 @@ from pdserve.decode_worker.messages import (
     TokenBatch,
 )
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.parallel.rank_launcher import RankLauncher, start_ranks
 from pdserve.engine.worker_host import WorkerActorCalls
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 
@@ -20,10 +21,14 @@ from pdserve.kv_transfer.backend_config import KVTransferConfig
 @ray.remote(max_concurrency=1000)
 class DecodeWorkerActor(WorkerActorCalls):
     def __init__(self, worker_id: str, engine: EngineConfig, kv: KVTransferConfig | None,
-                 torch_threads: int | None = None):
-        """``kv`` None makes a colocated worker (both phases, no KV transfer)."""
+                 torch_threads: int | None = None, ranks: RankLauncher | None = None):
+        """``kv`` None makes a colocated worker (both phases, no KV transfer). ``ranks``:
+        starts the other ranks when ``engine.tensor_parallel_size`` > 1."""
         node = ray.util.get_node_ip_address()
+        self.ranks = ranks
         if kv is None:
+            if engine.tensor_parallel_size > 1:
+                raise ValueError("colocated workers run at tensor_parallel_size 1")
             self.host = build_colocated_host(worker_id, engine, torch_threads, node)
             return
         if kv.bind_host == "auto":
@@ -31,8 +36,13 @@ class DecodeWorkerActor(WorkerActorCalls):
             import dataclasses
 
             kv = dataclasses.replace(kv, bind_host=node)
+            if ranks is not None:
+                ranks.kv = kv  # the other ranks listen on the same node
+        group = start_ranks(ranks, engine, worker_id)
         self.host = build_decode_host(worker_id, engine, kv, torch_threads,
-                                      ray.get_runtime_context().get_actor_id(), node)
+                                      ray.get_runtime_context().get_actor_id(), node, group)
+        if group is not None:
+            self.exit_when_group_breaks()
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -53,6 +63,15 @@ class DecodeWorkerActor(WorkerActorCalls):
         """Where prefill workers write this worker's KV (None for a colocated worker)."""
         receiver = getattr(self.host.worker, "receiver", None)
         return receiver.endpoint if receiver is not None else None
+
+    def kv_endpoints(self) -> list:
+        """Every rank's KV endpoint (rank 0's first; empty for a colocated worker)."""
+        mine = self.kv_endpoint()
+        return [] if mine is None else [mine, *self.host.worker.rank_endpoints]
+
+    async def rank_pids(self) -> list[int]:
+        """The process ids of ranks 1 .. tp-1 (chaos tests kill them)."""
+        return [await ref for ref in self.ranks.rank_pids()] if self.ranks is not None else []
 
     async def stream(self):
         """Server-side streaming: one ``TokenBatch`` per decode step, for the actor's life."""

@@ -17,19 +17,32 @@ from pdserve.engine.metrics import WorkerMetrics, model_label, node_label
 from pdserve.kv_transfer.backend_config import KVTransferConfig
 
 
-def build_decode_host(worker_id: str, engine: EngineConfig, kv: KVTransferConfig,
-                      torch_threads: int | None = None, instance_key: str = "",
-                      node: str | None = None) -> DecodeHost:
+def receiver_factory(worker_id: str, engine: EngineConfig, kv: KVTransferConfig,
+                     instance_key: str = ""):
+    """``spec -> (KVReceiver, KVCache)`` for a decode worker (or one rank of it)."""
     from pdserve.kv_transfer.registry import create_receiver
 
-    _set_threads(torch_threads)
     device = engine.resolve_device()
 
-    def receiver_factory(spec):
+    def create(spec):
         return create_receiver(kv.backend, spec, worker_id, device, bind_host=kv.bind_host,
                                auth_token=kv.auth_token, instance_key=instance_key)
 
-    worker = DecodeWorker.from_config(worker_id, engine, receiver_factory)
+    return create
+
+
+def build_decode_host(worker_id: str, engine: EngineConfig, kv: KVTransferConfig,
+                      torch_threads: int | None = None, instance_key: str = "",
+                      node: str | None = None, group=None) -> DecodeHost:
+    """``group``: rank 0's joined ``TPGroup`` when ``engine.tensor_parallel_size`` > 1
+    (the other ranks run ``follower.run_decode_follower``)."""
+    from pdserve.engine.loader import load_model
+
+    _set_threads(torch_threads)
+    loaded = load_model(engine, load_tokenizer=False, group=group) if group is not None else None
+    worker = DecodeWorker.from_config(worker_id, engine,
+                                      receiver_factory(worker_id, engine, kv, instance_key),
+                                      loaded)
     worker.metrics = WorkerMetrics(model_label(engine.model), "decode", worker_id,
                                    node or node_label())
     worker.metrics.init_backend(kv.backend)  # checksum mismatches are counted here

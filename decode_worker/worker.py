@@ -13,6 +13,13 @@ Each ``step`` decodes one token for every running request and returns one
 context length) or when ``release`` is called (client cancel, a stop string found by
 the router, failure elsewhere). If blocks run out, the scheduler preempts and the
 request is recomputed here from prompt + generated tokens.
+
+At tensor parallel > 1 this is rank 0: every rank has its own KV receiver and holds its
+KV heads of the same blocks (``follower.py``). A reservation's destination names every
+rank's endpoint (gathered once at start-up). Where receivers learn of arrival themselves
+(TCP), the other ranks are told which transfers to expect before the reservation is
+handed out, and a request is admitted once every rank's part landed
+(``rank_control.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,16 @@ from pdserve.decode_worker.messages import (
     TokenBatch,
     TokenDelta,
 )
+from pdserve.decode_worker.rank_control import (
+    FAILED,
+    LANDED,
+    STATE_CODES,
+    RankControl,
+    Register,
+    decode_endpoint,
+    encode_control,
+    encode_endpoint,
+)
 from pdserve.engine.block_manager import NoFreeBlocksError
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.loader import LoadedModel, kv_cache_spec, load_model
@@ -40,6 +57,7 @@ from pdserve.engine.request import FinishReason, Request
 from pdserve.engine.worker_base import EngineWorker
 from pdserve.kv_transfer.base import KVDestination, KVReceiver, TransferState
 from pdserve.kv_transfer.checksum import checksum_blocks
+from pdserve.kv_transfer.tp_destination import TPKVDestination
 
 DEFAULT_LEASE_S = 120.0
 
@@ -67,6 +85,21 @@ class DecodeWorker(EngineWorker):
         self._steps = 0
         # (contexts, perf_counter start, wall-clock start) of the last step
         self._prev_step: tuple[list[int], float, float] | None = None
+        # tensor parallel: the other ranks' receivers, and whether they track transfers
+        self.rank_endpoints = self._gather_endpoints()
+        self._ranks_track = bool(self.rank_endpoints) and not receiver.sender_delivers
+        self._rank_forgets: list[str] = []  # forgotten here, not yet on the other ranks
+
+    def _gather_endpoints(self):
+        if self.runner.num_ranks == 1:
+            return ()
+        mine = self.receiver.endpoint
+        endpoints = tuple(decode_endpoint(b) for b in
+                          self.runner.all_gather_bytes(encode_endpoint(mine))[1:])
+        # the whole view must be consistent (each rank holds its share of the heads)
+        TPKVDestination(f"{self.worker_id}-check", (mine, *endpoints), (0,), 1,
+                        self.loaded.model_config.num_kv_heads)
+        return endpoints
 
     @classmethod
     def from_config(cls, worker_id: str, config: EngineConfig, receiver_factory,
@@ -98,8 +131,15 @@ class DecodeWorker(EngineWorker):
         except NoFreeBlocksError as exc:
             raise NoCapacityError(f"{self.worker_id} has no free KV blocks") from exc
         dest = KVDestination(transfer_id=rid, endpoint=self.receiver.endpoint,
-                             block_ids=tuple(alloc.block_ids), num_tokens=msg.num_prompt_tokens)
+                             block_ids=tuple(alloc.block_ids), num_tokens=msg.num_prompt_tokens,
+                             rank_endpoints=self.rank_endpoints)
         self.receiver.expect(rid, alloc.block_ids)
+        if self._ranks_track and not self._register_on_ranks(rid, dest.block_ids):
+            self.receiver.forget(rid)
+            self.blocks.free(rid)
+            self.refresh_state()
+            raise RuntimeError(f"{self.worker_id}: another tensor-parallel rank refused the "
+                               f"reservation of {rid}")
         now = time.monotonic()
         self._reserved[rid] = _Reserved(dest, now)
         self.refresh_state()
@@ -122,7 +162,7 @@ class DecodeWorker(EngineWorker):
         """Cancel a request wherever it is; frees its blocks exactly once."""
         if request_id in self._reserved:
             del self._reserved[request_id]
-            self.receiver.forget(request_id)
+            self._forget(request_id)
             self.blocks.free(request_id)
             self.refresh_state()
             return True
@@ -150,17 +190,48 @@ class DecodeWorker(EngineWorker):
                            s.num_blocks, s.num_used_blocks, self._steps, self.blocks.block_size,
                            self.receiver.endpoint.incarnation, self.scheduler.config.max_num_seqs)
 
+    # -- the other tensor-parallel ranks' receivers --------------------------------------
+    def _forget(self, rid: str) -> None:
+        self.receiver.forget(rid)
+        if self._ranks_track:
+            self._rank_forgets.append(rid)
+
+    def _rank_control(self, register: tuple[Register, ...] = (), poll: tuple[str, ...] = ()
+                      ) -> list[int]:
+        """Tell the other ranks' receivers (and flush what they should forget); their
+        answers, MIN over the ranks."""
+        msg = RankControl(tuple(self._rank_forgets), register, poll)
+        self._rank_forgets = []
+        self.runner.control(encode_control(msg), msg.reply)
+        return self.runner.agree([1] * len(register) + [LANDED] * len(poll)) if msg.reply \
+            else []
+
+    def _register_on_ranks(self, rid: str, block_ids: tuple[int, ...]) -> bool:
+        return self._rank_control(register=(Register(rid, block_ids),)) == [1]
+
+    def _states(self, rids: list[str]) -> dict[str, TransferState]:
+        """Each transfer's state on this rank, then (for those DONE here) on every rank."""
+        states = {rid: self.receiver.state(rid) for rid in rids}
+        landed = [rid for rid, st in states.items() if st is TransferState.DONE]
+        if self._ranks_track and landed:
+            for rid, code in zip(landed, self._rank_control(poll=tuple(landed)), strict=True):
+                if code == FAILED:
+                    states[rid] = TransferState.FAILED
+                elif code != STATE_CODES[TransferState.DONE]:
+                    states[rid] = TransferState.TRANSFERRING
+        return states
+
     # -- one step ---------------------------------------------------------------------
     def _admit_landed(self) -> None:
-        for rid in [rid for rid, r in self._reserved.items() if r.start is not None]:
-            state = self.receiver.state(rid)
+        started = [rid for rid, r in self._reserved.items() if r.start is not None]
+        for rid, state in self._states(started).items() if started else ():
             r = self._reserved[rid]
             problem = ""
             if state is TransferState.DONE:
                 problem = self._checksum_problem(r)
                 if not problem:
                     del self._reserved[rid]
-                    self.receiver.forget(rid)
+                    self._forget(rid)
                     self._adopt(r.start)
                     continue
             elif state is TransferState.FAILED:

@@ -44,10 +44,13 @@ class ModelRunner:
         self.block_size = kv_cache.spec.block_size
 
     def run(self, inputs: Sequence[ModelInput], all_logits: bool = False,
-            layer_done: Callable[[int], None] | None = None) -> torch.Tensor | None:
+            layer_done: Callable[[int], None] | None = None, extra: bytes = b"",
+            reply: int = 0) -> torch.Tensor | None:
         """Logits [rows, vocab] in float32: one row per input with ``sample`` set (its last
         token), or one per token of every input if ``all_logits``. A tensor-parallel rank
-        other than 0 runs the same step (every rank must, with the same inputs) and gets None."""
+        other than 0 runs the same step (every rank must, with the same inputs) and gets None.
+        ``extra``/``reply``: what the other ranks of a tensor-parallel instance get with the
+        step and owe after it (``executor.DrivingRunner``); nothing to do with one rank."""
         if not inputs:
             raise ValueError("empty step")
         p = self.block_size
@@ -79,6 +82,23 @@ class ModelRunner:
             torch.tensor(positions, dtype=torch.long, device=self.device),
             self.kv_cache, self.attn, logits_idx, layer_done,
         )
+
+    # -- the worker layer's exchanges with the other ranks (trivial with one rank) ------
+    @property
+    def num_ranks(self) -> int:
+        return 1
+
+    def agree(self, values: Sequence[int]) -> list[int]:
+        """The element-wise MIN of every rank's answer to the last step's ``reply``."""
+        return list(values)
+
+    def control(self, extra: bytes, reply: int = 0) -> None:
+        """Hand ``extra`` to the other ranks without running the model; with ``reply`` > 0
+        every rank owes that many integers, collected by ``agree`` after this rank's part."""
+
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's ``data`` in rank order (once, before any step)."""
+        return [data]
 
     def close(self) -> None:
         """Release what the runner holds beyond memory (a tensor-parallel rank 0's

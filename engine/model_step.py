@@ -40,14 +40,14 @@ class ModelStep:
     def schedule(self) -> SchedulerOutput:
         return self.scheduler.schedule()
 
-    def run(self, sched: SchedulerOutput, layer_done: Callable[[int], None] | None = None
-            ) -> list[tuple[Request, SampledToken]]:
+    def run(self, sched: SchedulerOutput, layer_done: Callable[[int], None] | None = None,
+            extra: bytes = b"", reply: int = 0) -> list[tuple[Request, SampledToken]]:
         """Run the scheduled chunks (there must be some); the sampled token of every
         request that completes its chunk this step, in schedule order."""
         blocks = self.scheduler.blocks
         inputs = [ModelInput(c.token_ids, c.start, blocks.block_table(c.request.request_id),
                              c.samples) for c in sched.chunks]
-        logits = self.runner.run(inputs, layer_done=layer_done)
+        logits = self.runner.run(inputs, layer_done=layer_done, extra=extra, reply=reply)
         self.scheduler.after_step(sched)
         reqs = [c.request for c in sched.chunks if c.samples]
         # The generator of a request's n-th output token depends only on (seed, n), so a

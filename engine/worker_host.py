@@ -72,3 +72,26 @@ class WorkerActorCalls:
 
     async def shutdown(self) -> None:
         self.host.close()
+        ranks = getattr(self, "ranks", None)
+        if ranks is not None:
+            ranks.close()
+
+    def exit_when_group_breaks(self, interval_s: float = 0.2) -> None:
+        """For rank 0 of a tensor-parallel instance: once a rank is lost (the runner's or
+        the step loop's error), this process exits, so the instance restarts as a group:
+        the actor system restarts rank 0, whose followers died with it (they are its own),
+        and rank 0 starts new ones. The router retries and resumes its requests."""
+        import logging
+        import threading
+        import time
+
+        def watch() -> None:
+            loop = self.host._loop
+            while loop.error is None and self.host.worker.runner.error is None:
+                time.sleep(interval_s)
+            logging.getLogger(__name__).error(
+                "%s: a tensor-parallel rank failed (%s); exiting so the instance restarts",
+                self.host.worker.worker_id, loop.error or self.host.worker.runner.error)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="pdserve-tp-watch").start()

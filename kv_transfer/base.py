@@ -288,6 +288,9 @@ class KVReceiver(ABC):
     """Decode side: owns (or attaches) the decode worker's cache and tracks transfers."""
 
     name: ClassVar[str] = ""
+    # The sender writes the memory itself, so its ``finish`` is delivery (``mark_delivered``);
+    # False: the receiver sees the data arrive and knows by itself when it is DONE.
+    sender_delivers: ClassVar[bool] = True
 
     def __init__(self, endpoint: KVEndpoint, cache: KVCache):
         self.endpoint = endpoint

@@ -210,12 +210,17 @@ class KVEndpoint:
 
 @dataclass(frozen=True)
 class KVDestination:
-    """One transfer: the decode worker's reserved blocks (in sequence order) for a request."""
+    """One transfer: the decode worker's reserved blocks (in sequence order) for a request.
+
+    ``rank_endpoints``: when the decode instance spans tp > 1 ranks, the receivers of ranks
+    1 .. tp-1 (``endpoint`` is rank 0's); every rank reserved the same ``block_ids``, each
+    holding its KV heads (``tp_destination.TPKVDestination`` is the whole view)."""
 
     transfer_id: str
     endpoint: KVEndpoint
     block_ids: tuple[int, ...]
     num_tokens: int
+    rank_endpoints: tuple[KVEndpoint, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.transfer_id, str) or not self.transfer_id:
@@ -232,6 +237,10 @@ class KVDestination:
         validate_block_ids(ids, self.endpoint.spec.num_blocks)
         if not isinstance(self.num_tokens, int) or self.num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {self.num_tokens!r}")
+        object.__setattr__(self, "rank_endpoints", tuple(self.rank_endpoints))
+        if any(not isinstance(ep, KVEndpoint) or ep.backend != self.endpoint.backend
+               for ep in self.rank_endpoints):
+            raise ValueError("rank_endpoints must be KVEndpoints of the endpoint's backend")
 
 
 def validate_block_ids(block_ids: tuple[int, ...], num_blocks: int) -> None:

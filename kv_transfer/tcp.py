@@ -96,6 +96,7 @@ class _Staging:
 
 class TcpReceiver(KVReceiver):
     name = "tcp"
+    sender_delivers = False
 
     def __init__(self, endpoint: KVEndpoint, cache: KVCache, listener: socket.socket,
                  secret: str, handshake_timeout: float):

@@ -49,6 +49,13 @@ class TPKVDestination:
                 raise ValueError(f"decode rank {r}'s cache differs from rank 0's beyond its heads")
         self.rank(0)  # validates transfer id, blocks and token count once
 
+    @classmethod
+    def of(cls, dest: KVDestination, num_kv_heads: int) -> TPKVDestination:
+        """The whole view of ``dest`` (its ``rank_endpoints``, if any) for a model of
+        ``num_kv_heads`` KV heads; validated as any other."""
+        return cls(dest.transfer_id, (dest.endpoint, *dest.rank_endpoints), dest.block_ids,
+                   dest.num_tokens, num_kv_heads)
+
     @property
     def tp(self) -> int:
         return len(self.endpoints)
@@ -57,3 +64,8 @@ class TPKVDestination:
         """The single-cache destination of decode rank ``r``."""
         return KVDestination(self.transfer_id, self.endpoints[r], self.block_ids,
                              self.num_tokens)
+
+    def as_destination(self) -> KVDestination:
+        """The one message that names every rank (what a decode worker hands out)."""
+        return KVDestination(self.transfer_id, self.endpoints[0], self.block_ids,
+                             self.num_tokens, self.endpoints[1:])

@@ -21,7 +21,7 @@ import torch
 
 from pdserve.engine.kv_cache import KVCacheSpec
 from pdserve.kv_transfer.base import KVSender, Transfer
-from pdserve.kv_transfer.messages import HeadSlice
+from pdserve.kv_transfer.messages import HeadSlice, KVDigest
 from pdserve.kv_transfer.tp_destination import TPKVDestination
 from pdserve.kv_transfer.tp_plan import HeadTransfer, TPTransferPlan
 
@@ -46,13 +46,39 @@ class RankSends:
         sends = cls(sender, [])
         try:
             for t in plan.from_sender(rank):
-                heads = HeadSlice(t.sender_offset, t.receiver_offset, len(t.heads))
-                sends.parts.append((t, sender.begin(dest.rank(t.receiver), src_spec, checksum,
-                                                    heads)))
+                to = dest.rank(t.receiver)
+                whole = (t.sender_offset == t.receiver_offset == 0
+                         and len(t.heads) == src_spec.num_kv_heads
+                         == to.endpoint.spec.num_kv_heads)
+                # A whole cache to a whole cache (equal degrees) is a plain transfer: its
+                # frames and checksum are those of tp 1.
+                heads = None if whole else HeadSlice(t.sender_offset, t.receiver_offset,
+                                                     len(t.heads))
+                sends.parts.append((t, sender.begin(to, src_spec, checksum, heads)))
         except BaseException:
             sends.abort()
             raise
         return sends
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(t.bytes_sent for _, t in self.parts)
+
+    @property
+    def started_at(self) -> float | None:
+        return min((t.started_at for _, t in self.parts), default=None)
+
+    @property
+    def finished_at(self) -> float | None:
+        ends = [t.finished_at for _, t in self.parts]
+        return None if not ends or None in ends else max(ends)
+
+    def digest(self) -> KVDigest | None:
+        """The KV checksum of a transfer of whole caches to one receiver (None otherwise,
+        or when checksums are off): a digest of part of a receiver's heads is not built."""
+        if len(self.parts) != 1 or self.parts[0][1].heads is not None:
+            return None
+        return self.parts[0][1].digest()
 
     @property
     def receivers(self) -> tuple[int, ...]:

@@ -15,16 +15,21 @@ from pdserve.prefill_worker.worker import PrefillWorker
 
 
 def build_prefill_host(worker_id: str, engine: EngineConfig, kv: KVTransferConfig,
-                       torch_threads: int | None = None, node: str | None = None
-                       ) -> PrefillHost:
+                       torch_threads: int | None = None, node: str | None = None,
+                       group=None) -> PrefillHost:
+    """``group``: rank 0's joined ``TPGroup`` when ``engine.tensor_parallel_size`` > 1
+    (the other ranks run ``follower.run_prefill_follower``)."""
     import torch
 
+    from pdserve.engine.loader import load_model
     from pdserve.kv_transfer.registry import create_sender
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
     sender = create_sender(kv.backend, auth_token=kv.auth_token)
-    worker = PrefillWorker.from_config(worker_id, engine, sender, transfer_timeout_s=kv.timeout_s,
+    loaded = load_model(engine, load_tokenizer=False, group=group) if group is not None else None
+    worker = PrefillWorker.from_config(worker_id, engine, sender, loaded,
+                                       transfer_timeout_s=kv.timeout_s,
                                        kv_checksum=kv.checksum_mode)
     worker.metrics = WorkerMetrics(model_label(engine.model), "prefill", worker_id,
                                    node or node_label())

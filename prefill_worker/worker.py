@@ -23,6 +23,11 @@ KV and is returned at once.
 
 ``step`` returns the results before anything is recorded; ``after_step`` then adds the
 step to the step log and metrics (the step loop calls it after handing the results on).
+
+At tensor parallel > 1 this is rank 0: every rank sends its own KV heads
+(``follower.py``). The step message carries the step's ``ShipOrders`` and a request's
+result waits for every rank's transfer (the runner's ``agree``); a destination that
+arrives mid-step parks its request (the other ranks are already computing without it).
 """
 
 from __future__ import annotations
@@ -41,9 +46,11 @@ from pdserve.engine.output_processor import token_stop_reason
 from pdserve.engine.request import FinishReason, Request
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.worker_base import EngineWorker
-from pdserve.kv_transfer.base import KVSender, Transfer, TransferError
+from pdserve.kv_transfer.base import KVSender, TransferError
 from pdserve.kv_transfer.incarnation import new_incarnation
 from pdserve.kv_transfer.messages import KVDestination, KVDigest
+from pdserve.kv_transfer.tp_destination import TPKVDestination
+from pdserve.kv_transfer.tp_send import RankSends
 from pdserve.prefill_worker.destinations import DestinationMailbox
 from pdserve.prefill_worker.messages import (
     PrefillRequest,
@@ -51,6 +58,7 @@ from pdserve.prefill_worker.messages import (
     PrefillStats,
     PrefillTimes,
 )
+from pdserve.prefill_worker.rank_sends import ShipOrder, ShipOrders, encode_orders
 
 
 @dataclass
@@ -65,7 +73,7 @@ class _Pending:
     # sampled: (first token, the finish reason it gives, when sampled)
     first: tuple[SampledToken, FinishReason | None, float] | None = None
     kv_done: float = 0.0  # when its KV landed (or its transfer failed)
-    transfer: Transfer | None = None
+    transfer: RankSends | None = None  # this rank's share (all of it at tp 1)
     error: str | None = None
     error_reason: str = "error"  # TransferError.reason of ``error`` (metrics label)
     digest: KVDigest | None = None
@@ -129,8 +137,8 @@ class PrefillWorker(EngineWorker):
         p = self._pending.pop(request_id, None)
         if p is None:
             return False
-        if p.transfer is not None and self.sender is not None:
-            self.sender.abort(p.transfer)
+        if p.transfer is not None:
+            p.transfer.abort()
         self.scheduler.finish(p.request, FinishReason.ABORT)
         self.refresh_state()
         return True
@@ -171,13 +179,16 @@ class PrefillWorker(EngineWorker):
                 p.scheduled = now
         completing = [self._pending[c.request.request_id] for c in sched.chunks if c.samples]
         sending = [p for p in completing if self._claim_destination(p) and self._begin_transfer(p)]
-        late = [p for p in completing if p.awaits_destination]
+        # With other ranks, a destination must be known when the step is sent to them.
+        late = [p for p in completing if p.awaits_destination] if self._single else []
         # on the cache's device: the layer hook index_selects the (GPU) cache with it
         src_tables = {p.msg.request_id: torch.tensor(self.blocks.block_table(p.msg.request_id),
                                                      dtype=torch.long, device=self.runner.device)
                       for p in (*sending, *late)}
         hook = self._layer_hook(sending, late, src_tables) if sending or late else None
-        sampled = self.model_step.run(sched, layer_done=hook)
+        ordered = list(sending)  # what the other ranks ship (the hook may add late ones here)
+        sampled = self.model_step.run(sched, layer_done=hook, extra=self._orders(ordered),
+                                      reply=0 if self._single else len(ordered))
         sampled_at = time.monotonic()
         done = []
         for p, (_, tok) in zip(completing, sampled, strict=True):
@@ -187,10 +198,39 @@ class PrefillWorker(EngineWorker):
             if p.awaits_destination and reason is None and p.error is None:
                 self._park(p)  # its KV goes out when the destination comes
                 continue
-            self._settle(p)
             done.append(p)
+        self._finish_all(done, ordered)
+        for p in done:
+            self._settle(p)
         self._unrecorded.append((sched, time.perf_counter() - step_t0, step_wall, done))
         return done
+
+    @property
+    def _single(self) -> bool:
+        """One rank: no other rank to tell what to ship or to wait for."""
+        return self.runner.num_ranks == 1
+
+    def _orders(self, ordered: list[_Pending]) -> bytes:
+        """The step message's ``extra``: what every other rank ships (none at tp 1)."""
+        if self._single or not ordered:
+            return b""
+        return encode_orders(ShipOrders(tuple(
+            ShipOrder(p.destination, tuple(self.blocks.block_table(p.msg.request_id)))
+            for p in ordered), self.kv_checksum))
+
+    def _finish_all(self, done: list[_Pending], ordered: list[_Pending]) -> None:
+        """Wait for this rank's transfers of ``done``; then, with other ranks, for theirs
+        of ``ordered`` (a request fails if any rank's part failed)."""
+        for p in done:
+            p.kv_done = self._finish_transfer(p) or p.first[2]
+        if self._single or not ordered:
+            return
+        agreed = self.runner.agree([int(p.error is None) for p in ordered])
+        for p, ok in zip(ordered, agreed, strict=True):
+            if not ok and p.error is None:
+                p.error = "KV transfer failed on another tensor-parallel rank"
+                p.digest = None
+                p.kv_done = time.monotonic()
 
     def after_step(self) -> None:
         """The step log and metrics of the steps since the last call (the step loop calls
@@ -207,8 +247,7 @@ class PrefillWorker(EngineWorker):
         self._unrecorded.clear()
 
     def _settle(self, p: _Pending) -> None:
-        """Wait for ``p``'s KV to land, then free its blocks (full ones stay cached)."""
-        p.kv_done = self._finish_transfer(p) or p.first[2]
+        """``p``'s KV landed (``_finish_all``): free its blocks (full ones stay cached)."""
         self._pending.pop(p.msg.request_id, None)
         self.scheduler.finish(p.request, FinishReason.STOP)
         ok = p.error is None
@@ -248,21 +287,27 @@ class PrefillWorker(EngineWorker):
     def _ship_parked(self) -> list[_Pending]:
         """Ship every parked prompt whose destination came, all layers at once; fail those
         that waited past the transfer timeout (the router gave up on them). Those done."""
-        shipped, now = [], time.monotonic()
+        shipped, ordered, now = [], [], time.monotonic()
         for rid, p in list(self._parked.items()):
             if self._claim_destination(p):
                 if self._begin_transfer(p):
-                    table = torch.tensor(self.blocks.block_table(rid), dtype=torch.long,
-                                         device=self.runner.device)
-                    for layer in range(self.runner.kv_cache.spec.num_layers):
-                        self._send_layer(p, layer, table)
+                    ordered.append(p)
             elif now - p.first[2] > self.transfer_timeout_s:
                 p.error = f"no KV destination came within {self.transfer_timeout_s:g}s"
             else:
                 continue
             del self._parked[rid]
-            self._settle(p)
             shipped.append(p)
+        if ordered and not self._single:
+            self.runner.control(self._orders(ordered), reply=len(ordered))
+        for p in ordered:
+            table = torch.tensor(self.blocks.block_table(p.msg.request_id), dtype=torch.long,
+                                 device=self.runner.device)
+            for layer in range(self.runner.kv_cache.spec.num_layers):
+                self._send_layer(p, layer, table)
+        self._finish_all(shipped, ordered)
+        for p in shipped:
+            self._settle(p)
         if shipped:
             self._unrecorded.append((None, 0.0, 0.0, shipped))
         return shipped
@@ -272,7 +317,7 @@ class PrefillWorker(EngineWorker):
         self.refresh_state()
         for p in completed:
             t = p.transfer
-            if t is not None:
+            if t is not None and t.started_at is not None:
                 end = t.finished_at or time.perf_counter()
                 m.observe_transfer(self.sender.name, t.bytes_sent, end - t.started_at,
                                    p.error is None, p.error_reason)
@@ -288,9 +333,14 @@ class PrefillWorker(EngineWorker):
             p.error = "this prefill worker has no KV sender configured"
             return False
         try:
-            p.transfer = self.sender.begin(dest, self.runner.kv_cache.spec, self.kv_checksum)
+            whole = TPKVDestination.of(dest, self.loaded.model_config.num_kv_heads)
+            p.transfer = RankSends.begin(self.sender, whole, 0, self.runner.num_ranks,
+                                         self.runner.kv_cache.spec, self.kv_checksum)
         except TransferError as exc:
             p.error, p.error_reason = f"KV transfer failed to start: {exc}", exc.reason
+            return False
+        except ValueError as exc:  # a destination that does not fit this model's heads
+            p.error = f"KV transfer failed to start: {exc}"
             return False
         return True
 
@@ -318,18 +368,19 @@ class PrefillWorker(EngineWorker):
         # index_select copies, so the sender may ship it asynchronously.
         kv = self.runner.kv_cache.data[layer].index_select(1, table)
         try:
-            self.sender.send_layer(p.transfer, layer, kv)
+            p.transfer.send_layer(layer, kv)
         except TransferError as exc:
             p.error, p.error_reason = f"KV transfer failed: {exc}", exc.reason
-            self.sender.abort(p.transfer)
+            p.transfer.abort()
 
     def _finish_transfer(self, p: _Pending) -> float | None:
         """Wait for ``p``'s transfer; when it finished (None: there was none to wait for)."""
         if p.transfer is None or p.error is not None:
             return None
         try:
-            self.sender.finish(p.transfer, timeout=self.transfer_timeout_s)
+            p.transfer.finish(timeout=self.transfer_timeout_s)
             p.digest = p.transfer.digest()
         except TransferError as exc:
             p.error, p.error_reason = f"KV transfer failed: {exc}", exc.reason
+            p.transfer.abort()
         return time.monotonic()

@@ -51,9 +51,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         colocated=PoolSpec(count=args.prefill + args.decode, num_cpus=args.worker_cpus,
                            num_gpus=gpus) if args.colocated else None,
         prefill=PoolSpec(count=args.prefill, num_cpus=args.worker_cpus, num_gpus=gpus,
-                         resources=((args.prefill_resource, 1.0),) if args.prefill_resource else ()),
+                         resources=((args.prefill_resource, 1.0),) if args.prefill_resource else (),
+                         tp=args.prefill_tp),
         decode=PoolSpec(count=args.decode, num_cpus=args.worker_cpus, num_gpus=gpus,
-                        resources=((args.decode_resource, 1.0),) if args.decode_resource else ()),
+                        resources=((args.decode_resource, 1.0),) if args.decode_resource else (),
+                        tp=args.decode_tp),
         kv=kv,
         router=RouterConfig(model=model, server=server, served_model_name=args.served_model_name,
                             policy=args.policy,
@@ -62,7 +64,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                             prefill_channel=args.prefill_channel),
     )
     what = (f"{args.prefill + args.decode} colocated workers" if args.colocated
-            else f"{args.prefill} prefill + {args.decode} decode workers")
+            else f"{args.prefill} prefill (tp {args.prefill_tp}) + {args.decode} decode "
+                 f"(tp {args.decode_tp}) workers")
     if args.plan:
         from pdserve.cluster.launch.plan_launcher import launch_plan
         from pdserve.cluster.planning.plan import Plan
@@ -154,6 +157,10 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="local Hugging Face checkpoint (default: demo)")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers")
     p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument("--prefill-tp", type=int, default=1,
+                   help="tensor parallel ranks per prefill worker (one actor and device each)")
+    p.add_argument("--decode-tp", type=int, default=1,
+                   help="tensor parallel ranks per decode worker")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (ray://... or auto)")
     p.add_argument("--host", default="127.0.0.1", help="gRPC and HTTP bind address")
     p.add_argument("--port", type=int, default=50051, help="gRPC port")

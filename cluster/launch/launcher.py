@@ -54,14 +54,32 @@ class PoolSpec:
     # Ray restarts a worker whose process dies this many times (-1: always); the router's
     # heartbeat sees it back and returns it to the pool. 0 leaves a dead worker dead.
     max_restarts: int = 10
+    # Tensor parallel ranks per worker: one actor each, each asking num_cpus/num_gpus and
+    # resources, all on one node (docs/tensor_parallel.md).
+    tp: int = 1
 
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ValueError("a pool needs at least one worker")
+        if self.tp < 1:
+            raise ValueError(f"tp must be >= 1, got {self.tp}")
         if self.max_restarts < -1:
             raise ValueError("max_restarts must be >= -1")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("num_cpus and num_gpus must be >= 0")
+
+    def engine(self, engine: EngineConfig) -> EngineConfig:
+        """The engine configuration of this pool's workers (its tensor parallel degree)."""
+        return dataclasses.replace(engine, tensor_parallel_size=self.tp)
+
+    def rank_launcher(self, role: str, kv: KVTransferConfig, torch_threads: int | None):
+        """What starts ranks 1 .. tp-1 of each worker (None at tp 1)."""
+        if self.tp == 1:
+            return None
+        from pdserve.cluster.launch.tp_ranks import RayRankLauncher
+
+        return RayRankLauncher(role, kv, self.num_cpus, self.num_gpus, dict(self.resources),
+                               torch_threads)
 
     def actor_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
@@ -84,11 +102,35 @@ class ClusterSpec:
     # Colocated baseline: this pool's workers each do both phases; prefill/decode unused.
     colocated: PoolSpec | None = None
 
+    def __post_init__(self) -> None:
+        if self.colocated is not None and self.colocated.tp > 1:
+            raise ValueError("colocated workers run at tp 1")
+        if (self.prefill.tp != self.decode.tp and self.colocated is None
+                and self.kv.checksum not in ("auto", "off")):
+            raise ValueError(
+                f"KV checksum {self.kv.checksum!r} needs equal prefill and decode tp (got "
+                f"{self.prefill.tp} and {self.decode.tp}): a digest of part of a receiver's "
+                "KV heads is not built; use --kv-checksum off or auto")
+
     @property
     def num_workers(self) -> int:
         if self.colocated is not None:
             return self.colocated.count
         return self.prefill.count + self.decode.count
+
+    @property
+    def num_ranks(self) -> int:
+        """Processes that run model code: every rank of every worker."""
+        if self.colocated is not None:
+            return self.colocated.count
+        return self.prefill.count * self.prefill.tp + self.decode.count * self.decode.tp
+
+    def kv_config(self) -> KVTransferConfig:
+        """``kv`` with ``auto`` checksums off between different TP degrees (a receiver's
+        heads come from several senders; see ``__post_init__``)."""
+        if self.prefill.tp != self.decode.tp and self.kv.checksum == "auto":
+            return dataclasses.replace(self.kv, checksum="off")
+        return self.kv
 
     def router_config(self) -> RouterConfig:
         return self.router or RouterConfig(model=self.engine.model,
@@ -97,7 +139,7 @@ class ClusterSpec:
     def threads_per_worker(self) -> int:
         if self.torch_threads:
             return self.torch_threads
-        return max(1, (os.cpu_count() or 1) // self.num_workers)
+        return max(1, (os.cpu_count() or 1) // self.num_ranks)
 
 
 @dataclass
@@ -165,9 +207,7 @@ def shm_segments_of(decodes: list[tuple[str, Any]]) -> list[str]:
 
     names = []
     for _, h in decodes:
-        ep = ray.get(h.kv_endpoint.remote())
-        if ep is not None and ep.backend == "shm":
-            names.append(ep.address)
+        names += [ep.address for ep in ray.get(h.kv_endpoints.remote()) if ep.backend == "shm"]
     return names
 
 
@@ -241,11 +281,11 @@ def launch(spec: ClusterSpec, address: str | None = None,
     from pdserve.router.actor import RouterActor
 
     # One secret for every worker of this cluster, resolved before any of them exists.
-    spec = dataclasses.replace(spec, kv=spec.kv.with_cluster_secret())
+    spec = dataclasses.replace(spec, kv=spec.kv_config().with_cluster_secret())
     n_workers = spec.num_workers
     pools = [spec.colocated] if spec.colocated else [spec.prefill, spec.decode]
     started = init_ray(address,
-                       num_cpus=local_ray_cpus(sum(p.num_cpus * p.count for p in pools)))
+                       num_cpus=local_ray_cpus(sum(p.num_cpus * p.count * p.tp for p in pools)))
     demands = pool_demands(spec)
     workers: list[tuple[str, Any]] = []
     try:
@@ -260,15 +300,17 @@ def launch(spec: ClusterSpec, address: str | None = None,
                                                          threads))
                 for i in range(spec.colocated.count)]
         else:
-            log.info("launching %d prefill + %d decode workers", spec.prefill.count,
-                     spec.decode.count)
+            log.info("launching %d prefill (tp %d) + %d decode (tp %d) workers",
+                     spec.prefill.count, spec.prefill.tp, spec.decode.count, spec.decode.tp)
             decodes = [(f"decode-{i}", DecodeWorkerActor.options(
-                **spec.decode.actor_options()).remote(f"decode-{i}", spec.engine, spec.kv,
-                                                      threads))
+                **spec.decode.actor_options()).remote(
+                    f"decode-{i}", spec.decode.engine(spec.engine), spec.kv, threads,
+                    spec.decode.rank_launcher("decode", spec.kv, threads)))
                 for i in range(spec.decode.count)]
             prefills = [(f"prefill-{i}", PrefillWorkerActor.options(
-                **spec.prefill.actor_options()).remote(f"prefill-{i}", spec.engine, spec.kv,
-                                                       threads))
+                **spec.prefill.actor_options()).remote(
+                    f"prefill-{i}", spec.prefill.engine(spec.engine), spec.kv, threads,
+                    spec.prefill.rank_launcher("prefill", spec.kv, threads)))
                 for i in range(spec.prefill.count)]
         workers = [*decodes, *prefills]
         wait_ready(workers, ready_timeout_s=ready_timeout_s,

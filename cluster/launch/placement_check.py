@@ -62,10 +62,12 @@ class Demand:
 
     @classmethod
     def of_pool(cls, name: str, pool: Any) -> Demand:
-        """A launcher ``PoolSpec`` (count, num_cpus, num_gpus, resources)."""
-        per = {"CPU": pool.num_cpus, "GPU": pool.num_gpus}
+        """A launcher ``PoolSpec`` (count, num_cpus, num_gpus, resources, tp): a worker of
+        tp ranks needs tp times a rank's resources on one node."""
+        tp = getattr(pool, "tp", 1)
+        per = {"CPU": pool.num_cpus * tp, "GPU": pool.num_gpus * tp}
         for key, value in pool.resources:
-            per[key] = per.get(key, 0.0) + value
+            per[key] = per.get(key, 0.0) + value * tp
         return cls(f"{name} pool", pool.count, _positive(per))
 
     @property

@@ -12,6 +12,7 @@ tp=1 runs without torch.distributed at all.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -94,6 +95,26 @@ class TPGroup:
                          device=self.config.device if self.config.backend == "nccl" else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t.item())
+
+    def agree_min(self, values: Sequence[int]) -> list[int]:
+        """Element-wise MIN of every rank's ``values`` (same length everywhere), on the
+        control group: how rank 0 learns that every rank's part of something succeeded."""
+        t = torch.tensor(list(values), dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        return t.tolist()
+
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's ``data``, in rank order, on the control group (bytes only: the
+        caller decodes them with a typed codec; nothing is unpickled)."""
+        n = torch.tensor([len(data)], dtype=torch.int64)
+        sizes = [torch.empty_like(n) for _ in range(self.size)]
+        dist.all_gather(sizes, n, group=self.control)
+        width = max(int(s.item()) for s in sizes)
+        mine = torch.zeros(max(width, 1), dtype=torch.uint8)
+        mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else 0
+        parts = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(parts, mine, group=self.control)
+        return [p[:int(s.item())].numpy().tobytes() for p, s in zip(parts, sizes, strict=True)]
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -8,10 +8,15 @@ cache's block count, token ids inside the vocabulary) before building the frozen
 dataclasses, so a corrupt or mismatched message fails loudly on the follower instead of
 running wrong inputs.
 
-Wire form (all int64): ``[step_id, kind, all_logits, n_seq]``, then per sequence
+Wire form (all int64): ``[step_id, kind, all_logits, n_seq, reply]``, then per sequence
 ``[start, n_tokens, n_blocks, sample]``, then every sequence's token ids, then every
-sequence's block table. Stage 2's KV handoff will add a prefill step's KV sends and a
-decode step's pending transfers (docs/tensor_parallel.md) after these, with their counts.
+sequence's block table. ``extra`` travels beside it as bytes (``step_channel``).
+
+``extra`` is the worker layer's: opaque here (``engine/`` may not know about KV
+transfers), decoded by the follower's ``RankHooks`` with a typed codec (a prefill step's KV
+sends, a decode instance's reservations). ``reply`` > 0 asks every rank, after the message
+(after the model for a RUN), for that many integers, combined by an all-reduce MIN on
+every rank (``TPGroup.agree_min``): how rank 0 learns that every rank's KV sends finished.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
-HEAD = 4      # step_id, kind, all_logits, n_seq
+HEAD = 5      # step_id, kind, all_logits, n_seq, reply
+MAX_REPLY = 1 << 16
 PER_SEQ = 4   # start, n_tokens, n_blocks, sample
 
 
@@ -28,6 +34,7 @@ class StepKind(IntEnum):
     RUN = 1       # run these inputs
     SHUTDOWN = 2  # leave the group and return
     IDLE = 3      # nothing to run: rank 0 is alive (keeps the followers' wait bounded)
+    CONTROL = 4   # no model: the worker layer's ``extra`` only (e.g. KV to ship, blocks reserved)
 
 
 @dataclass(frozen=True)
@@ -54,12 +61,15 @@ class StepSequence:
 @dataclass(frozen=True)
 class StepInputs:
     """``step_id`` grows by one per message, so a follower notices a lost or repeated one.
-    A RUN has sequences; SHUTDOWN and IDLE have none."""
+    A RUN has sequences; the other kinds have none. Only RUN and CONTROL carry ``extra``
+    or ask for a ``reply``."""
 
     step_id: int
     kind: StepKind
     sequences: tuple[StepSequence, ...] = ()
     all_logits: bool = False
+    extra: bytes = b""
+    reply: int = 0
 
     def __post_init__(self) -> None:
         if self.step_id < 0:
@@ -67,10 +77,15 @@ class StepInputs:
         if (self.kind == StepKind.RUN) != bool(self.sequences):
             raise ValueError(f"a {self.kind.name} step has "
                              f"{'no' if self.kind != StepKind.RUN else 'some'} sequences")
+        if not 0 <= self.reply <= MAX_REPLY:
+            raise ValueError(f"reply must be in [0, {MAX_REPLY}], got {self.reply}")
+        if (self.extra or self.reply) and self.kind not in (StepKind.RUN, StepKind.CONTROL):
+            raise ValueError(f"a {self.kind.name} message carries no extra and asks no reply")
 
 
 def encode(msg: StepInputs) -> list[int]:
-    out = [msg.step_id, int(msg.kind), int(msg.all_logits), len(msg.sequences)]
+    """The integers of ``msg`` (``extra`` travels separately)."""
+    out = [msg.step_id, int(msg.kind), int(msg.all_logits), len(msg.sequences), msg.reply]
     for s in msg.sequences:
         out += [s.start, len(s.token_ids), len(s.block_table), int(s.sample)]
     for s in msg.sequences:
@@ -80,11 +95,13 @@ def encode(msg: StepInputs) -> list[int]:
     return out
 
 
-def decode(payload: Sequence[int], num_blocks: int, vocab_size: int) -> StepInputs:
-    """The message in ``payload``; ValueError if it is malformed or exceeds the limits."""
+def decode(payload: Sequence[int], num_blocks: int, vocab_size: int,
+           extra: bytes = b"") -> StepInputs:
+    """The message in ``payload`` (and ``extra``); ValueError if it is malformed or exceeds
+    the limits."""
     if len(payload) < HEAD:
         raise ValueError(f"step message of {len(payload)} ints is shorter than its header")
-    step_id, kind, all_logits, n_seq = payload[:HEAD]
+    step_id, kind, all_logits, n_seq, reply = payload[:HEAD]
     try:
         kind = StepKind(kind)
     except ValueError:
@@ -115,4 +132,4 @@ def decode(payload: Sequence[int], num_blocks: int, vocab_size: int) -> StepInpu
         raise ValueError(f"block id outside the cache's {num_blocks} blocks")
     seqs = tuple(StepSequence(ids, start, table, bool(sample))
                  for (start, _, _, sample), ids, table in zip(heads, tokens, tables, strict=True))
-    return StepInputs(step_id, kind, seqs, bool(all_logits))
+    return StepInputs(step_id, kind, seqs, bool(all_logits), bytes(extra), reply)

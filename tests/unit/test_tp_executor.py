@@ -46,6 +46,18 @@ def test_message_round_trips():
     assert decode(encode(_msg()), num_blocks=9, vocab_size=10) == _msg()
     idle = StepInputs(8, StepKind.IDLE)
     assert decode(encode(idle), 1, 1) == idle
+    # the worker layer's bytes travel beside the integers; a reply is asked in the header
+    run = StepInputs(9, StepKind.RUN, _msg().sequences, extra=b"\x00sends\xff", reply=3)
+    assert decode(encode(run), 9, 10, run.extra) == run
+    control = StepInputs(10, StepKind.CONTROL, extra=b"register", reply=1)
+    assert decode(encode(control), 1, 1, control.extra) == control
+
+
+def test_only_run_and_control_carry_worker_data():
+    with pytest.raises(ValueError, match="carries no extra"):
+        StepInputs(0, StepKind.IDLE, extra=b"x")
+    with pytest.raises(ValueError, match="carries no extra"):
+        StepInputs(0, StepKind.SHUTDOWN, reply=1)
 
 
 @pytest.mark.parametrize("corrupt, why", [
@@ -53,8 +65,9 @@ def test_message_round_trips():
     (lambda p: [*p, 0], "counts say"),
     (lambda p: p[:3], "shorter than its header"),
     (lambda p: [p[0], 99, *p[2:]], "unknown step kind"),
-    (lambda p: [*p[:3], 1000], "too short"),
-    (lambda p: [*p[:5], -1, *p[6:]], "bad sequence header"),
+    (lambda p: [*p[:3], 1000, 0], "too short"),
+    (lambda p: [*p[:6], -1, *p[7:]], "bad sequence header"),
+    (lambda p: [*p[:4], -1, *p[5:]], "reply"),
 ])
 def test_malformed_messages_are_refused(corrupt, why):
     with pytest.raises(ValueError, match=why):
