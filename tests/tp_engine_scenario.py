@@ -198,3 +198,50 @@ def follower_leaves_when_idle(group: TPGroup, cfg: EngineConfig, prompts: list[l
             return "left"
         runner.run([ModelInput(s.token_ids, s.start, s.block_table, s.sample)
                     for s in msg.sequences], msg.all_logits)
+
+
+class _RecordingHooks(executor.RankHooks):
+    """A follower's hooks that record what reached them and answer ``rank * 10 + i``."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.seen: list[tuple[str, bytes, int]] = []
+        self.layers: list[int] = []
+
+    def layer_hook(self, extra: bytes):
+        return self.layers.append
+
+    def answer(self, kind, extra: bytes, reply: int):
+        self.seen.append((kind.name, extra, reply))
+        return [self.rank * 10 + i for i in range(reply)]
+
+
+def exchange(group: TPGroup, cfg: EngineConfig) -> Any:
+    """Rank 0 runs a step with worker data and a reply, then a CONTROL message, and gathers
+    every rank's bytes once; what each side saw."""
+    torch.set_num_threads(1)
+    from pdserve.engine.loader import build_runner, kv_cache_spec
+    from pdserve.engine.model_runner import ModelInput
+
+    loaded = load_model(cfg, load_tokenizer=False, group=group)
+    runner = build_runner(loaded, kv_cache_spec(loaded))
+    if not group.is_first:
+        gathered = group.all_gather_bytes(f"rank{group.rank}".encode())
+        hooks = _RecordingHooks(group.rank)
+        executor.follow(runner, group, loaded.model_config.vocab_size, hooks)
+        return {"gathered": gathered, "seen": hooks.seen, "layers": hooks.layers}
+    driver = executor.DrivingRunner.wrap(runner, group)
+    gathered = driver.all_gather_bytes(b"rank0")
+    driver.run([ModelInput([5, 6, 7], 0, [0])], extra=b"ship these", reply=2)
+    try:
+        driver.control(b"too early")  # the step's answers are owed first
+        early = "sent"
+    except RuntimeError:
+        early = "refused"
+    after_run = driver.agree([7, 30])
+    driver.control(b"register", reply=1)
+    after_control = driver.agree([100])
+    driver.control(b"forget")  # no reply asked: nothing to agree
+    driver.close()
+    return {"gathered": gathered, "after_run": after_run, "after_control": after_control,
+            "early": early}

@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local checkpoint directory (default: demo)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor parallel ranks of the instance to time (local processes; "
+                        "on CUDA one GPU each); the profile's entry is for this tp")
     p.add_argument("--out", default="profile.json", help="where the profile JSON goes")
     p.add_argument("--quick", action="store_true", help="small grid, 3 reps (~30 s)")
     p.add_argument("--reps", type=int, default=None, help="timed passes over all points")
@@ -77,7 +80,8 @@ def run_command(args: argparse.Namespace) -> int:
 
     options = options_from_args(args)
     config = EngineConfig(model=resolve_model(args.model), device=args.device, dtype=args.dtype,
-                          max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+                          max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                          tensor_parallel_size=args.tp)
     run = profile_model(config, options,
                         progress=lambda msg: print(f"[profile] {msg}", file=sys.stderr,
                                                    flush=True))

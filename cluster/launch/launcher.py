@@ -91,6 +91,23 @@ class PoolSpec:
         return opts
 
 
+def kv_between_degrees(kv: KVTransferConfig, prefill_tp: int, decode_tp: int
+                       ) -> KVTransferConfig:
+    """``kv`` for prefill and decode instances of these TP degrees: between different
+    degrees a receiver's KV heads come from several senders, and a digest of part of a
+    receiver's heads is not built, so ``auto`` checksums are off there and an explicit
+    mode is refused. (At equal degrees rank 0's transfer carries the digest of rank 0's
+    share: the check covers that share.)"""
+    if prefill_tp == decode_tp or kv.checksum == "off":
+        return kv
+    if kv.checksum != "auto":
+        raise ValueError(
+            f"KV checksum {kv.checksum!r} needs equal prefill and decode tp (got {prefill_tp} "
+            f"and {decode_tp}): a digest of part of a receiver's KV heads is not built; use "
+            "--kv-checksum off or auto")
+    return dataclasses.replace(kv, checksum="off")
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
     engine: EngineConfig
@@ -105,12 +122,8 @@ class ClusterSpec:
     def __post_init__(self) -> None:
         if self.colocated is not None and self.colocated.tp > 1:
             raise ValueError("colocated workers run at tp 1")
-        if (self.prefill.tp != self.decode.tp and self.colocated is None
-                and self.kv.checksum not in ("auto", "off")):
-            raise ValueError(
-                f"KV checksum {self.kv.checksum!r} needs equal prefill and decode tp (got "
-                f"{self.prefill.tp} and {self.decode.tp}): a digest of part of a receiver's "
-                "KV heads is not built; use --kv-checksum off or auto")
+        if self.colocated is None:
+            kv_between_degrees(self.kv, self.prefill.tp, self.decode.tp)  # fails early
 
     @property
     def num_workers(self) -> int:
@@ -126,11 +139,9 @@ class ClusterSpec:
         return self.prefill.count * self.prefill.tp + self.decode.count * self.decode.tp
 
     def kv_config(self) -> KVTransferConfig:
-        """``kv`` with ``auto`` checksums off between different TP degrees (a receiver's
-        heads come from several senders; see ``__post_init__``)."""
-        if self.prefill.tp != self.decode.tp and self.kv.checksum == "auto":
-            return dataclasses.replace(self.kv, checksum="off")
-        return self.kv
+        if self.colocated is not None:
+            return self.kv
+        return kv_between_degrees(self.kv, self.prefill.tp, self.decode.tp)
 
     def router_config(self) -> RouterConfig:
         return self.router or RouterConfig(model=self.engine.model,

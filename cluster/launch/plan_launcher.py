@@ -8,8 +8,10 @@ the router, exactly as ``launcher.launch`` does for plain pools. Low-affinity pl
 made of identical units: the router is told each worker's unit, so a request's prefill
 worker and decode worker always come from the same unit.
 
-pdserve workers are single-device today: a plan whose instances need tensor or pipeline
-parallelism is refused with a clear error instead of being launched wrongly. A plan the
+An instance of tp > 1 is tp rank actors in its bundle (which holds its tp GPUs):
+rank 0 is the pool's worker, the others ``TPRankActor``s it starts in the same bundle
+(``tp_ranks.py``). Pipeline parallelism is not built: a plan with pp > 1 is refused with
+a clear error instead of being launched wrongly. A plan the
 cluster cannot hold is refused too, before anything is created (``placement_check``: a
 STRICT_PACK group must fit on one node, every bundle on some node, all of them in the
 cluster's free resources), and the waits for the groups and the workers are bounded; a
@@ -29,6 +31,7 @@ from pdserve.cluster.launch.launcher import (
     PoolSpec,
     abandon,
     init_ray,
+    kv_between_degrees,
     local_ray_cpus,
     shm_segments_of,
     start_router,
@@ -42,6 +45,7 @@ from pdserve.cluster.launch.placement_check import (
     wait_ready,
     wait_until_placeable,
 )
+from pdserve.cluster.launch.tp_ranks import RayRankLauncher
 from pdserve.cluster.planning.plan import PlacementGroupSpec, Plan
 from pdserve.engine.config import EngineConfig
 from pdserve.kv_transfer.backend_config import KVTransferConfig
@@ -53,13 +57,23 @@ log = logging.getLogger(__name__)
 def check_launchable(plan: Plan) -> None:
     for name in ("prefill", "decode", "colocated"):
         spec = getattr(plan, name)
-        if spec is not None and (spec.tp > 1 or spec.pp > 1):
+        if spec is not None and spec.pp > 1:
             raise ValueError(
-                f"the plan's {name} instances use tp={spec.tp}, pp={spec.pp}; pdserve workers "
-                "run one device each (no tensor/pipeline parallelism yet). Plan with a profile "
-                "that has only tp=1 entries and --max-pp 1.")
+                f"the plan's {name} instances use pp={spec.pp}; pdserve workers have no "
+                "pipeline parallelism yet (tensor parallelism is supported). Plan with "
+                "--max-pp 1.")
+        if spec is not None and name == "colocated" and spec.tp > 1:
+            raise ValueError(
+                f"the plan's colocated instances use tp={spec.tp}; colocated workers run at "
+                "tp 1 (tensor parallelism is for the prefill and decode pools).")
     if not plan.placement:
         raise ValueError("the plan has no placement groups")
+
+
+def degrees(plan: Plan) -> dict[str, int]:
+    """Tensor parallel ranks per instance, by role."""
+    return {role: getattr(plan, role).tp for role in ("prefill", "decode", "colocated")
+            if getattr(plan, role) is not None}
 
 
 def unit_of(plan: Plan, role: str, instance: int) -> int | None:
@@ -107,6 +121,8 @@ def launch_plan(plan: Plan, engine: EngineConfig, kv: KVTransferConfig, router: 
     from pdserve.router.actor import RouterActor
 
     check_launchable(plan)
+    tp = degrees(plan)
+    kv = kv_between_degrees(kv, tp.get("prefill", 1), tp.get("decode", 1))
     pg_specs = plan.placement_groups(cpus_per_bundle)
     demands = group_demands(pg_specs)
     started = init_ray(address, num_cpus=local_ray_cpus(
@@ -121,19 +137,26 @@ def launch_plan(plan: Plan, engine: EngineConfig, kv: KVTransferConfig, router: 
         prefills, decodes, units = [], [], {}
         for pg, spec in zip(pgs, pg_specs, strict=True):
             for bundle, (role, instance, _stage) in enumerate(spec.roles):
-                gpus = dict(spec.bundles[bundle]).get("GPU", 0.0)
+                # an instance's bundle holds its tp GPUs: one rank actor on each
+                n = tp[role]
+                gpus = dict(spec.bundles[bundle]).get("GPU", 0.0) / n
                 # restarted in place after a crash, like the launcher's pools (PoolSpec)
-                opts = dict(num_cpus=cpus_per_bundle, num_gpus=gpus,
+                opts = dict(num_cpus=cpus_per_bundle / n, num_gpus=gpus,
                             max_restarts=PoolSpec().max_restarts,
                             scheduling_strategy=PlacementGroupSchedulingStrategy(
                                 pg, placement_group_bundle_index=bundle))
+                ranks = RayRankLauncher(role, kv, cpus_per_bundle / n, gpus,
+                                        torch_threads=torch_threads,
+                                        bundle_index=bundle) if n > 1 else None
                 wid = f"{role}-{instance}"
+                role_engine = dataclasses.replace(engine, tensor_parallel_size=n)
                 if role == "prefill":
                     prefills.append((wid, PrefillWorkerActor.options(**opts).remote(
-                        wid, engine, kv, torch_threads)))
+                        wid, role_engine, kv, torch_threads, ranks)))
                 else:
                     decodes.append((wid, DecodeWorkerActor.options(**opts).remote(
-                        wid, engine, None if role == "colocated" else kv, torch_threads)))
+                        wid, role_engine, None if role == "colocated" else kv, torch_threads,
+                        ranks)))
                 workers.append((prefills if role == "prefill" else decodes)[-1])
                 unit = unit_of(plan, role, instance)
                 if unit is not None:

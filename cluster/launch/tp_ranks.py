@@ -41,7 +41,9 @@ class RayRankLauncher(RankLauncher):
     def __init__(self, role: str, kv: KVTransferConfig, num_cpus: float = 1.0,
                  num_gpus: float = 0.0, resources: dict[str, float] | None = None,
                  torch_threads: int | None = None,
-                 timeout_s: float = DEFAULT_GROUP_TIMEOUT_S):
+                 timeout_s: float = DEFAULT_GROUP_TIMEOUT_S, bundle_index: int = -1):
+        """``bundle_index``: rank 0's bundle in its placement group (the ranks go there,
+        which holds the instance's tp GPUs); -1: any bundle of a STRICT_PACK group."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         if timeout_s <= 0:
@@ -53,6 +55,7 @@ class RayRankLauncher(RankLauncher):
         self.resources = dict(resources or {})
         self.torch_threads = torch_threads
         self.timeout_s = timeout_s
+        self.bundle_index = bundle_index
         self._actors: list[Any] = []  # held: a dropped handle would end its actor
 
     def __getstate__(self) -> dict:
@@ -68,7 +71,8 @@ class RayRankLauncher(RankLauncher):
             init_method = f"tcp://{ip}:{s.getsockname()[1]}"
         ctx = ray.get_runtime_context()
         options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
-                                   "max_restarts": 0, "scheduling_strategy": _beside_me(ctx)}
+                                   "max_restarts": 0,
+                                   "scheduling_strategy": _beside_me(ctx, self.bundle_index)}
         if self.resources:
             options["resources"] = self.resources
         instance_key = ctx.get_actor_id() or worker_id
@@ -95,9 +99,8 @@ class RayRankLauncher(RankLauncher):
                 ray.kill(a)
 
 
-def _beside_me(ctx) -> Any:
-    """Rank 0's placement group (any bundle: a tp instance's group is STRICT_PACK) or,
-    outside one, rank 0's node."""
+def _beside_me(ctx, bundle_index: int) -> Any:
+    """Rank 0's bundle of its placement group or, outside one, rank 0's node."""
     from ray.util import get_current_placement_group
     from ray.util.scheduling_strategies import (
         NodeAffinitySchedulingStrategy,
@@ -106,7 +109,7 @@ def _beside_me(ctx) -> Any:
 
     pg = get_current_placement_group()
     if pg is not None:
-        return PlacementGroupSchedulingStrategy(pg)
+        return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index)
     return NodeAffinitySchedulingStrategy(ctx.get_node_id(), soft=False)
 
 

@@ -4,9 +4,11 @@ Rank 0 is the worker the rest of the system knows; before it loads its shard it 
 ``RankLauncher`` to start ranks 1 .. tp-1 and joins the group with them. A cluster on Ray
 starts one Ray actor per rank on rank 0's node (``cluster/launch/tp_ranks.py``: the actors
 are owned by rank 0's, so they die with it and a restart of rank 0 restarts the whole
-instance); ``local_instance.LocalTPInstance`` starts them as child processes (``pdserve
-complete --tp N`` and tests). What the followers run (plain steps, a prefill rank that
-ships KV, a decode rank that receives it) is the launcher's business.
+instance). What the followers run (a prefill rank that ships KV, a decode rank that
+receives it) is the launcher's business. (``local_instance.LocalTPInstance``, for
+``pdserve complete --tp N`` and the profiler, starts plain followers as child processes
+without this interface: torch.distributed allows one group per process, so the pools'
+workers, which need one each, run as separate processes under Ray.)
 """
 
 from __future__ import annotations

@@ -221,3 +221,25 @@ def test_tiny_profile_reports(tiny_run, tmp_path):
     assert "| prefill |" in md and "KV transfer bandwidth" in md
     plot_heldout(tiny_run, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_profile_at_tp2_records_the_degree(tmp_path):
+    """``pdserve profile --tp 2`` times a whole instance (rank 1 a local process driven by
+    this one) and writes an entry for tp 2, with the instance's KV capacity."""
+    from pdserve.engine.demo_tp_model import create_tp_demo_model
+
+    model = str(create_tp_demo_model("llama", tmp_path / "llama"))
+    opts = ProfileOptions(reps=1, decode_repeat=1, prefill_points=10, decode_points=12,
+                          max_prompt_len=64, max_batch_tokens=96, max_prefill_seqs=3,
+                          max_batch=6, max_context=64, wide_mix_points=2, backends=(),
+                          threads=1)
+    run = profile_model(EngineConfig(model=model, device="cpu", num_kv_blocks=64,
+                                     tensor_parallel_size=2), opts)
+    profile = LatencyProfile.from_dict(json.loads(run.to_profile().to_json()))
+    assert profile.tp_degrees == (2,)
+    assert profile.extra["profiler"]["tp"] == 2
+    assert profile.instance(2, 1).entry.kv_capacity_tokens == 64 * 16
+    # the model's KV per token, both ranks' shares (a rank holds 2 of the 4 KV heads):
+    # 2 layers x 4 heads x head_dim 16 x (K+V) x float32
+    assert profile.kv_bytes_per_token == 2 * 4 * 16 * 2 * 4
+    assert profile.instance(2).prefill_s([32]) > 0 and profile.instance(2).decode_s([40] * 3) > 0

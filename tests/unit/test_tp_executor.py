@@ -24,6 +24,7 @@ from pdserve.engine.parallel.step_message import (
 )
 from tests.tp_engine_scenario import (
     config,
+    exchange,
     follower_leaves_when_idle,
     rank_fails,
     rank_main,
@@ -170,3 +171,17 @@ def test_a_rank_lost_while_idle_is_noticed_without_a_step(tp_llama):
                     preload=PRELOAD, collective_timeout_s=5.0, timeout_s=60)
     assert got[1] == "left"
     assert "Error" in got[0]
+
+
+def test_worker_data_reaches_the_followers_and_their_answers_come_back(tp_llama):
+    """A step's extra bytes reach every follower's hooks (with a layer hook per layer), a
+    reply is the element-wise MIN over the ranks, a CONTROL runs no model, nothing else
+    may be sent while answers are owed, and the ranks' bytes are gathered in order."""
+    rank0, rank1 = run_ranks(exchange, 2, config(tp_llama, 2), preload=PRELOAD)
+    assert rank0["gathered"] == rank1["gathered"] == [b"rank0", b"rank1"]
+    assert rank0["early"] == "refused"
+    assert rank0["after_run"] == [7, 11]  # MIN of [7, 30] and rank 1's [10, 11]
+    assert rank0["after_control"] == [10]
+    assert rank1["seen"] == [("RUN", b"ship these", 2), ("CONTROL", b"register", 1),
+                             ("CONTROL", b"forget", 0)]
+    assert rank1["layers"] == [0, 1]  # the TP demo model's two layers

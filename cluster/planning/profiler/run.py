@@ -6,8 +6,14 @@ What ``pdserve profile`` runs. It loads the model with the engine's own pieces
 few warm-up steps, then interleaved passes, drift-corrected; decode points are timed
 ``decode_repeat`` times a pass, their steps being short and noisier), fits prefill and
 decode (``fitting``) and measures transfer bandwidth (``bandwidth``).
-``ProfileRun.to_profile()`` gives the ``LatencyProfile`` (tp = 1) with the raw
-measurements, options and fit details in its ``extra``.
+``ProfileRun.to_profile()`` gives the ``LatencyProfile`` with the raw measurements,
+options and fit details in its ``extra``.
+
+At ``tensor_parallel_size`` > 1 the steps are timed on a whole instance: ranks 1 .. tp-1
+run as local processes (``LocalTPInstance``, on CUDA one GPU each) and this process is
+rank 0, driving them as a worker does; the profile's entry is for that tp. Its KV capacity
+is the instance's (every rank holds its heads of the same tokens), and ``kv_bytes_per_token``
+stays the model's (all ranks' shares: what a transfer moves).
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ class ProfileRun:
     bandwidth: dict[str, TransferBandwidth] = field(default_factory=dict, compare=False)
     elapsed_s: float = 0.0
     info: dict = field(default_factory=dict, compare=False)
+    tp: int = 1
 
     @property
     def wide_mix_error(self) -> ErrorStats:
@@ -85,7 +92,7 @@ class ProfileRun:
                                              [m.ms for m in self.wide_mix]))
 
     def to_profile(self) -> LatencyProfile:
-        entry = ParallelEntry(1, self.prefill_fit.fit, self.decode_fit.fit,
+        entry = ParallelEntry(self.tp, self.prefill_fit.fit, self.decode_fit.fit,
                               self.kv_capacity_tokens)
         pf, df = self.prefill_fit, self.decode_fit
 
@@ -96,7 +103,7 @@ class ProfileRun:
 
         extra = {
             "profiler": {
-                "pp": 1, "device": self.device, "dtype": self.dtype, "torch_threads": self.threads,
+                "tp": self.tp, "pp": 1, "device": self.device, "dtype": self.dtype, "torch_threads": self.threads,
                 "torch": torch.__version__, "elapsed_s": round(self.elapsed_s, 1),
                 "options": asdict(self.options), **self.info,
             },
@@ -176,10 +183,23 @@ def _time_shapes(loaded, engine_config: EngineConfig, options: ProfileOptions, s
     need = max([sum(-(-n // bs) for n in s) for s in shapes.prefill]
                + [sum(-(-(c + 1) // bs) for c in s) for s in shapes.decode + shapes.wide])
     runner = build_runner(loaded, kv_cache_spec(loaded, num_blocks=need + 1))
+    if loaded.group is not None:  # rank 0 of an instance: its steps drive the other ranks
+        from pdserve.engine.parallel.executor import DrivingRunner
+
+        runner = DrivingRunner.wrap(runner, loaded.group)
+    try:
+        return _time_on(runner, loaded, engine_config, options, shapes, say)
+    finally:
+        runner.close()
+
+
+def _time_on(runner, loaded, engine_config: EngineConfig, options: ProfileOptions,
+             shapes: _Shapes, say: Progress) -> list[tuple[int, int, float]]:
     timer = StepTimer(runner, loaded.model_config.vocab_size, options.seed)
     inputs = ([timer.prefill_inputs(s) for s in shapes.prefill]
               + [timer.decode_inputs(s) for s in shapes.decode + shapes.wide])
-    say(f"{Path(engine_config.model).name} on {loaded.device} ({loaded.dtype}), "
+    say(f"{Path(engine_config.model).name} on {loaded.device} ({loaded.dtype}), tp "
+        f"{engine_config.tensor_parallel_size}, "
         f"{torch.get_num_threads()} thread(s): {len(shapes.prefill)} prefill + "
         f"{len(shapes.decode)} decode (+{len(shapes.wide)} wide-mix) points, "
         f"{options.reps} reps")
@@ -251,9 +271,19 @@ def profile_model(engine_config: EngineConfig, options: ProfileOptions | None = 
     prev_threads = torch.get_num_threads()
     if options.threads is not None:
         torch.set_num_threads(options.threads)
+    instance = None
     try:
-        loaded = load_model(engine_config, load_tokenizer=False)
+        if engine_config.tensor_parallel_size > 1:
+            from pdserve.engine.parallel.local_instance import LocalTPInstance, rank_config
+
+            say(f"starting {engine_config.tensor_parallel_size - 1} more tensor-parallel ranks")
+            instance = LocalTPInstance.start(engine_config, torch_threads=options.threads)
+            loaded = load_model(rank_config(engine_config, 0), load_tokenizer=False,
+                                group=instance.group)
+        else:
+            loaded = load_model(engine_config, load_tokenizer=False)
         # Sized before anything else is allocated: on CUDA it depends on free memory.
+        # (At tp > 1 every rank agrees on it, as a worker's ranks do.)
         capacity = num_kv_blocks(loaded) * engine_config.block_size
         kv_bytes = loaded.model_config.kv_bytes_per_token(
             torch.empty((), dtype=loaded.dtype).element_size())
@@ -271,6 +301,9 @@ def profile_model(engine_config: EngineConfig, options: ProfileOptions | None = 
             kv_bytes_per_token=kv_bytes, prefill=prefill, decode=decode, prefill_fit=pf,
             decode_fit=df, wide_mix=wide, bandwidth=bandwidth,
             elapsed_s=time.perf_counter() - started,
-            info=_run_info(engine_config, loaded, lim, options, log, drift))
+            info=_run_info(engine_config, loaded, lim, options, log, drift),
+            tp=engine_config.tensor_parallel_size)
     finally:
+        if instance is not None:
+            instance.close()
         torch.set_num_threads(prev_threads)
