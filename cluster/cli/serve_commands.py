@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
+import time
 
 from pdserve.cluster.cli.common import resolve_model
 
@@ -94,13 +94,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if cluster.metrics_address:
         print(f"pdserve: Prometheus metrics (router + all workers) on "
               f"http://{cluster.metrics_address}/metrics", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    wait_for_stop_signal()
     print("pdserve: shutting down", file=sys.stderr)
     cluster.shutdown()
     return 0
+
+
+def wait_for_stop_signal(poll_s: float = 0.2) -> None:
+    """Return once SIGINT or SIGTERM arrived. The handler only appends to a list: a handler
+    that took a lock (``Event.set``) deadlocked when a second signal interrupted the first
+    handler inside it (Ctrl-C twice, or a supervisor forwarding the signal it got)."""
+    got: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: got.append(signum))
+    while not got:
+        time.sleep(poll_s)  # interrupted by the signal: the handler runs, the loop ends
 
 
 def security_summary(server) -> tuple[str, str]:
