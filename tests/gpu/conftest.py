@@ -1,4 +1,6 @@
-"""GPU-test fixtures: a tiny random bf16 Llama that FlashInfer can run (head_dim 64)."""
+"""GPU-test fixtures: a tiny random bf16 Llama that FlashInfer can run (head_dim 64), and
+the FlashInfer prefill kernel family the tests use (``--flashinfer-prefill-backend``:
+auto, fa2 or fa3; ``benchmarks/gpu/run.sh`` passes fa2, whose modules it carries)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,11 @@ def save_gpu_checkpoint(path: Path, seed: int = 0) -> Path:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def prefill_backend(request) -> str:
+    return request.config.getoption("--flashinfer-prefill-backend")
 
 
 @pytest.fixture(scope="session")
