@@ -254,8 +254,7 @@ class PrefillWorker(EngineWorker):
                 if self._begin_transfer(p):
                     table = torch.tensor(self.blocks.block_table(rid), dtype=torch.long,
                                          device=self.runner.device)
-                    for layer in range(self.runner.kv_cache.spec.num_layers):
-                        self._send_layer(p, layer, table)
+                    self._send_all_layers(p, table)
             elif now - p.first[2] > self.transfer_timeout_s:
                 p.error = f"no KV destination came within {self.transfer_timeout_s:g}s"
             else:
@@ -317,8 +316,19 @@ class PrefillWorker(EngineWorker):
             return
         # index_select copies, so the sender may ship it asynchronously.
         kv = self.runner.kv_cache.data[layer].index_select(1, table)
+        self._sending(p, lambda: self.sender.send_layer(p.transfer, layer, kv))
+
+    def _send_all_layers(self, p: _Pending, table: torch.Tensor) -> None:
+        """Every layer at once (its KV is all computed): one gather of the request's
+        blocks over all layers, one stacked send (one copy where the backend can)."""
+        if p.error is not None:
+            return
+        kv = self.runner.kv_cache.data.index_select(2, table)
+        self._sending(p, lambda: self.sender.send_layers(p.transfer, 0, kv))
+
+    def _sending(self, p: _Pending, send) -> None:
         try:
-            self.sender.send_layer(p.transfer, layer, kv)
+            send()
         except TransferError as exc:
             p.error, p.error_reason = f"KV transfer failed: {exc}", exc.reason
             self.sender.abort(p.transfer)

@@ -277,6 +277,9 @@ fi
 
 echo "== report"
 "$PY" $G/report.py --out "$OUT" "$RESULTS" >/dev/null || note "report: FAILED"
+# The same report named after the device (gpu_nvidia_h200...), as committed under
+# benchmarks/results/.
+"$PY" $G/report.py --out "$OUT" --stem auto "$RESULTS" >/dev/null || note "report (device name): FAILED"
 [ -f "$OUT/gpu_results.md" ] && cat "$OUT/gpu_results.md"
 echo
 echo "== summary ($(elapsed)s of ${BUDGET_S}s)"

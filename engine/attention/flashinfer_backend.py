@@ -132,7 +132,10 @@ class FlashInferAttention(AttentionBackend):
         c, p, dtype = self.config, meta.block_size, self.dtype
         kv_indptr, indices, last_len = page_table(meta.seq_lens, meta.block_tables, p)
         kv_indptr_t = torch.tensor(kv_indptr, dtype=torch.int32)
-        indices_t = torch.tensor(indices, dtype=torch.int32, device=self.device)
+        # To the device without blocking (from pageable memory the bytes are staged at
+        # once): a blocking copy, here or in plan (which copies a CPU tensor into a graph
+        # wrapper's buffer blocking), would wait for the device to finish the queued work.
+        indices_t = torch.tensor(indices, dtype=torch.int32).to(self.device, non_blocking=True)
         last_len_t = torch.tensor(last_len, dtype=torch.int32)
         for w, wrapper in wrappers.items():
             wrapper.plan(
