@@ -14,13 +14,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from pdserve.cluster.cli.common import resolve_model
+from pdserve.cluster.cli.common import add_gpu_engine_args, gpu_engine_kwargs, resolve_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local checkpoint directory (default: demo)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    add_gpu_engine_args(p)
     p.add_argument("--out", default="profile.json", help="where the profile JSON goes")
     p.add_argument("--quick", action="store_true", help="small grid, 3 reps (~30 s)")
     p.add_argument("--reps", type=int, default=None, help="timed passes over all points")
@@ -77,7 +78,8 @@ def run_command(args: argparse.Namespace) -> int:
 
     options = options_from_args(args)
     config = EngineConfig(model=resolve_model(args.model), device=args.device, dtype=args.dtype,
-                          max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+                          max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                          **gpu_engine_kwargs(args))
     run = profile_model(config, options,
                         progress=lambda msg: print(f"[profile] {msg}", file=sys.stderr,
                                                    flush=True))

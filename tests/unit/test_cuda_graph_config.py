@@ -103,3 +103,22 @@ def test_padded_size_is_the_smallest_captured_size_that_holds_the_batch():
 ])
 def test_graphs_wanted(eager, device, supports, tp, want):
     assert graphs_wanted(eager, device, supports, tp) is want
+
+
+def test_cli_flags_reach_the_engine_config():
+    import argparse
+
+    from pdserve.cluster.cli.common import add_gpu_engine_args, gpu_engine_kwargs
+
+    p = argparse.ArgumentParser()
+    add_gpu_engine_args(p)
+    defaults = EngineConfig(model="m", **gpu_engine_kwargs(p.parse_args([])))
+    assert defaults == EngineConfig(model="m")
+    args = p.parse_args(["--enforce-eager", "--cuda-graph-sizes", "8,1,4",
+                         "--flashinfer-prefill-backend", "fa2"])
+    c = EngineConfig(model="m", **gpu_engine_kwargs(args))
+    assert (c.enforce_eager, c.cuda_graph_sizes, c.flashinfer_prefill_backend) == \
+        (True, (1, 4, 8), "fa2")
+    for bad in (["--cuda-graph-sizes", "1,x"], ["--flashinfer-prefill-backend", "fa9"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
