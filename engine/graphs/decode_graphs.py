@@ -78,6 +78,7 @@ class DecodeGraphs:
             raise ValueError(f"a batch of {len(inputs)} exceeds the largest graph {self.sizes[-1]}")
         return size, self._load(pad_decode_inputs(inputs, size, self.scratch_block))
 
+    @torch.inference_mode()  # the buffers may be inference tensors (built under it)
     def _load(self, padded: Sequence[ModelInput]) -> FlatBatch:
         """Fill the static inputs' first ``len(padded)`` columns and plan attention."""
         size = len(padded)
@@ -128,7 +129,9 @@ class DecodeGraphs:
                 self._forward(size)  # warm-up: lazy inits and workspaces outside the graph
                 stream.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                # thread_local: another thread's CUDA calls (a worker's) do not void it.
+                with torch.cuda.graph(graph, pool=pool, stream=stream,
+                                      capture_error_mode="thread_local"):
                     self._logits[size] = self._forward(size)
                 self._graphs[size] = graph
         torch.cuda.current_stream(dev).wait_stream(stream)
