@@ -58,12 +58,15 @@ def _child(backend: str, conn, device: str) -> None:
     from pdserve.kv_transfer.registry import create_sender
 
     sender = create_sender(backend)
+    payloads: dict[int, torch.Tensor] = {}  # built once per size (1 GiB at 8k tokens)
     try:
         while (cmd := conn.recv()) is not None:
             endpoint, tid, dst, tokens, mode, traced = cmd
             try:
                 spec = endpoint.spec.to_spec()
-                stacked = _payloads(spec, tokens, device)
+                stacked = payloads.get(tokens)
+                if stacked is None:
+                    stacked = payloads[tokens] = _payloads(spec, tokens, device)
                 dest = KVDestination(tid, endpoint, tuple(dst), tokens)
                 if not traced:
                     conn.send(_one(sender, dest, spec, stacked, mode, device))

@@ -34,10 +34,11 @@
 # Environment: GPU_TESTS (test files/ids under tests/gpu to run instead of all of them),
 # OUT (default ./gpu-results), PDSERVE_GPU_WORK (default /tmp/pdserve-gpu:
 # site packages, shim, checkpoints, FlashInfer JIT cache, per-benchmark JSON), PYTHON
-# (default python3), BUDGET_S, SIZE (quick | full), PDSERVE_GPU_PREFILL_BACKEND (FlashInfer
-# prefill kernels for every test and benchmark, default fa2; passed to each as a flag and
-# from there into EngineConfig.flashinfer_prefill_backend), DRY_RUN=1 (CPU smoke test of
-# this script: no wheels, every benchmark with --dry-run).
+# (default python3), BUDGET_S, TESTS_MAX_S (default 200), SIZE (quick | full),
+# PDSERVE_GPU_PREFILL_BACKEND (FlashInfer prefill kernels for every test and benchmark,
+# default fa2; passed to each as a flag and from there into
+# EngineConfig.flashinfer_prefill_backend), DRY_RUN=1 (CPU smoke test of this script: no
+# wheels, every benchmark with --dry-run).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -224,7 +225,9 @@ if setup; then
     TEST_ARGS=()
     for t in ${GPU_TESTS:-}; do TEST_ARGS+=("$REPO/tests/gpu/$t"); done
     [ "${#TEST_ARGS[@]}" -gt 0 ] || TEST_ARGS=("$REPO/tests/gpu")
-    bench tests 150 bash -c 'cd "$0" && exec "$@"' "$WORK" "$PY" -m pytest -q -m gpu \
+    # At most TESTS_MAX_S (default 200 s): a hung test must not eat the benchmarks' budget.
+    bench tests 150 timeout --kill-after=10 "${TESTS_MAX_S:-200}" \
+      bash -c 'cd "$0" && exec "$@"' "$WORK" "$PY" -m pytest -q -m gpu \
       "${TEST_ARGS[@]}" --rootdir "$REPO" -c "$REPO/pyproject.toml" -p no:cacheprovider \
       --flashinfer-prefill-backend "$PREFILL_BACKEND" --junitxml="$RESULTS/pytest.xml"
   fi
