@@ -50,6 +50,7 @@ import time
 
 import torch
 
+from pdserve.engine.host_copy import upload
 from pdserve.engine.kv_cache import KVCache, KVCacheSpec
 from pdserve.kv_transfer.base import (
     KVReceiver,
@@ -214,10 +215,9 @@ class _WideWriter:
         self.fallback = BlockWriter(data)  # payloads that cannot be viewed (non-contiguous)
 
     def index(self, block_ids) -> torch.Tensor:
-        # non_blocking from pageable memory: staged at once, no wait for the device's
-        # queued work (a blocking copy would synchronise the stream: the prefill forward).
-        return torch.as_tensor(list(block_ids), dtype=torch.long).to(self.data.device,
-                                                                     non_blocking=True)
+        # Not waiting for the device (a blocking copy would wait for the prefill forward
+        # queued on the stream).
+        return upload(torch.as_tensor(list(block_ids), dtype=torch.long), self.data.device)
 
     def _wide(self, kv: torch.Tensor) -> bool:
         return (kv.device == self.data.device and kv.is_contiguous()

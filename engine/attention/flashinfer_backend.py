@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata, write_kv
+from pdserve.engine.host_copy import upload
 
 # FlashInfer recommends a 128 MiB float workspace, zeroed before first use.
 WORKSPACE_BYTES = 128 << 20
@@ -132,10 +133,10 @@ class FlashInferAttention(AttentionBackend):
         c, p, dtype = self.config, meta.block_size, self.dtype
         kv_indptr, indices, last_len = page_table(meta.seq_lens, meta.block_tables, p)
         kv_indptr_t = torch.tensor(kv_indptr, dtype=torch.int32)
-        # To the device without blocking (from pageable memory the bytes are staged at
-        # once): a blocking copy, here or in plan (which copies a CPU tensor into a graph
-        # wrapper's buffer blocking), would wait for the device to finish the queued work.
-        indices_t = torch.tensor(indices, dtype=torch.int32).to(self.device, non_blocking=True)
+        # On the device already, uploaded without waiting: a blocking copy, here or in plan
+        # (which copies a CPU tensor into a graph wrapper's buffer blocking), would wait
+        # for the device to finish the previous step.
+        indices_t = upload(torch.tensor(indices, dtype=torch.int32), self.device)
         last_len_t = torch.tensor(last_len, dtype=torch.int32)
         for w, wrapper in wrappers.items():
             wrapper.plan(

@@ -30,6 +30,7 @@ import torch
 from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
 from pdserve.engine.graphs.padding import pad_decode_inputs, scratch_input
 from pdserve.engine.graphs.sizes import padded_size
+from pdserve.engine.host_copy import staged, upload
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.step_inputs import FlatBatch, ModelInput, flatten_inputs
 
@@ -83,10 +84,9 @@ class DecodeGraphs:
         """Fill the static inputs' first ``len(padded)`` columns and plan attention."""
         size = len(padded)
         flat = flatten_inputs(padded, self.block_size)
-        # One host-to-device copy for all three rows (a fresh pageable tensor: the copy
-        # is staged before copy_ returns, so nothing here waits for the device).
+        # One host-to-device copy for all three rows, not waiting for the device.
         host = torch.tensor([flat.ids, flat.positions, flat.slots], dtype=torch.long)
-        self._inputs[:, :size].copy_(host, non_blocking=True)
+        self._inputs[:, :size].copy_(staged(host, self.device), non_blocking=True)
         self.attn.plan_for_graph(AttentionMetadata(
             flat.query_lens, flat.seq_lens, flat.block_tables, self._inputs[2, :size],
             self.block_size))
@@ -102,7 +102,7 @@ class DecodeGraphs:
         rows = flat.sample_rows
         if rows == list(range(len(rows))):
             return logits[:len(rows)].clone()
-        return logits[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        return logits[upload(torch.tensor(rows, dtype=torch.long), self.device)]
 
     def run(self, inputs: Sequence[ModelInput]) -> torch.Tensor:
         """Logits [sampled rows, vocab] of a decode-only batch, by graph replay."""
