@@ -120,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     engine = EngineSide(ckpt, cases, device, "torch" if args.dry_run else "flashinfer",
                         args.prefill_backend, cuda_graphs=not args.eager)
     graphs = engine.capture is not None
+    if graphs:
+        c = engine.capture
+        log(TAG, f"engine captured {len(c['sizes'])} decode graphs in {c['seconds']:.2f} s, "
+            f"{c['free_bytes_used'] / 2**20:.0f} MiB")
     hf = HFSide(ckpt, device)
     vocab = engine.engine.loaded.model_config.vocab_size
     rows = []
