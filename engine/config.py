@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.attention.flashinfer_backend import PREFILL_BACKENDS
+from pdserve.engine.graphs.sizes import DEFAULT_CUDA_GRAPH_SIZES, validate_sizes
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # CPU hosts get a fixed KV budget (the model is small there); CUDA hosts size the cache
 # from free memory after the weights are loaded.
@@ -23,6 +26,12 @@ class EngineConfig:
 
     ``num_kv_blocks`` wins over ``kv_cache_memory_bytes``; with neither, the cache takes
     ``DEFAULT_CPU_KV_BYTES`` on CPU or ``gpu_memory_utilization`` of the GPU.
+
+    Decode steps run as CUDA graphs (``engine/graphs/``) on CUDA with the FlashInfer
+    backend and one rank, unless ``enforce_eager``: one graph per size of
+    ``cuda_graph_sizes`` up to ``max_num_seqs`` (stored sorted). Graphs reserve one KV
+    block as scratch for padded rows. ``flashinfer_prefill_backend`` picks FlashInfer's
+    prefill kernel family (auto, fa2, fa3); other backends ignore it.
     """
 
     model: str
@@ -41,6 +50,9 @@ class EngineConfig:
     seed: int = 0
     # Ranks the model is split over (one process each, engine/parallel/); 1 = no split.
     tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    cuda_graph_sizes: tuple[int, ...] = DEFAULT_CUDA_GRAPH_SIZES
+    flashinfer_prefill_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -68,6 +80,17 @@ class EngineConfig:
             raise ValueError(
                 "without chunked prefill, max_num_batched_tokens must be >= max_model_len"
             )
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
+        if isinstance(self.cuda_graph_sizes, (str, bytes)):
+            raise ValueError(f"cuda_graph_sizes must be a sequence of ints, got "
+                             f"{self.cuda_graph_sizes!r}")
+        # Frozen: normalise (a list from JSON or a CLI, any order) through object.__setattr__.
+        object.__setattr__(self, "cuda_graph_sizes", validate_sizes(self.cuda_graph_sizes))
+        if self.flashinfer_prefill_backend not in PREFILL_BACKENDS:
+            raise ValueError(f"flashinfer_prefill_backend must be one of "
+                             f"{', '.join(PREFILL_BACKENDS)}, got "
+                             f"{self.flashinfer_prefill_backend!r}")
 
     def resolve_device(self) -> torch.device:
         name = self.device

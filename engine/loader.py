@@ -22,6 +22,7 @@ import torch
 from pdserve.engine.attention.registry import create_backend
 from pdserve.engine.checkpoint import ensure_model_present, has_tokenizer
 from pdserve.engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from pdserve.engine.graphs.sizes import capture_sizes, graphs_wanted
 from pdserve.engine.kv_cache import KVCache, KVCacheSpec
 from pdserve.engine.model_config import ModelConfig
 from pdserve.engine.model_runner import ModelRunner
@@ -126,6 +127,12 @@ def build_runner(loaded: LoadedModel, spec: KVCacheSpec | None = None,
                  kv_buffer: torch.Tensor | None = None) -> ModelRunner:
     spec = spec or kv_cache_spec(loaded)
     cache = KVCache(spec, loaded.device, buffer=kv_buffer)
-    attn = create_backend(loaded.config.attention_backend, loaded.rank_config, loaded.device,
-                          loaded.dtype)
-    return ModelRunner(loaded.model, cache, attn, loaded.device)
+    cfg = loaded.config
+    attn = create_backend(cfg.attention_backend, loaded.rank_config, loaded.device,
+                          loaded.dtype, flashinfer_prefill_backend=cfg.flashinfer_prefill_backend)
+    runner = ModelRunner(loaded.model, cache, attn, loaded.device)
+    if graphs_wanted(cfg.enforce_eager, loaded.device.type, attn.supports_cuda_graphs,
+                     cfg.tensor_parallel_size):
+        runner.capture_decode_graphs(capture_sizes(cfg.cuda_graph_sizes, cfg.max_num_seqs),
+                                     loaded.max_model_len)
+    return runner

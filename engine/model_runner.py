@@ -6,28 +6,30 @@ blocks) it builds the flat input ids, positions and slot mapping, plans attentio
 runs the model, and returns logits for the rows that need sampling. It knows nothing
 about requests' sampling or stopping, so the prefill worker, the decode worker and the
 single-process engine all use it unchanged.
+
+CUDA graphs: after ``capture_decode_graphs(sizes, max_model_len)`` (``loader.build_runner``
+calls it when ``EngineConfig`` wants graphs) a decode-only step of B rows, B <= the largest
+captured size, with no ``all_logits`` and no ``layer_done``, replays the graph of the
+smallest captured size >= B (``engine/graphs/``); every other step runs eagerly, as does
+every step while ``graphs_active`` is False (benchmarks and tests compare the two). The
+graphs reserve the cache's last block as scratch for padded rows: ``usable_blocks`` is
+what a block manager may hand out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
+from pdserve.engine.graphs.decode_graphs import CaptureStats, DecodeGraphs
+from pdserve.engine.graphs.padding import graph_eligible
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.models.llama import LlamaForCausalLM
+from pdserve.engine.step_inputs import ModelInput, flatten_inputs
 
-
-@dataclass(frozen=True)
-class ModelInput:
-    """``token_ids`` are the new tokens of one sequence at positions ``start ..``."""
-
-    token_ids: Sequence[int]
-    start: int
-    block_table: Sequence[int]
-    sample: bool = True
+__all__ = ["ModelInput", "ModelRunner"]
 
 
 class ModelRunner:
@@ -42,6 +44,29 @@ class ModelRunner:
         self.attn = attn
         self.device = device
         self.block_size = kv_cache.spec.block_size
+        self.graphs: DecodeGraphs | None = None
+        self.graphs_active = True  # False: every step eager even with graphs captured
+
+    @property
+    def usable_blocks(self) -> int:
+        """Blocks a block manager may hand out: all but the graphs' scratch block."""
+        return self.kv_cache.spec.num_blocks - (self.graphs is not None)
+
+    def capture_decode_graphs(self, sizes: Sequence[int], max_model_len: int) -> CaptureStats:
+        """Capture one decode graph per batch size; the cache's last block becomes the
+        scratch block padded rows use (so call before any block is handed out)."""
+        if self.graphs is not None:
+            raise RuntimeError("decode graphs are already captured")
+        num_blocks = self.kv_cache.spec.num_blocks
+        if num_blocks < 2:
+            raise ValueError("CUDA graphs need a KV cache of at least 2 blocks (one is scratch)")
+        # A sequence can neither outgrow max_model_len nor hold more than the real blocks.
+        max_pages = min(-(-max_model_len // self.block_size), num_blocks - 1)
+        graphs = DecodeGraphs(self.model, self.kv_cache, self.attn, self.device, sizes,
+                              scratch_block=num_blocks - 1, max_pages_per_seq=max_pages)
+        stats = graphs.capture()
+        self.graphs = graphs
+        return stats
 
     def run(self, inputs: Sequence[ModelInput], all_logits: bool = False,
             layer_done: Callable[[int], None] | None = None, extra: bytes = b"",
@@ -53,33 +78,23 @@ class ModelRunner:
         step and owe after it (``executor.DrivingRunner``); nothing to do with one rank."""
         if not inputs:
             raise ValueError("empty step")
-        p = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[int] = []
-        for inp in inputs:
-            n = len(inp.token_ids)
-            table = inp.block_table
-            ids.extend(inp.token_ids)
-            pos = range(inp.start, inp.start + n)
-            positions.extend(pos)
-            slots.extend(table[x // p] * p + x % p for x in pos)
-            if inp.sample:
-                sample_rows.append(len(ids) - 1)
+        graphs = self.graphs
+        if (graphs is not None and self.graphs_active and graph_eligible(inputs, all_logits,
+                                                                         layer_done)
+                and graphs.padded_size(len(inputs)) is not None):
+            return graphs.run(inputs)
+        flat = flatten_inputs(inputs, self.block_size)
         meta = AttentionMetadata(
-            query_lens=tuple(len(i.token_ids) for i in inputs),
-            seq_lens=tuple(i.start + len(i.token_ids) for i in inputs),
-            block_tables=tuple(tuple(i.block_table) for i in inputs),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            block_size=p,
+            query_lens=flat.query_lens, seq_lens=flat.seq_lens, block_tables=flat.block_tables,
+            slot_mapping=torch.tensor(flat.slots, dtype=torch.long, device=self.device),
+            block_size=self.block_size,
         )
         self.attn.plan(meta)
-        logits_idx = None if all_logits else torch.tensor(sample_rows, dtype=torch.long,
+        logits_idx = None if all_logits else torch.tensor(flat.sample_rows, dtype=torch.long,
                                                              device=self.device)
         return self.model.forward(
-            torch.tensor(ids, dtype=torch.long, device=self.device),
-            torch.tensor(positions, dtype=torch.long, device=self.device),
+            torch.tensor(flat.ids, dtype=torch.long, device=self.device),
+            torch.tensor(flat.positions, dtype=torch.long, device=self.device),
             self.kv_cache, self.attn, logits_idx, layer_done,
         )
 

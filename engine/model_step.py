@@ -82,7 +82,8 @@ class EngineParts:
             runner = DrivingRunner.wrap(runner, loaded.group)
         spec = runner.kv_cache.spec
         caching = config.enable_prefix_caching if prefix_caching is None else prefix_caching
-        blocks = BlockManager(spec.num_blocks, spec.block_size, caching)
+        # usable_blocks: CUDA graphs keep one block as scratch for their padded rows.
+        blocks = BlockManager(runner.usable_blocks, spec.block_size, caching)
         scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                               config.enable_chunked_prefill), blocks)
         return cls(loaded, runner, scheduler, Sampler(loaded.eos_token_ids))

@@ -10,7 +10,9 @@ Lifecycle of one transfer (id = request id):
 3. Prefill side: ``t = sender.begin(dest, src_spec)`` checks that the two caches agree and
    that the receiving cache is still the incarnation the blocks were reserved on
    (``incarnation.py``; else ``StaleDestination``, and nothing is written); after each layer of the prefill forward, ``sender.send_layer(t, layer, kv)`` with that
-   layer's K/V of the request's blocks, so the transfer overlaps the next layers' compute;
+   layer's K/V of the request's blocks, so the transfer overlaps the next layers' compute
+   (or ``sender.send_layers(t, first, kv)`` with several consecutive layers stacked, when
+   they are all ready at once: a backend may then move them in one copy);
    ``sender.finish(t)`` returns once every layer is delivered and the receiver is still that
    incarnation (or raises ``TransferError``); ``t.digest()`` is then the request's KV
    checksum (``checksum.py``) if one was asked for; ``sender.abort(t)`` gives up.
@@ -171,32 +173,65 @@ class KVSender(ABC):
         will not modify afterwards (``index_select`` output is a fresh copy: fine).
         Any ``TransferError`` leaves the transfer FAILED (the receiver is told if it can be).
         """
+        self._check_layers(transfer, range(layer, layer + 1), tuple(kv.shape), kv.dtype)
+        try:
+            if transfer.checksum is not None:
+                transfer.checksum.add(layer, kv)
+            self._write_layer(transfer, layer, kv)
+        except Exception as exc:
+            err = _as_transfer_error(transfer.transfer_id, exc)
+            self._fail(transfer, str(exc), err.reason)
+            raise err from exc
+        self._mark_sent(transfer, range(layer, layer + 1))
+
+    def send_layers(self, transfer: Transfer, first_layer: int, kv: torch.Tensor) -> None:
+        """Ship layers ``first_layer .. first_layer + k - 1`` at once: ``kv`` [k, 2, n_blocks,
+        P, H, D] holds them stacked (``kv[i]`` is what ``send_layer`` would get for layer
+        ``first_layer + i``). Same contract as ``send_layer`` otherwise; a backend may move
+        all k layers in one copy (``_write_layers``)."""
+        if kv.dim() != 6 or kv.shape[0] < 1:
+            problem = f"stacked layer payload is {tuple(kv.shape)}, expected [k >= 1, 2, n, P, H, D]"
+            self._fail(transfer, problem)
+            raise TransferError(transfer.transfer_id, problem)
+        layers = range(first_layer, first_layer + kv.shape[0])
+        self._check_layers(transfer, layers, tuple(kv.shape[1:]), kv.dtype)
+        try:
+            if transfer.checksum is not None:
+                for i, layer in enumerate(layers):
+                    transfer.checksum.add(layer, kv[i])
+            self._write_layers(transfer, first_layer, kv)
+        except Exception as exc:
+            err = _as_transfer_error(transfer.transfer_id, exc)
+            self._fail(transfer, str(exc), err.reason)
+            raise err from exc
+        self._mark_sent(transfer, layers)
+
+    def _check_layers(self, transfer: Transfer, layers: range, shape: tuple[int, ...],
+                      dtype: torch.dtype) -> None:
+        """TransferError (and the transfer FAILED) unless ``layers`` may be sent now with
+        per-layer payloads of ``shape`` and ``dtype``."""
         tid, spec = transfer.transfer_id, transfer.dest.endpoint.spec
         if transfer.state.terminal:
             raise TransferError(tid, f"transfer is already {transfer.state.value}")
         want = (2, len(transfer.dest.block_ids), spec.block_size, transfer.num_heads,
                 spec.head_dim)
         problem = ""
-        if not 0 <= layer < spec.num_layers:
-            problem = f"layer {layer} out of range [0, {spec.num_layers})"
-        elif layer in transfer._sent:
-            problem = f"layer {layer} was already sent"
-        elif tuple(kv.shape) != want or kv.dtype != spec.torch_dtype:
-            problem = (f"layer payload is {tuple(kv.shape)} {kv.dtype}, "
-                       f"expected {want} {spec.torch_dtype}")
+        bad = [x for x in layers if not 0 <= x < spec.num_layers]
+        again = [x for x in layers if x in transfer._sent]
+        if bad:
+            problem = f"layer {bad[0]} out of range [0, {spec.num_layers})"
+        elif again:
+            problem = f"layer {again[0]} was already sent"
+        elif shape != want or dtype != spec.torch_dtype:
+            problem = f"layer payload is {shape} {dtype}, expected {want} {spec.torch_dtype}"
         if problem:
             self._fail(transfer, problem)
             raise TransferError(tid, problem)
-        try:
-            if transfer.checksum is not None:
-                transfer.checksum.add(layer, kv)
-            self._write_layer(transfer, layer, kv)
-        except Exception as exc:
-            err = _as_transfer_error(tid, exc)
-            self._fail(transfer, str(exc), err.reason)
-            raise err from exc
-        transfer._sent.add(layer)
-        transfer.layers_sent += 1
+
+    @staticmethod
+    def _mark_sent(transfer: Transfer, layers: range) -> None:
+        transfer._sent.update(layers)
+        transfer.layers_sent += len(layers)
         transfer.state = TransferState.TRANSFERRING
 
     def finish(self, transfer: Transfer, timeout: float = 30.0) -> None:
@@ -244,6 +279,11 @@ class KVSender(ABC):
     @abstractmethod
     def _write_layer(self, transfer: Transfer, layer: int, kv: torch.Tensor) -> None:
         """Write or queue one validated layer."""
+
+    def _write_layers(self, transfer: Transfer, first_layer: int, kv: torch.Tensor) -> None:
+        """Write or queue validated stacked layers (default: one ``_write_layer`` each)."""
+        for i in range(kv.shape[0]):
+            self._write_layer(transfer, first_layer + i, kv[i])
 
     @abstractmethod
     def _complete(self, transfer: Transfer, timeout: float) -> None:
@@ -343,7 +383,9 @@ def send_kv_blocks(sender: KVSender, dest: KVDestination, cache: KVCache,
     transfer = sender.begin(dest, cache.spec, checksum)
     idx = torch.as_tensor(list(src_block_ids), dtype=torch.long, device=cache.data.device)
     try:
-        for layer in range(cache.spec.num_layers) if layers is None else layers:
+        if layers is None:  # every layer, in order: one gather, one stacked send
+            sender.send_layers(transfer, 0, cache.data.index_select(2, idx))
+        for layer in () if layers is None else layers:
             sender.send_layer(transfer, layer, cache.data[layer].index_select(1, idx))
         if transfer.layers_sent == transfer.num_layers:
             sender.finish(transfer, timeout)

@@ -9,8 +9,8 @@ imported by a sender outlives a killed exporter and says nothing about who is li
 ``CudaIpcSender`` checks the stamp against the destination's incarnation before it opens
 the handle and again after the last copy (``StaleDestination`` on a mismatch), opens the
 handle once per incarnation (``UntypedStorage._new_shared_cuda``), views it as the cache
-tensor, and writes each layer with ``index_copy_`` on a side stream that first waits for
-the compute stream (so the copy of layer i overlaps the compute of layer i+1). ``finish``
+tensor, and writes layers with ``index_copy_`` on a side stream that first waits for the
+compute stream (so copies overlap the compute of the layers after them). ``finish``
 waits for an event recorded after the transfer's last copy; the decode worker then
 records delivery with ``mark_delivered``. The receiver's cache must outlive every sender
 that opened it (close senders first): the memory belongs to the decode process.
@@ -24,12 +24,23 @@ payload are viewed as rows of the widest element that tiles a (K|V, block) row (
 ``complex128`` words where ``index_copy_`` takes them, else 8-byte ``int64``): the same
 bytes, bit for bit, in 8x fewer elements than bf16 (measured on an H100, 8k tokens of
 Llama-3-8B KV: bf16 ``index_copy_`` 0.56 TB/s, the wide view 1.18 TB/s, a plain
-contiguous copy 1.28 TB/s). Per layer the host does one stream wait, one launch and a
-``record_stream``; the completion event is recorded once, after the last layer, and
-``finish`` spins on it briefly before polling with sleeps. A transfer between processes
-still takes about 2 ms for 32 layers on an H100 whatever its size (1k or 8k tokens),
-far above its copies' device time; docs/performance.md has the numbers and the likely
-cause (host time per layer), not yet measured apart.
+contiguous copy 1.28 TB/s).
+
+Few launches and no host synchronisation per transfer (on an H100 a transfer cost about
+2 ms whatever its size with one stream wait, one stream switch, one launch and one
+``record_stream`` per layer; see docs/performance.md):
+
+* ``send_layers`` (several layers ready at once, stacked [k, 2, n, P, H, D]: a prefill
+  worker shipping a parked prompt, ``send_kv_blocks``) is one stream wait and one
+  ``index_copy_`` over the whole cache viewed as [L * 2 * N] rows, with the row index of
+  every (layer, K|V, block) (``stacked_row_index``): one launch for all layers.
+* ``send_layer`` (the overlapped path, one layer after each layer's compute) only queues
+  the layer; every ``FLUSH_LAYERS`` layers, and at ``finish``, the queue is written after
+  one stream wait: the copies still overlap the compute of later layers, with a few waits
+  per transfer instead of one per layer.
+* The destination index goes to the device without a synchronising copy, the completion
+  event is recorded once in ``finish``, which spins on it briefly before polling with
+  sleeps.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import time
 
 import torch
 
+from pdserve.engine.host_copy import upload
 from pdserve.engine.kv_cache import KVCache, KVCacheSpec
 from pdserve.kv_transfer.base import (
     KVReceiver,
@@ -173,6 +185,17 @@ def copy_dtype(device: torch.device, row_bytes: int) -> torch.dtype:
     return torch.uint8
 
 
+def stacked_row_index(layers: range, num_blocks: int, blocks: torch.Tensor) -> torch.Tensor:
+    """Rows of a [L, 2, N, ...] cache viewed as [L * 2 * N, ...] that (layer, K|V, block)
+    of ``layers`` x (K, V) x ``blocks`` occupy, in that order (the order of a stacked
+    [k, 2, n, ...] payload's rows); on ``blocks``' device, int64."""
+    dev = blocks.device
+    layer = torch.arange(layers.start, layers.stop, dtype=torch.long, device=dev)
+    kv = torch.arange(2, dtype=torch.long, device=dev)
+    return ((layer[:, None, None] * 2 + kv[None, :, None]) * num_blocks
+            + blocks.to(torch.long)[None, None, :]).reshape(-1)
+
+
 class _WideWriter:
     """Scatters [2, n, P, H, D] layer payloads into blocks of one CUDA cache tensor
     [L, 2, N, P, H, D], both viewed as rows of wide words (``copy_dtype``)."""
@@ -188,10 +211,17 @@ class _WideWriter:
         if (data.storage_offset() * data.element_size()) % self.dtype.itemsize:
             self.dtype = torch.uint8  # misaligned view: byte rows still copy exactly
         self.rows = data.view(self.num_layers, 2, self.num_blocks, -1).view(self.dtype)
+        self.flat_rows = self.rows.view(self.num_layers * 2 * self.num_blocks, -1)
         self.fallback = BlockWriter(data)  # payloads that cannot be viewed (non-contiguous)
 
     def index(self, block_ids) -> torch.Tensor:
-        return torch.as_tensor(list(block_ids), dtype=torch.long, device=self.data.device)
+        # Not waiting for the device (a blocking copy would wait for the prefill forward
+        # queued on the stream).
+        return upload(torch.as_tensor(list(block_ids), dtype=torch.long), self.data.device)
+
+    def _wide(self, kv: torch.Tensor) -> bool:
+        return (kv.device == self.data.device and kv.is_contiguous()
+                and (kv.storage_offset() * kv.element_size()) % self.dtype.itemsize == 0)
 
     def payload_bytes(self, num_blocks: int, heads: tuple[int, int] | None = None) -> int:
         return self.fallback.payload_bytes(num_blocks, heads)
@@ -200,12 +230,39 @@ class _WideWriter:
               heads: tuple[int, int] | None = None) -> None:
         """``kv`` already validated (shape, dtype) by ``KVSender.send_layer``. A head window
         is strided in the cache: no wide rows, the fallback's strided copy."""
-        if (heads is not None or kv.device != self.data.device or not kv.is_contiguous()
-                or (kv.storage_offset() * kv.element_size()) % self.dtype.itemsize):
+        if heads is not None or not self._wide(kv):
             self.fallback.write(layer, index, kv, heads)
             return
         src = kv.view(2, kv.shape[1], -1).view(self.dtype)
         self.rows[layer].index_copy_(1, index, src)
+
+    def write_stacked(self, first_layer: int, index: torch.Tensor, kv: torch.Tensor,
+                      heads: tuple[int, int] | None = None) -> int:
+        """``kv`` [k, 2, n, P, H, D] -> layers ``first_layer ..`` in one ``index_copy_``
+        (a head window or a payload that cannot be viewed: one write per layer); the
+        number of copy launches."""
+        k = kv.shape[0]
+        if heads is not None or not self._wide(kv):
+            for i in range(k):
+                self.write(first_layer + i, index, kv[i], heads)
+            return k
+        rows = stacked_row_index(range(first_layer, first_layer + k), self.num_blocks, index)
+        self.flat_rows.index_copy_(0, rows, kv.view(k * 2 * kv.shape[2], -1).view(self.dtype))
+        return 1
+
+
+class _Context:
+    """Per-transfer state: the writer, the destination index on the device, the copy
+    stream, the layers ``send_layer`` queued and not yet written, and how many copy
+    launches and stream waits the transfer took (``launches``, ``waits``: what the
+    benchmark's profile reports)."""
+
+    __slots__ = ("writer", "index", "stream", "queued", "launches", "waits")
+
+    def __init__(self, writer: _WideWriter, index: torch.Tensor, stream):
+        self.writer, self.index, self.stream = writer, index, stream
+        self.queued: list[tuple[int, torch.Tensor]] = []
+        self.launches = self.waits = 0
 
 
 class CudaIpcSender(KVSender):
@@ -213,6 +270,9 @@ class CudaIpcSender(KVSender):
 
     # finish() spins on the completion event this long before it polls with sleeps.
     SPIN_S = 5e-3
+    # send_layer queues; the queue is written after this many layers (and at finish):
+    # fewer stream waits and switches, while copies still overlap later layers' compute.
+    FLUSH_LAYERS = 8
 
     def __init__(self, *, auth_token: str | None = None, poll_interval: float = 1e-4):
         del auth_token  # same-node IPC: access is whoever can see the GPU
@@ -239,9 +299,7 @@ class CudaIpcSender(KVSender):
         stream = self._streams.get(device.index)
         if stream is None:
             stream = self._streams[device.index] = torch.cuda.Stream(device)
-        # [writer, destination index, completion event (recorded after the last layer),
-        #  copy stream]
-        transfer.context = [writer, writer.index(transfer.dest.block_ids), None, stream]
+        transfer.context = _Context(writer, writer.index(transfer.dest.block_ids), stream)
 
     def _live_incarnation(self, transfer: Transfer) -> str | None:
         # The writer was opened for the destination's incarnation (keyed by it), so the
@@ -249,27 +307,52 @@ class CudaIpcSender(KVSender):
         return live_incarnation(transfer.dest.endpoint.address)
 
     def _write_layer(self, transfer: Transfer, layer: int, kv: torch.Tensor) -> None:
-        writer, index, _, stream = transfer.context
-        on_gpu = kv.device.type == "cuda"
+        ctx: _Context = transfer.context
+        ctx.queued.append((layer, kv))
+        transfer.bytes_sent += ctx.writer.payload_bytes(len(ctx.index), transfer.head_window)
+        if len(ctx.queued) >= self.FLUSH_LAYERS:
+            self._flush(transfer)
+
+    def _write_layers(self, transfer: Transfer, first_layer: int, kv: torch.Tensor) -> None:
+        ctx: _Context = transfer.context
+        self._flush(transfer)
+        self._on_copy_stream(ctx, [kv], lambda: ctx.writer.write_stacked(
+            first_layer, ctx.index, kv, transfer.head_window))
+        transfer.bytes_sent += kv.shape[0] * ctx.writer.payload_bytes(len(ctx.index),
+                                                                      transfer.head_window)
+
+    def _flush(self, transfer: Transfer) -> None:
+        """Write the queued layers: one stream wait, one copy per layer."""
+        ctx: _Context = transfer.context
+        queued, ctx.queued = ctx.queued, []
+        if not queued:
+            return
+
+        def write() -> int:
+            for layer, kv in queued:
+                ctx.writer.write(layer, ctx.index, kv, transfer.head_window)
+            return len(queued)
+
+        self._on_copy_stream(ctx, [kv for _, kv in queued], write)
+
+    @staticmethod
+    def _on_copy_stream(ctx: _Context, payloads: list[torch.Tensor], write) -> None:
+        """Run ``write`` (returns its launch count) on the copy stream, after everything
+        queued so far on the payloads' compute stream (their K/V is computed there)."""
+        on_gpu = [kv for kv in payloads if kv.device.type == "cuda"]
         if on_gpu:
-            # The copy of layer i overlaps the compute of layer i+1, after layer i's K/V.
-            stream.wait_stream(torch.cuda.current_stream(kv.device))
-        with torch.cuda.stream(stream):
-            writer.write(layer, index, kv, transfer.head_window)
-            if on_gpu:
-                kv.record_stream(stream)  # the caller may free kv before the copy runs
-            if transfer.layers_sent + 1 == transfer.num_layers:  # the last layer
-                event = torch.cuda.Event()
-                event.record(stream)
-                transfer.context[2] = event
-        transfer.bytes_sent += writer.payload_bytes(len(index), transfer.head_window)
+            ctx.stream.wait_stream(torch.cuda.current_stream(on_gpu[0].device))
+            ctx.waits += 1
+        with torch.cuda.stream(ctx.stream):
+            ctx.launches += write()
+            for kv in on_gpu:
+                kv.record_stream(ctx.stream)  # the caller may free kv before the copy runs
 
     def _complete(self, transfer: Transfer, timeout: float) -> None:
-        event = transfer.context[2]
-        if event is None:  # defensive: finish() only comes after every layer
-            event = torch.cuda.Event()
-            event.record(transfer.context[3])
-            transfer.context[2] = event
+        ctx: _Context = transfer.context
+        self._flush(transfer)
+        event = torch.cuda.Event()
+        event.record(ctx.stream)
         start = time.monotonic()
         deadline = start + timeout
         spin_until = start + min(self.SPIN_S, timeout)

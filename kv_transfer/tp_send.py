@@ -93,6 +93,14 @@ class RankSends:
             self.sender.send_layer(transfer, layer,
                                    kv[:, :, :, h0:h0 + len(t.heads)].contiguous())
 
+    def send_layers(self, first_layer: int, kv: torch.Tensor) -> None:
+        """``kv`` [k, 2, n, P, H_rank, D]: layers ``first_layer ..`` stacked (all computed
+        already); each transfer ships its heads of all of them at once."""
+        for t, transfer in self.parts:
+            h0 = t.sender_offset
+            self.sender.send_layers(transfer, first_layer,
+                                    kv[..., h0:h0 + len(t.heads), :].contiguous())
+
     def finish(self, timeout: float = 30.0) -> None:
         for _, transfer in self.parts:
             self.sender.finish(transfer, timeout)

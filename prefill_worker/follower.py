@@ -54,8 +54,7 @@ class PrefillRankHooks(RankHooks):
     def answer(self, kind: StepKind, extra: bytes, reply: int) -> Sequence[int]:
         if kind == StepKind.CONTROL:  # parked requests: their KV is all there already
             self._open(extra)
-            for layer in range(self.runner.kv_cache.spec.num_layers):
-                self._send_layer(layer)
+            self._send_all_layers()
         out = []
         for sends in self._sends:
             ok = sends is not None
@@ -87,11 +86,19 @@ class PrefillRankHooks(RankHooks):
 
     def _send_layer(self, layer: int) -> None:
         data = self.runner.kv_cache.data[layer]
+        self._each(lambda sends, table: sends.send_layer(layer, data.index_select(1, table)))
+
+    def _send_all_layers(self) -> None:
+        """One gather of each request's blocks over all layers, one stacked send."""
+        data = self.runner.kv_cache.data
+        self._each(lambda sends, table: sends.send_layers(0, data.index_select(2, table)))
+
+    def _each(self, send) -> None:
         for i, sends in enumerate(self._sends):
             if sends is None:
                 continue
             try:
-                sends.send_layer(layer, data.index_select(1, self._tables[i]))
+                send(sends, self._tables[i])
             except Exception as exc:
                 log.warning("rank %d: KV transfer failed: %s", self.rank, exc)
                 sends.abort()

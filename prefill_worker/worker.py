@@ -303,8 +303,7 @@ class PrefillWorker(EngineWorker):
         for p in ordered:
             table = torch.tensor(self.blocks.block_table(p.msg.request_id), dtype=torch.long,
                                  device=self.runner.device)
-            for layer in range(self.runner.kv_cache.spec.num_layers):
-                self._send_layer(p, layer, table)
+            self._send_all_layers(p, table)
         self._finish_all(shipped, ordered)
         for p in shipped:
             self._settle(p)
@@ -367,8 +366,19 @@ class PrefillWorker(EngineWorker):
             return
         # index_select copies, so the sender may ship it asynchronously.
         kv = self.runner.kv_cache.data[layer].index_select(1, table)
+        self._sending(p, lambda: p.transfer.send_layer(layer, kv))
+
+    def _send_all_layers(self, p: _Pending, table: torch.Tensor) -> None:
+        """Every layer at once (its KV is all computed): one gather of the request's
+        blocks over all layers, one stacked send (one copy where the backend can)."""
+        if p.error is not None:
+            return
+        kv = self.runner.kv_cache.data.index_select(2, table)
+        self._sending(p, lambda: p.transfer.send_layers(0, kv))
+
+    def _sending(self, p: _Pending, send) -> None:
         try:
-            p.transfer.send_layer(layer, kv)
+            send()
         except TransferError as exc:
             p.error, p.error_reason = f"KV transfer failed: {exc}", exc.reason
             p.transfer.abort()

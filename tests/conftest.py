@@ -16,6 +16,15 @@ ARCHS = ("llama", "qwen2", "mistral")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+
+def pytest_addoption(parser) -> None:
+    # Here, not in tests/gpu/conftest.py: options must come from a conftest pytest loads
+    # at start-up whatever paths it is given.
+    parser.addoption("--flashinfer-prefill-backend", default="auto",
+                     choices=("auto", "fa2", "fa3"),
+                     help="EngineConfig.flashinfer_prefill_backend for the GPU tests "
+                          "(benchmarks/gpu/run.sh passes fa2)")
+
 def tiny_hf_config(arch: str):
     """Small configs that still exercise each family's quirks: llama3 RoPE scaling (llama),
     QKV bias (qwen2), sliding window + explicit head_dim (mistral), GQA everywhere."""

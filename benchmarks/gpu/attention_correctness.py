@@ -155,13 +155,14 @@ def main(argv: list[str] | None = None) -> int:
         layouts, dtypes, cases = [(4, 2, 64)], [torch.bfloat16], cpu_cases()
         backend = "torch (dry run: checks the script, not FlashInfer)"
     else:
-        from pdserve.engine.attention.flashinfer_backend import FlashInferAttention as candidate_cls
+        from functools import partial
 
+        from pdserve.engine.attention.flashinfer_backend import FlashInferAttention
+
+        candidate_cls = partial(FlashInferAttention, prefill_backend=args.prefill_backend)
         layouts, dtypes = [(32, 8, 128), (32, 8, 64)], [torch.bfloat16, torch.float16]
         cases = gpu_cases(random.Random(args.seed))
-        from pdserve.engine.attention.flashinfer_backend import prefill_backend
-
-        backend = f"flashinfer (prefill kernels: {prefill_backend()})"
+        backend = f"flashinfer (prefill kernels: {args.prefill_backend})"
     rows = []
     for ci, case in enumerate(cases):
         for layout in layouts:

@@ -15,6 +15,11 @@ Ceilings, same run: a 2 GiB ``copy_`` (``copy_bytes_per_s``, bytes copied per se
 a transfer reads and writes each byte once, as a copy does), and the same per-layer
 ``index_copy_`` scatter done inside one process (what the sender's kernels cost with no
 IPC and no cross-process synchronisation). Goal: transfer >= 60% of the copy bandwidth.
+
+``--profile`` adds where the sender's time goes (``ipc_profile.py``): per transfer size,
+``begin`` / sends / ``finish`` on the sender's clock for ``send_layer`` per layer and for
+one stacked ``send_layers``, the copy launches and stream waits, and (CUDA) a
+``torch.profiler`` table of host ops and device kernels of one transfer each way.
 """
 
 from __future__ import annotations
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     common_args(ap)
     ap.add_argument("--tokens", default="1024,8192")
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--profile", action="store_true",
+                    help="also time the sender's phases (per layer vs stacked; ipc_profile.py)")
     args = ap.parse_args(argv)
     device = pick_device(args.dry_run)
     spec = kv_spec(args.dry_run)
@@ -115,8 +122,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{sc['bytes_per_s'] / 1e9:.0f} GB/s; " + ", ".join(
                 f"{k} {v['bytes_per_s'] / 1e9:.0f} GB/s" for k, v in sc.items()
                 if isinstance(v, dict)))
+    profile = None
+    if args.profile:
+        from ipc_profile import profile_sender
+
+        profile = profile_sender(spec, backend, tokens, reps, device, log=lambda m: log(TAG, m))
+        for row in rows:
+            for mode, p in profile[str(row["tokens"])].items():
+                row[f"{mode}_sender_bytes_per_s"] = row["bytes"] / p["total_s"]
     write_result(args.out, TAG, device, {
-        "dry_run": args.dry_run, "backend": backend,
+        "dry_run": args.dry_run, "backend": backend, "sender_profile": profile,
         "kv_spec": {"layers": spec.num_layers, "block_size": spec.block_size,
                     "kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
                     "dtype": str(spec.dtype).removeprefix("torch."),

@@ -254,3 +254,7 @@ def common_args(parser, default_out: str = "gpu-results") -> None:
     parser.add_argument("--workdir", type=Path,
                         default=Path(os.environ.get("PDSERVE_GPU_WORK", "/tmp/pdserve-gpu")),
                         help="where checkpoints are created and cached")
+    parser.add_argument("--prefill-backend", default="auto", choices=("auto", "fa2", "fa3"),
+                        help="FlashInfer's prefill kernel family, passed to the engine as "
+                             "EngineConfig.flashinfer_prefill_backend (run.sh passes fa2: "
+                             "its carried ahead-of-time modules are FA2)")

@@ -31,12 +31,12 @@ VARIANTS = [(getattr(torch, dt), h, kvh, d, w) for dt, h, kvh, d, w in AOT_VARIA
 
 
 def warm(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, window: int | None,
-         device: torch.device) -> float:
+         device: torch.device, prefill_backend: str) -> float:
     from pdserve.engine.attention.flashinfer_backend import FlashInferAttention
 
     t0 = time.perf_counter()
     cfg = model_config(heads, kv_heads, head_dim, 1, window)
-    attn = FlashInferAttention(cfg, device, dtype)
+    attn = FlashInferAttention(cfg, device, dtype, prefill_backend=prefill_backend)
     for case in (Case("mixed", (20, 1), (20, 40)), Case("decode", (1, 1), (30, 5))):
         meta, nb = metadata(case, 16, 0, device)
         t = sum(case.q_lens)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(args.threads) as pool:
-        futures = {v: pool.submit(warm, *v, device) for v in VARIANTS}
+        futures = {v: pool.submit(warm, *v, device, args.prefill_backend) for v in VARIANTS}
     rows, ok = [], True
     for (dt, h, kvh, d, w), fut in futures.items():
         row = {"dtype": str(dt).removeprefix("torch."), "heads": h, "kv_heads": kvh,
@@ -76,10 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         log(TAG, str(row))
     total = time.perf_counter() - t0
     log(TAG, f"all variants in {total:.0f}s")
-    from pdserve.engine.attention.flashinfer_backend import prefill_backend
-
     write_result(args.out, TAG, device, {"variants": rows, "total_s": total, "passed": ok,
-                                         "prefill_backend": prefill_backend()})
+                                         "prefill_backend": args.prefill_backend})
     return 0 if ok else 1
 
 

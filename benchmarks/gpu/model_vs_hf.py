@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         num_kv_blocks=2 * sum(-(-(n + args.new_tokens + args.decode_steps + 2) // 16)
                               for n in lens) + 64,
         max_num_seqs=len(lens), max_num_batched_tokens=8192, max_model_len=4096,
-        enable_prefix_caching=False,
+        enable_prefix_caching=False, flashinfer_prefill_backend=args.prefill_backend,
         attention_backend="torch" if args.dry_run else "flashinfer"))
     vocab = engine.loaded.model_config.vocab_size
     prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]

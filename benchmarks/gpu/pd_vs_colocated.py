@@ -114,9 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         model=str(ckpt), device=device.type, dtype="bfloat16", block_size=16,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
         max_model_len=min(mc.max_position_embeddings, max_prompt + max_output + 64),
-        attention_backend="torch" if args.dry_run else "flashinfer")
+        attention_backend="torch" if args.dry_run else "flashinfer",
+        flashinfer_prefill_backend=args.prefill_backend)
     decode_cfg = dataclasses.replace(base, kv_cache_memory_bytes=int(args.kv_gib_decode * GiB))
-    prefill_cfg = dataclasses.replace(base, kv_cache_memory_bytes=int(args.kv_gib_prefill * GiB))
+    # A prefill worker's steps are prompts, run eagerly (each layer ships its KV): its
+    # decode graphs would never replay, so it captures none.
+    prefill_cfg = dataclasses.replace(base, kv_cache_memory_bytes=int(args.kv_gib_prefill * GiB),
+                                      enforce_eager=True)
     kv = KVTransferConfig(backend="shm" if args.dry_run else "cuda_ipc", timeout_s=120.0)
     trace, source = build_trace(args, max_prompt, max_output)
     g = torch.Generator().manual_seed(7)

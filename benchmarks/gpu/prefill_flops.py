@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     from pdserve.cluster.planning.profiler.timing import StepTimer
 
     blocks = max(sum(-(-n // 16) for n in lens) for lens in cases.values()) + 64
-    loaded, runner = load_runner(ckpt, device, blocks, "torch" if args.dry_run else "flashinfer")
+    # Prefill steps never replay a graph: no capture (saves device time).
+    loaded, runner = load_runner(ckpt, device, blocks, "torch" if args.dry_run else "flashinfer",
+                                 args.prefill_backend, cuda_graphs=False)
     mc = loaded.model_config
     peak = matmul_flops(device)
     log(TAG, f"bf16 matmul ceiling {peak['flop_per_s'] / 1e12:.1f} TFLOP/s")
@@ -94,22 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure("")
     comparison = []
     if args.compare_backends and not args.dry_run:
-        import os
-
         from pdserve.engine.attention import flashinfer_backend as fb
 
-        main_attn, saved = runner.attn, os.environ.get(fb.PREFILL_BACKEND_ENV)
+        main_attn = runner.attn
         try:
             for b in args.compare_backends.split(","):
-                os.environ[fb.PREFILL_BACKEND_ENV] = b
-                runner.attn = fb.FlashInferAttention(mc, loaded.device, loaded.dtype)
+                runner.attn = fb.FlashInferAttention(mc, loaded.device, loaded.dtype,
+                                                     prefill_backend=b)
                 comparison += measure(f"[prefill kernels {b}] ")
         finally:
             runner.attn = main_attn
-            if saved is None:
-                os.environ.pop(fb.PREFILL_BACKEND_ENV, None)
-            else:
-                os.environ[fb.PREFILL_BACKEND_ENV] = saved
     write_result(args.out, TAG, device, {
         "dry_run": args.dry_run, "shape": shape, "checkpoint": str(ckpt),
         "attention_backend": runner.attn.name,

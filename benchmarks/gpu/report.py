@@ -93,6 +93,21 @@ def _backend(rec: dict | None, key: str = "backend") -> str:
     return "cuda_ipc" if not rec else str(rec.get(key, "?"))
 
 
+def _eager_pct(r: dict) -> str:
+    """`` (eager X%)`` where a row has an eager comparison, else nothing."""
+    e = r.get("eager")
+    return f" (eager {_pct(e['fraction_of_floor'])})" if isinstance(e, dict) else ""
+
+
+def _capture(rec: dict | None) -> str:
+    c = (rec or {}).get("graph_capture") or _get(rec, "engine", "graph_capture")
+    if not c:
+        return "no CUDA graphs captured"
+    return (f"{len(c['sizes'])} decode CUDA graphs (batch {c['sizes'][0]}..{c['sizes'][-1]}) "
+            f"captured in {c['seconds']:.2f} s, {c['free_bytes_used'] / 2**20:.0f} MiB of device "
+            f"memory ({c['torch_reserved_bytes'] / 2**20:.0f} MiB in torch's pool)")
+
+
 def acceptance(b: dict[str, dict]) -> list[dict[str, Any]]:
     rows = []
 
@@ -126,7 +141,8 @@ def acceptance(b: dict[str, dict]) -> list[dict[str, Any]]:
     ctx = d["rows"][0]["context"] if d and d.get("rows") else "?"
     row(f"Decode step vs bandwidth floor ({_shape(d)}, context {ctx})",
         "-" if not d else ", ".join(f"B{r['batch']}: {_pct(r['fraction_of_floor'])}"
-                                    for r in d["rows"]),
+                                    f"{_eager_pct(r)}" for r in d["rows"])
+        + (f" (CUDA graphs: {d.get('cuda_graphs')})" if d else ""),
         ">= 70% at batch 64", None if not d else d["acceptance"]["passed"])
     f = b.get("prefill_flops")
     row(f"Prefill FLOP/s vs bf16 matmul ({_shape(f)})",
@@ -135,8 +151,10 @@ def acceptance(b: dict[str, dict]) -> list[dict[str, Any]]:
         ">= 50%", None if not f else f["acceptance"]["passed"])
     h = b.get("vs_hf_generate")
     row(f"Tokens/s vs transformers generate ({_shape(h)})",
-        "-" if not h else ", ".join(f"B{r['batch']}: {r['ratio_engine_over_hf']:.2f}x"
-                                    for r in h["rows"]),
+        "-" if not h else ", ".join(
+            f"B{r['batch']}: {r['ratio_engine_over_hf']:.2f}x"
+            + (f" (eager {r['ratio_eager_over_hf']:.2f}x)" if "ratio_eager_over_hf" in r else "")
+            for r in h["rows"]),
         ">= 3x at batch 32", None if not h else h["acceptance"]["passed"])
     c = b.get("cuda_ipc_bandwidth")
     row(f"KV transfer between processes vs device copy ({_backend(c)})",
@@ -165,14 +183,22 @@ def markdown(benches: dict[str, dict], accept: list[dict]) -> str:
         bw = d["copy_bandwidth"]["rw_bytes_per_s"]
         out += ["", f"## Decode step ({d['shape']}, context {d['rows'][0]['context']}, "
                     f"{d['attention_backend']}, CUDA graphs: {d['cuda_graphs']})", "",
-                f"Copy bandwidth (read+write) measured in the same run: {bw / 1e12:.2f} TB/s.", "",
-                "| batch | step ms (median) | host launch ms | floor ms | floor/step | "
-                "achieved TB/s | tokens/s |", "|---:|---:|---:|---:|---:|---:|---:|"]
+                f"Copy bandwidth (read+write) measured in the same run: {bw / 1e12:.2f} TB/s. "
+                f"{_capture(d)}.", "",
+                "| batch | graph (padded) | step ms (median) | host launch ms | floor ms | "
+                "floor/step | achieved TB/s | tokens/s | eager step ms | eager launch ms | "
+                "eager floor/step | graph speed-up | logits max abs diff vs eager |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in d["rows"]:
-            out.append(f"| {r['batch']} | {r['step_s']['median'] * 1e3:.2f} | "
+            e = r.get("eager") or {}
+            out.append(f"| {r['batch']} | {r.get('padded_batch') or '-'} | "
+                       f"{r['step_s']['median'] * 1e3:.2f} | "
                        f"{r['host_launch_ms']:.2f} | {r['floor_s'] * 1e3:.2f} | "
                        f"{r['fraction_of_floor']:.1%} | {r['achieved_bytes_per_s'] / 1e12:.2f} | "
-                       f"{r['tokens_per_s']:.0f} |")
+                       f"{r['tokens_per_s']:.0f} | "
+                       + (f"{e['median_s'] * 1e3:.2f} | {e['host_launch_ms']:.2f} | "
+                          f"{e['fraction_of_floor']:.1%} | {r['speedup_vs_eager']:.2f}x | "
+                          f"{e['logits_max_abs_diff']:.2e} |" if e else "- | - | - | - | - |"))
     f = benches.get("prefill_flops")
     if f:
         peak = f["matmul_ceiling"]["flop_per_s"]
@@ -193,13 +219,19 @@ def markdown(benches: dict[str, dict], accept: list[dict]) -> str:
     h = benches.get("vs_hf_generate")
     if h:
         out += ["", f"## Engine vs transformers generate ({h['shape']}, bf16, greedy)", "",
-                "| case | prompt | new | engine tok/s | HF tok/s | ratio | greedy token match |",
-                "|---|---:|---:|---:|---:|---:|---:|"]
+                f"Engine: CUDA graphs {_get(h, 'engine', 'cuda_graphs')}; {_capture(h)}.", "",
+                "| case | prompt | new | engine tok/s | HF tok/s | ratio | greedy token match | "
+                "eager engine tok/s | eager ratio | graph vs eager tokens |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in h["rows"]:
+            ge = r.get("greedy_match_graph_vs_eager")
             out.append(f"| {r['case']} | {r['prompt_len']} | {r['new_tokens']} | "
                        f"{r['engine_tok_s']:.0f} | {r['hf_tok_s']:.0f} | "
                        f"{r['ratio_engine_over_hf']:.2f}x | "
-                       f"{r['greedy_match']['token_match_fraction']:.0%} |")
+                       f"{r['greedy_match']['token_match_fraction']:.0%} | "
+                       + (f"{r['engine_eager_tok_s']:.0f} | {r['ratio_eager_over_hf']:.2f}x | "
+                          f"{ge['token_match_fraction']:.0%} |" if "engine_eager_tok_s" in r
+                          else "- | - | - |"))
     c = benches.get("cuda_ipc_bandwidth")
     if c:
         cb = c["copy_bandwidth"]["copy_bytes_per_s"]
@@ -223,6 +255,25 @@ def markdown(benches: dict[str, dict], accept: list[dict]) -> str:
                     f"{ip[n]['bytes_per_s'] / 1e9:.0f}" + (f" ({ip[n]['dtype']})"
                                                             if ip[n].get("dtype") else "")
                     for n in names) + " |")
+    prof = (c or {}).get("sender_profile")
+    if prof:
+        out += ["", "Where the sender's time goes (its host clock, medians; "
+                    "`cuda_ipc_bandwidth.py --profile`):", "",
+                "| tokens | sends | begin ms | sends ms | finish (wait) ms | total ms | "
+                "copy launches | stream waits |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for n, modes in prof.items():
+            for mode, s in modes.items():
+                out.append(f"| {n} | {mode} | {s['begin_s'] * 1e3:.3f} | "
+                           f"{s['send_s'] * 1e3:.3f} | {s['finish_s'] * 1e3:.3f} | "
+                           f"{s['total_s'] * 1e3:.3f} | {s['copy_launches']} | "
+                           f"{s['stream_waits']} |")
+        for n, modes in prof.items():
+            for mode, s in modes.items():
+                tr = s.get("traced")
+                if tr:
+                    out += ["", f"<details><summary>torch.profiler, {n} tokens, {mode}</summary>",
+                            "", "```", tr["host_ops"], tr["device_kernels"], "```", "",
+                            "</details>"]
     p = benches.get("pd_vs_colocated")
     if p:
         tr = p["trace"]

@@ -4,34 +4,41 @@
 #
 #   bash benchmarks/gpu/run.sh [STAGE ...]          (default: all)
 #
-# Stages, in the order they run whatever order they are given in:
+# Stages run in this order (most wanted first, so that what a short budget skips is the
+# least wanted), whatever order they are given in:
 #   setup        always runs first: install wheels/ (--no-deps, into $WORK/site), build the
 #                pdserve import shim, print the device, check `import flashinfer`; then, if
 #                any stage below needs the GPU, jit_warmup.py compiles every FlashInfer
 #                variant in parallel (minutes on a fresh machine, seconds once cached)
-#   tests        python -m pytest -m gpu tests/gpu (compiles FlashInfer's kernels: minutes)
+#   tests        python -m pytest -m gpu tests/gpu (CUDA graphs vs eager, disaggregated
+#                greedy over CUDA IPC, FlashInfer vs torch, model vs transformers, ...)
+#   micro        cuda_ipc_bandwidth.py --profile (8B KV, two processes; sender phases timed)
+#   model        make_checkpoint.py (8B), decode_floor.py (CUDA graphs and eager), and
+#                prefill_flops.py
+#   hf           vs_hf_generate.py (8B; engine with graphs, engine eager, transformers)
 #   correctness  attention_correctness.py, model_vs_hf.py (Llama-3.2-1B shape)
-#   micro        cuda_ipc_bandwidth.py (8B KV, two processes)
-#   model        make_checkpoint.py (8B), decode_floor.py, prefill_flops.py
 #   prefill      make_checkpoint.py (8B), prefill_flops.py (only)
-#   hf           vs_hf_generate.py (8B)
 #   serve        pd_vs_colocated.py (8B, Azure trace, separate processes vs colocated)
-#   all          every stage above
+#   all          every stage above: the one call of a device session
 # Every call ends by merging everything in $WORK/results into $OUT/gpu_results.{json,md}
 # (report.py), so on a machine kept warm between calls the last call returns all results.
 #
-# The device tool stops a command after 600 s, so the script keeps a budget (BUDGET_S,
-# default 570 s from its start): a benchmark that would not fit is skipped and named in
-# the summary; call again with the remaining stages. Suggested split (cold machine):
-#   run(carry=["wheels"], command="bash benchmarks/gpu/run.sh tests correctness micro")
-#   run(command="bash benchmarks/gpu/run.sh model hf")
-#   run(command="bash benchmarks/gpu/run.sh serve")
+# A device session has 15 minutes for all its calls (start-up included) and one call may
+# run 600 s, so `all` is sized for one call of about 8 minutes: the script keeps a budget
+# (BUDGET_S, default 470 s from its start) and sizes the long benchmarks down when it runs
+# them all (SIZE=quick, the default for `all`: fewer repetitions, a shorter trace); a
+# benchmark that would not fit what is left is skipped and named in the summary, for the
+# reserve call (e.g. `run.sh serve`). SIZE=full gives every benchmark its full size.
+#   run(carry=["wheels"], command="bash benchmarks/gpu/run.sh all", timeout_s=540)
 #
 # Environment: GPU_TESTS (test files/ids under tests/gpu to run instead of all of them),
 # OUT (default ./gpu-results), PDSERVE_GPU_WORK (default /tmp/pdserve-gpu:
 # site packages, shim, checkpoints, FlashInfer JIT cache, per-benchmark JSON), PYTHON
-# (default python3), BUDGET_S, DRY_RUN=1 (CPU smoke test of this script: no wheels, every
-# benchmark with --dry-run).
+# (default python3), BUDGET_S, TESTS_MAX_S (default 200), SIZE (quick | full),
+# PDSERVE_GPU_PREFILL_BACKEND (FlashInfer prefill kernels for every test and benchmark,
+# default fa2; passed to each as a flag and from there into
+# EngineConfig.flashinfer_prefill_backend), DRY_RUN=1 (CPU smoke test of this script: no
+# wheels, every benchmark with --dry-run).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -44,7 +51,7 @@ RESULTS="$WORK/results"
 PY="${PYTHON:-python3}"
 # Absolute, since some steps run from $WORK (a venv's python must keep its own path).
 [[ "$PY" == */* && "$PY" != /* ]] && PY="$REPO/$PY"
-BUDGET_S="${BUDGET_S:-570}"
+BUDGET_S="${BUDGET_S:-470}"
 DRY_RUN="${DRY_RUN:-0}"
 START=$(date +%s)
 mkdir -p "$OUT" "$WORK" "$RESULTS"
@@ -56,8 +63,11 @@ export FLASHINFER_WORKSPACE_BASE="${FLASHINFER_WORKSPACE_BASE:-$WORK/flashinfer-
 # FlashInfer's prefill kernels: "fa2" unless told otherwise. On Hopper FlashInfer's "auto"
 # picks FA3, whose modules take nvcc minutes of CPU per kernel file (8 variants x 10 files:
 # more than one 10-minute call); FA2 modules build in about a minute each, here or ahead of
-# time (flashinfer_aot.py). Set PDSERVE_FLASHINFER_PREFILL_BACKEND=auto or fa3 to compare.
-export PDSERVE_FLASHINFER_PREFILL_BACKEND="${PDSERVE_FLASHINFER_PREFILL_BACKEND:-fa2}"
+# time (flashinfer_aot.py). PDSERVE_GPU_PREFILL_BACKEND=auto or fa3 to compare. The engine
+# reads no environment for this: every script gets it as --prefill-backend, pytest as
+# --flashinfer-prefill-backend, and passes it into EngineConfig.
+PREFILL_BACKEND="${PDSERVE_GPU_PREFILL_BACKEND:-fa2}"
+PB=(--prefill-backend "$PREFILL_BACKEND")
 DRY=()
 [ "$DRY_RUN" = 1 ] && DRY=(--dry-run)
 
@@ -189,15 +199,25 @@ EOF
 
 want() { [[ " $STAGES " == *" $1 "* || " $STAGES " == *" all "* ]]; }
 STAGES="${*:-all}"
+# quick: the sizes that let `all` fit one call (see the header); full: each script's own.
+SIZE="${SIZE:-$([[ " $STAGES " == *" all "* ]] && echo quick || echo full)}"
+QUICK_HF=() QUICK_DECODE=() QUICK_PREFILL=() QUICK_SERVE=()
+if [ "$SIZE" = quick ]; then
+  QUICK_HF=(--reps 2)
+  QUICK_DECODE=(--warmup 3 --reps 20)
+  QUICK_PREFILL=(--warmup 2 --reps 5)
+  QUICK_SERVE=(--num-requests 80 --check-prompts 2)
+fi
 
 main() {
-echo "pdserve GPU run: stages [$STAGES], budget ${BUDGET_S}s, dry run $DRY_RUN, $(date -u +%FT%TZ)"
+echo "pdserve GPU run: stages [$STAGES], size $SIZE, budget ${BUDGET_S}s, prefill kernels" \
+     "$PREFILL_BACKEND, dry run $DRY_RUN, $(date -u +%FT%TZ)"
 
 G=benchmarks/gpu
 if setup; then
   if [ "$DRY_RUN" != 1 ] && { want tests || want correctness || want model || want prefill || want hf || want serve; }; then
     # Compile every FlashInfer variant at once (parallel ninja runs); cached afterwards.
-    bench jit_warmup 60 "$PY" $G/jit_warmup.py --out "$RESULTS"
+    bench jit_warmup 60 "$PY" $G/jit_warmup.py --out "$RESULTS" "${PB[@]}"
   fi
   if want tests; then
     # Run from $WORK for the same reason as the import check in setup.
@@ -205,37 +225,46 @@ if setup; then
     TEST_ARGS=()
     for t in ${GPU_TESTS:-}; do TEST_ARGS+=("$REPO/tests/gpu/$t"); done
     [ "${#TEST_ARGS[@]}" -gt 0 ] || TEST_ARGS=("$REPO/tests/gpu")
-    bench tests 240 bash -c 'cd "$0" && exec "$@"' "$WORK" "$PY" -m pytest -q -m gpu \
+    # At most TESTS_MAX_S (default 200 s): a hung test must not eat the benchmarks' budget.
+    bench tests 150 timeout --kill-after=10 "${TESTS_MAX_S:-200}" \
+      bash -c 'cd "$0" && exec "$@"' "$WORK" "$PY" -m pytest -q -m gpu \
       "${TEST_ARGS[@]}" --rootdir "$REPO" -c "$REPO/pyproject.toml" -p no:cacheprovider \
-      --junitxml="$RESULTS/pytest.xml"
-  fi
-  if want correctness; then
-    bench attention_correctness 90 "$PY" $G/attention_correctness.py --out "$RESULTS" "${DRY[@]}"
-    bench model_vs_hf 150 "$PY" $G/model_vs_hf.py --out "$RESULTS" "${DRY[@]}"
+      --flashinfer-prefill-backend "$PREFILL_BACKEND" --junitxml="$RESULTS/pytest.xml"
   fi
   if want micro; then
-    bench cuda_ipc_bandwidth 90 "$PY" $G/cuda_ipc_bandwidth.py --out "$RESULTS" "${DRY[@]}"
+    bench cuda_ipc_bandwidth 60 "$PY" $G/cuda_ipc_bandwidth.py --out "$RESULTS" --profile \
+      "${DRY[@]}"
   fi
-  if want model || want prefill; then
-    bench make_checkpoint_8b 150 "$PY" $G/make_checkpoint.py --shape llama3-8b "${DRY[@]}"
+  if want model || want prefill || want hf; then
+    bench make_checkpoint_8b 60 "$PY" $G/make_checkpoint.py --shape llama3-8b "${DRY[@]}"
   fi
   if want model; then
-    bench decode_floor 120 "$PY" $G/decode_floor.py --out "$RESULTS" "${DRY[@]}"
+    bench decode_floor 90 "$PY" $G/decode_floor.py --out "$RESULTS" "${PB[@]}" \
+      "${QUICK_DECODE[@]}" "${DRY[@]}"
+  fi
+  if want hf; then
+    bench vs_hf_generate 100 "$PY" $G/vs_hf_generate.py --out "$RESULTS" "${PB[@]}" \
+      "${QUICK_HF[@]}" "${DRY[@]}"
+  fi
+  if want correctness; then
+    bench attention_correctness 40 "$PY" $G/attention_correctness.py --out "$RESULTS" \
+      "${PB[@]}" "${DRY[@]}"
+    bench model_vs_hf 60 "$PY" $G/model_vs_hf.py --out "$RESULTS" "${PB[@]}" "${DRY[@]}"
   fi
   if want model || want prefill; then
-    # FA3 beside FA2 where its 8B module was carried (compiling it here takes minutes).
+    # FA3 beside FA2 where its 8B module was carried (compiling it here takes minutes);
+    # not in a quick run (measured before: within 5% of FA2).
     CMP=()
-    if [ "$DRY_RUN" != 1 ] && [ "$PDSERVE_FLASHINFER_PREFILL_BACKEND" = fa2 ] && ls \
+    if [ "$DRY_RUN" != 1 ] && [ "$SIZE" = full ] && [ "$PREFILL_BACKEND" = fa2 ] && ls \
         "$REPO"/wheels/flashinfer_aot/*dtype_q_bf16_*head_dim_qk_128_*_sm90.so >/dev/null 2>&1; then
       CMP=(--compare-backends fa3)
     fi
-    bench prefill_flops 90 "$PY" $G/prefill_flops.py --out "$RESULTS" "${CMP[@]}" "${DRY[@]}"
-  fi
-  if want hf; then
-    bench vs_hf_generate 200 "$PY" $G/vs_hf_generate.py --out "$RESULTS" "${DRY[@]}"
+    bench prefill_flops 50 "$PY" $G/prefill_flops.py --out "$RESULTS" "${PB[@]}" "${CMP[@]}" \
+      "${QUICK_PREFILL[@]}" "${DRY[@]}"
   fi
   if want serve; then
-    bench pd_vs_colocated 300 "$PY" $G/pd_vs_colocated.py --out "$RESULTS" "${DRY[@]}"
+    bench pd_vs_colocated 150 "$PY" $G/pd_vs_colocated.py --out "$RESULTS" "${PB[@]}" \
+      "${QUICK_SERVE[@]}" "${DRY[@]}"
   fi
 fi
 
@@ -251,6 +280,9 @@ fi
 
 echo "== report"
 "$PY" $G/report.py --out "$OUT" "$RESULTS" >/dev/null || note "report: FAILED"
+# The same report named after the device (gpu_nvidia_h200...), as committed under
+# benchmarks/results/.
+"$PY" $G/report.py --out "$OUT" --stem auto "$RESULTS" >/dev/null || note "report (device name): FAILED"
 [ -f "$OUT/gpu_results.md" ] && cat "$OUT/gpu_results.md"
 echo
 echo "== summary ($(elapsed)s of ${BUDGET_S}s)"

@@ -1,5 +1,5 @@
-"""Helpers more than one ``pdserve`` subcommand uses: the model to load, sampling and
-client-security flags, and trace files (where the shared Azure trace is, and loading any
+"""Helpers more than one ``pdserve`` subcommand uses: the model to load, the engine's GPU
+switches, sampling and client-security flags, and trace files (where the shared Azure trace is, and loading any
 trace file the workloads package reads).
 
 Imported by the ``*_commands`` modules (never the reverse), and light: anything heavy
@@ -22,6 +22,34 @@ def resolve_model(model: str | None) -> str:
     from pdserve.engine.demo_model import create_demo_model
 
     return str(create_demo_model())
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_gpu_engine_args(p: argparse.ArgumentParser) -> None:
+    """``EngineConfig``'s GPU switches (CUDA graphs for decode, FlashInfer's prefill
+    kernels); read back with ``gpu_engine_kwargs``. Ignored on the CPU."""
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never replay CUDA graphs for decode steps")
+    p.add_argument("--cuda-graph-sizes", type=_sizes, default=None, metavar="N,N,...",
+                   help="decode batch sizes to capture a CUDA graph for (those up to "
+                        "--max-num-seqs; default: 1,2,4,8,16,24,32,48,64,96,128,192,256)")
+    p.add_argument("--flashinfer-prefill-backend", default="auto", choices=("auto", "fa2", "fa3"),
+                   help="FlashInfer's prefill kernel family (auto: FA3 on Hopper)")
+
+
+def gpu_engine_kwargs(args: argparse.Namespace) -> dict:
+    """The ``EngineConfig`` keyword arguments ``add_gpu_engine_args`` parsed."""
+    kw = {"enforce_eager": args.enforce_eager,
+          "flashinfer_prefill_backend": args.flashinfer_prefill_backend}
+    if args.cuda_graph_sizes is not None:
+        kw["cuda_graph_sizes"] = args.cuda_graph_sizes
+    return kw
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

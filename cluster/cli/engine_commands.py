@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pdserve.cluster.cli.common import add_sampling_args, resolve_model
+from pdserve.cluster.cli.common import (
+    add_gpu_engine_args,
+    add_sampling_args,
+    gpu_engine_kwargs,
+    resolve_model,
+)
 
 
 def _cmd_demo_model(args: argparse.Namespace) -> int:
@@ -23,7 +28,7 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     from pdserve.engine.parallel.local_instance import LocalTPInstance, rank_config
 
     config = EngineConfig(model=resolve_model(args.model), device=args.device,
-                          tensor_parallel_size=args.tp)
+                          tensor_parallel_size=args.tp, **gpu_engine_kwargs(args))
     if args.tp == 1:
         return _complete(LLMEngine.from_config(config), args)
     # ranks 1..tp-1 as child processes, this one is rank 0 and drives them
@@ -65,6 +70,7 @@ def register(sub) -> None:
     p.add_argument("prompt")
     p.add_argument("--model", default=None, help="local Hugging Face checkpoint (default: demo)")
     p.add_argument("--device", default="auto")
+    add_gpu_engine_args(p)
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks (one process each, on this host)")
     add_sampling_args(p)

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pdserve.cluster.cli.common import resolve_model
+from pdserve.cluster.cli.common import add_gpu_engine_args, gpu_engine_kwargs, resolve_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1,
                    help="tensor parallel ranks of the instance to time (local processes; "
                         "on CUDA one GPU each); the profile's entry is for this tp")
+    add_gpu_engine_args(p)
     p.add_argument("--out", default="profile.json", help="where the profile JSON goes")
     p.add_argument("--quick", action="store_true", help="small grid, 3 reps (~30 s)")
     p.add_argument("--reps", type=int, default=None, help="timed passes over all points")
@@ -81,7 +82,7 @@ def run_command(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     config = EngineConfig(model=resolve_model(args.model), device=args.device, dtype=args.dtype,
                           max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                          tensor_parallel_size=args.tp)
+                          tensor_parallel_size=args.tp, **gpu_engine_kwargs(args))
     run = profile_model(config, options,
                         progress=lambda msg: print(f"[profile] {msg}", file=sys.stderr,
                                                    flush=True))

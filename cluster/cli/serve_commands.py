@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 
-from pdserve.cluster.cli.common import resolve_model
+from pdserve.cluster.cli.common import add_gpu_engine_args, gpu_engine_kwargs, resolve_model
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -43,7 +43,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           checksum=args.kv_checksum).with_cluster_secret()
     model = resolve_model(args.model)
     engine = EngineConfig(model=model, device=args.device, dtype=args.dtype,
-                          max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+                          max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                          **gpu_engine_kwargs(args))
     gpus = worker_gpus(args.device, args.gpus_per_worker, args.address)
     slo = SloConfig(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot, attainment=args.attainment)
     spec = ClusterSpec(
@@ -215,6 +216,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
+    add_gpu_engine_args(p)
     p.add_argument("--worker-cpus", type=float, default=1.0, help="Ray CPUs per worker actor")
     p.add_argument("--gpus-per-worker", type=float, default=None,
                    help="Ray GPUs per worker (default: 1 when the cluster has GPUs, else 0)")

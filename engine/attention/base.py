@@ -52,6 +52,9 @@ class AttentionBackend(ABC):
     """Paged attention. Subclasses register themselves in ``registry.BACKENDS``."""
 
     name: str = ""
+    # Whether the backend can run decode steps inside a CUDA graph: it then implements
+    # ``init_cuda_graphs`` and ``plan_for_graph`` (see flashinfer_backend.py).
+    supports_cuda_graphs: bool = False
 
     def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype):
         self.config = config
@@ -63,6 +66,15 @@ class AttentionBackend(ABC):
     @abstractmethod
     def plan(self, meta: AttentionMetadata) -> None:
         """Prepare for one step; called once before the first layer."""
+
+    def init_cuda_graphs(self, sizes, max_pages_per_seq: int) -> None:
+        """Prepare per-size state for decode graphs of these batch sizes."""
+        raise NotImplementedError(f"the {self.name} attention backend has no CUDA graphs")
+
+    def plan_for_graph(self, meta: AttentionMetadata) -> None:
+        """Like ``plan`` for a decode batch padded to a captured size, with state a graph
+        captured once can replay (called outside the graph, before every replay)."""
+        raise NotImplementedError(f"the {self.name} attention backend has no CUDA graphs")
 
     @abstractmethod
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -42,5 +42,12 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
 
 
 def create_backend(name: str, config: ModelConfig, device: torch.device,
-                   dtype: torch.dtype) -> AttentionBackend:
-    return BACKENDS.get(resolve_backend_name(name, device))(config, device, dtype)
+                   dtype: torch.dtype, *, flashinfer_prefill_backend: str = "auto"
+                   ) -> AttentionBackend:
+    """``flashinfer_prefill_backend``: the FlashInfer prefill kernel family (auto, fa2,
+    fa3); the other backends have no such choice and ignore it."""
+    resolved = resolve_backend_name(name, device)
+    if resolved == "flashinfer":
+        return BACKENDS.get(resolved)(config, device, dtype,
+                                      prefill_backend=flashinfer_prefill_backend)
+    return BACKENDS.get(resolved)(config, device, dtype)

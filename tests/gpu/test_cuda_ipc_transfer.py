@@ -1,7 +1,10 @@
 """CUDA IPC backend: a spawned prefill process writes into a decode process's GPU cache.
 
 Needs a CUDA GPU (skipped otherwise). The sender process rebuilds its source cache from a
-seed, so nothing but the typed endpoint crosses the process boundary.
+seed, so nothing but the typed endpoint crosses the process boundary. Both ways of sending
+land the same bytes: ``send_layer`` per layer (queued, then written after one stream wait
+at ``finish`` or every ``FLUSH_LAYERS`` layers: one copy per layer) and one stacked
+``send_layers`` (one stream wait, one copy for every layer).
 """
 
 from __future__ import annotations
@@ -32,23 +35,33 @@ def source(device: str, seed: int) -> KVCache:
                    .to(SRC_SPEC.dtype).to(device))
 
 
-def _sender(endpoint: KVEndpoint, dst_ids, src_ids, seed: int, out) -> None:
+def _sender(endpoint: KVEndpoint, dst_ids, src_ids, seed: int, out, mode="per_layer") -> None:
     try:
         src = source("cuda", seed)
         sender = create_sender("cuda_ipc")
         dest = KVDestination("gpu", endpoint, tuple(dst_ids), len(dst_ids) * SPEC.block_size)
         t = sender.begin(dest, src.spec)
         idx = torch.tensor(src_ids, device="cuda")
-        for layer in range(SPEC.num_layers):
-            sender.send_layer(t, layer, src.data[layer].index_select(1, idx))
+        if mode == "stacked":
+            sender.send_layers(t, 0, src.data.index_select(2, idx))
+        else:
+            for layer in range(SPEC.num_layers):
+                sender.send_layer(t, layer, src.data[layer].index_select(1, idx))
         sender.finish(t, timeout=30)
+        launches, waits = t.context.launches, t.context.waits
         sender.close()
-        out.put(("ok", t.state.value))
+        out.put(("ok", t.state.value, launches, waits))
     except BaseException as exc:
         out.put(("error", repr(exc)))
 
 
-def test_cuda_ipc_cross_process():
+# (launches, stream waits) for SPEC's 4 layers, fewer than FLUSH_LAYERS: per layer, all
+# queued until finish writes them after one wait; stacked, one copy.
+LAUNCHES = {"per_layer": (SPEC.num_layers, 1), "stacked": (1, 1)}
+
+
+@pytest.mark.parametrize("mode", ["per_layer", "stacked"])
+def test_cuda_ipc_cross_process(mode):
     receiver, cache = create_receiver("cuda_ipc", SPEC, "decode-gpu", "cuda")
     try:
         rng = random.Random(0)
@@ -56,9 +69,10 @@ def test_cuda_ipc_cross_process():
         receiver.expect("gpu", dst_ids)
         ctx = tmp.get_context("spawn")
         out = ctx.Queue()
-        proc = ctx.Process(target=_sender, args=(receiver.endpoint, dst_ids, src_ids, 5, out))
+        proc = ctx.Process(target=_sender, args=(receiver.endpoint, dst_ids, src_ids, 5, out,
+                                                 mode))
         proc.start()
-        assert out.get(timeout=120) == ("ok", "done")
+        assert out.get(timeout=120) == ("ok", "done", *LAUNCHES[mode])
         proc.join(60)
         receiver.mark_delivered("gpu")
         assert receiver.wait("gpu", 1) is TransferState.DONE
@@ -93,7 +107,7 @@ def test_cuda_ipc_refuses_a_destination_of_a_replaced_cache():
         out = ctx.Queue()
         proc = ctx.Process(target=_sender, args=(new.endpoint, [3, 4], [7, 8], 6, out))
         proc.start()
-        assert out.get(timeout=120) == ("ok", "done")
+        assert out.get(timeout=120)[:2] == ("ok", "done")
         proc.join(60)
         torch.cuda.synchronize()
         assert torch.equal(cache.data.cpu()[:, :, [3, 4]], source("cpu", 6).data[:, :, [7, 8]])

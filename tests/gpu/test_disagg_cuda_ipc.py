@@ -21,7 +21,7 @@ pytestmark = [
 NEW_TOKENS = 16
 
 
-def test_disaggregated_cuda_ipc_equals_single_process_engine(gpu_checkpoint):
+def test_disaggregated_cuda_ipc_equals_single_process_engine(gpu_checkpoint, prefill_backend):
     from pdserve.benchmarks.gpu.proc_hosts import ProcCluster, sequential_greedy
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.llm_engine import LLMEngine
@@ -30,7 +30,7 @@ def test_disaggregated_cuda_ipc_equals_single_process_engine(gpu_checkpoint):
 
     cfg = EngineConfig(model=str(gpu_checkpoint), device="cuda", dtype="bfloat16",
                        num_kv_blocks=256, max_num_seqs=8, max_num_batched_tokens=512,
-                       max_model_len=1024)
+                       max_model_len=1024, flashinfer_prefill_backend=prefill_backend)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 37, 300)]
     engine = LLMEngine.from_config(cfg)

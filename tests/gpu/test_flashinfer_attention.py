@@ -50,7 +50,7 @@ def batch(q_lens, kv_lens, block_size, num_blocks, seed):
     ((37, 1, 512, 1), (37, 90, 700, 1)),  # prefill, decode, chunked prefill with history
 ])
 @pytest.mark.parametrize("window", [None, 64])
-def test_flashinfer_matches_torch_reference(dtype, q_lens, kv_lens, window):
+def test_flashinfer_matches_torch_reference(dtype, q_lens, kv_lens, window, prefill_backend):
     from pdserve.engine.attention.flashinfer_backend import FlashInferAttention
 
     cfg, bs, nb = config(window=window), 16, 512
@@ -63,7 +63,8 @@ def test_flashinfer_matches_torch_reference(dtype, q_lens, kv_lens, window):
     k = torch.randn(t, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=dev)
     v = torch.randn_like(k)
     outs = []
-    for backend in (TorchAttention(cfg, dev, dtype), FlashInferAttention(cfg, dev, dtype)):
+    for backend in (TorchAttention(cfg, dev, dtype), FlashInferAttention(cfg, dev, dtype,
+                                                                  prefill_backend=prefill_backend)):
         kv = cache.clone()
         backend.plan(meta)
         outs.append(backend.forward(0, q, k, v, (kv[0], kv[1])).float())

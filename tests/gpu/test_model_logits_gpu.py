@@ -23,13 +23,14 @@ pytestmark = [
 STEPS = 12
 
 
-def _engine(ckpt):
+def _engine(ckpt, prefill_backend):
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.llm_engine import LLMEngine
 
     return LLMEngine.from_config(EngineConfig(
         model=str(ckpt), device="cuda", dtype="bfloat16", num_kv_blocks=256, max_num_seqs=8,
-        max_model_len=1024, enable_prefix_caching=False, attention_backend="flashinfer"))
+        max_model_len=1024, enable_prefix_caching=False, attention_backend="flashinfer",
+        flashinfer_prefill_backend=prefill_backend))
 
 
 def _hf(ckpt, dtype):
@@ -47,10 +48,10 @@ def _rel(a, b) -> float:
 
 
 @torch.inference_mode()
-def test_prefill_and_paged_decode_logits_match_transformers(gpu_checkpoint):
+def test_prefill_and_paged_decode_logits_match_transformers(gpu_checkpoint, prefill_backend):
     from pdserve.engine.model_runner import ModelInput
 
-    engine = _engine(gpu_checkpoint)
+    engine = _engine(gpu_checkpoint, prefill_backend)
     hf16, hf32 = _hf(gpu_checkpoint, torch.bfloat16), _hf(gpu_checkpoint, torch.float32)
     g = torch.Generator().manual_seed(0)
     for n in (3, 77, 300):
@@ -70,10 +71,10 @@ def test_prefill_and_paged_decode_logits_match_transformers(gpu_checkpoint):
                                                                     _rel(ref16, ref32))
 
 
-def test_greedy_generation_matches_transformers(gpu_checkpoint):
+def test_greedy_generation_matches_transformers(gpu_checkpoint, prefill_backend):
     from pdserve.engine.sampling_params import SamplingParams
 
-    engine = _engine(gpu_checkpoint)
+    engine = _engine(gpu_checkpoint, prefill_backend)
     hf16 = _hf(gpu_checkpoint, torch.bfloat16)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 64, 250)]

@@ -34,7 +34,7 @@ class StepTimer:
         self.sampler = Sampler()
         self.greedy = SamplingParams(max_tokens=1, temperature=0.0)
         self.block_size = runner.kv_cache.spec.block_size
-        self.num_blocks = runner.kv_cache.spec.num_blocks
+        self.num_blocks = runner.usable_blocks  # never the CUDA graphs' scratch block
         self.vocab = vocab_size
         self.rng = random.Random(seed)
         self.cuda = runner.device.type == "cuda"

@@ -1,0 +1,1 @@
+"""CUDA graphs for decode steps: capture sizes, padding, capture and replay."""
