@@ -120,6 +120,12 @@ def rank_main(group: TPGroup, what: str, cfg: EngineConfig, args: tuple, kwargs:
     """Rank 0 serves ``what`` (``serve_<what>(*args, cfg, group, **kwargs)``); the others
     follow it."""
     torch.set_num_threads(1)  # several ranks share two cores
+    if not group.is_first and what == "decode":  # a decode rank has its own KV receiver
+        from pdserve.decode_worker.follower import run_decode_follower
+        from pdserve.kv_transfer.registry import create_receiver
+
+        return run_decode_follower(cfg, group, lambda spec: create_receiver(
+            "inprocess", spec, f"d0-rank{group.rank}-{os.getpid()}"))
     if not group.is_first:
         return executor.run_follower(cfg, group)
     serve = {"engine": serve_engine, "prefill": serve_prefill, "decode": serve_decode}[what]
