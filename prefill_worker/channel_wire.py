@@ -93,6 +93,22 @@ def encode(msg: Call | Reply | Hello) -> bytes:
     return _LENGTH.pack(len(body)) + body
 
 
+LENGTH_BYTES = _LENGTH.size
+
+
+def frame_length(head: bytes) -> int:
+    """The body length a frame's header announces; ``ProtocolError`` above the limit."""
+    (length,) = _LENGTH.unpack(head)
+    if length > MAX_FRAME_BYTES:
+        raise ProtocolError(f"a frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
+    return length
+
+
+def decode_call(body: bytes) -> Call:
+    """A router's call from a frame's body (worker side, read by a plain thread)."""
+    return _decode(_call_decoder, body)
+
+
 async def _read_body(reader: asyncio.StreamReader) -> bytes | None:
     """The next frame's bytes; None at a clean end of stream (between frames)."""
     try:
@@ -101,9 +117,7 @@ async def _read_body(reader: asyncio.StreamReader) -> bytes | None:
         if not exc.partial:
             return None
         raise ProtocolError("the stream ended inside a frame header") from None
-    (length,) = _LENGTH.unpack(head)
-    if length > MAX_FRAME_BYTES:
-        raise ProtocolError(f"a frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
+    length = frame_length(head)
     try:
         return await reader.readexactly(length)
     except asyncio.IncompleteReadError:
