@@ -47,6 +47,12 @@ class Sample:
         """What the path adds to the prefill compute: client TTFT - prefill_ms."""
         return self.client_ttft_ms - self.server.prefill_ms
 
+    @property
+    def router_added_ms(self) -> float:
+        """What the router adds: from the router receiving the request to its first token
+        leaving, minus the prefill compute (the client's own transport excluded)."""
+        return self.server.ttft_ms - self.server.prefill_ms
+
     def hops_ms(self) -> tuple[tuple[str, float], ...]:
         """The whole way to the first token, hop by hop (ms): client -> router, the
         router's hops, router -> client. Only the router's hops when the router's clock is

@@ -13,7 +13,7 @@ import statistics
 from pdserve.benchmarks.router_overhead_probe import Sample
 
 HEADLINE = ("client_ttft_ms", "router_ttft_ms", "prefill_ms", "prefill_queue_ms",
-            "kv_transfer_wait_ms", "overhead_ms")
+            "kv_transfer_wait_ms", "overhead_ms", "router_added_ms")
 COMPUTE_HOP = "prefill_compute"  # the one hop that is the model, not the path
 BESIDE = "beside the path: "  # prefix of the hops that ran concurrently with it
 
@@ -36,7 +36,8 @@ def rows(samples: list[Sample]) -> list[dict]:
         out.append({"client_ttft_ms": s.client_ttft_ms, "router_ttft_ms": srv.ttft_ms,
                     "prefill_ms": srv.prefill_ms, "prefill_queue_ms": srv.prefill_queue_ms,
                     "kv_transfer_wait_ms": srv.kv_transfer_wait_ms,
-                    "overhead_ms": s.overhead_ms, "hops_ms": dict(s.hops_ms()),
+                    "overhead_ms": s.overhead_ms, "router_added_ms": s.router_added_ms,
+                    "hops_ms": dict(s.hops_ms()),
                     "concurrent_ms": dict(srv.concurrent)})
     return out
 
@@ -76,7 +77,9 @@ def from_columns(data: dict) -> list[dict]:
 def summarize(table: list[dict]) -> dict:
     """Percentiles of the headline figures, and of each hop over the requests that
     reported it (hops in path order, as first seen)."""
-    headline = {k: percentiles([r[k] for r in table]) for k in HEADLINE}
+    # (runs written before a figure existed lack it)
+    headline = {k: percentiles([r[k] for r in table if r.get(k) is not None])
+                for k in HEADLINE if any(r.get(k) is not None for r in table)}
     order: list[str] = []
     for r in table:
         order += [h for h in r["hops_ms"] if h not in order]
@@ -100,7 +103,7 @@ def markdown(title: str, summary: dict) -> list[str]:
     for k, s in summary["summary_ms"].items():
         lines.append(f"| {k} | {s['p50']:.2f} | {s['p90']:.2f} | {s['p99']:.2f} | "
                      f"{s['mean']:.2f} |")
-    lines += ["", "overhead_ms = client-side TTFT - prefill worker compute (prefill_ms)."]
+    lines += ["", OVERHEAD_NOTE]
     if summary["hops_ms"]:
         lines += ["", "## Hops to the first token", "",
                   "| hop | p50 | p90 | mean |", "|---|---|---|---|"]
@@ -109,6 +112,12 @@ def markdown(title: str, summary: dict) -> list[str]:
         lines += ["", HOPS_NOTE]
     return lines
 
+
+OVERHEAD_NOTE = ("overhead_ms = client-side TTFT - prefill worker compute (prefill_ms): "
+                 "the client's own transport (client_to_router, router_to_client) "
+                 "included. router_added_ms = the router's TTFT (from receiving the request "
+                 "to its first token leaving) - prefill_ms: what the router adds between "
+                 "receiving a request and the first token.")
 
 HOPS_NOTE = ("Hops in path order, ms (see router/hops.py). client_to_router and "
              "router_to_client compare the client's CLOCK_MONOTONIC with the router's, "
@@ -132,7 +141,7 @@ def markdown_ab(title: str, runs: dict[str, dict]) -> list[str]:
         return f"| {name} | " + " | ".join(cells) + " |"
 
     for k in HEADLINE:
-        lines.append(row(k, [runs[lb]["summary_ms"][k] for lb in labels]))
+        lines.append(row(k, [runs[lb]["summary_ms"].get(k) for lb in labels]))
     hop_order: list[str] = []
     for lb in labels:
         hop_order += [h for h in runs[lb]["hops_ms"] if h not in hop_order]
@@ -141,4 +150,4 @@ def markdown_ab(title: str, runs: dict[str, dict]) -> list[str]:
         for h in hop_order:
             lines.append(row(h, [runs[lb]["hops_ms"].get(h) for lb in labels]))
         lines += ["", HOPS_NOTE + " A run whose server reports no hops shows '-'."]
-    return lines
+    return [*lines, "", OVERHEAD_NOTE]

@@ -30,6 +30,7 @@ def test_client_hops_wrap_the_servers_on_one_clock():
     assert hops["router_to_client"] == pytest.approx(1.0)
     assert sum(hops.values()) == pytest.approx(s.client_ttft_ms)
     assert s.overhead_ms == pytest.approx(5.0)
+    assert s.router_added_ms == pytest.approx(2.5)  # router TTFT 17.5 - compute 15.0
 
 
 def test_a_router_clock_from_elsewhere_keeps_only_the_servers_hops():
@@ -46,6 +47,7 @@ def test_summary_and_tables():
     assert summary["hops_ms"]["(all but prefill_compute)"]["p50"] == pytest.approx(5.0)
     text = "\n".join(markdown("t", summary))
     assert "| router_to_client |" in text and "| overhead_ms |" in text
+    assert "| router_added_ms |" in text
     ab = "\n".join(markdown_ab("t", {"old": summarize(rows([sample(hops=())])),
                                      "new": summary}))
     assert "| validate | - | - | 1.00 | 1.00 |" in ab
