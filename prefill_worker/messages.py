@@ -102,3 +102,4 @@ class PrefillStats:
     completed: int
     failed: int
     incarnation: str = ""  # this life of the worker process
+    block_size: int = 16  # tokens per KV block (prefix-cache keys are per block)

@@ -158,7 +158,8 @@ class PrefillWorker(EngineWorker):
                             len(self.scheduler.running) + len(self._parked),
                             waiting_tokens, self.blocks.usage, s.num_free_blocks, s.num_blocks,
                             s.prefix_hit_tokens, s.prefix_queries_tokens,
-                            self._counters.completed, self._counters.failed, self.incarnation)
+                            self._counters.completed, self._counters.failed, self.incarnation,
+                            self.blocks.block_size)
 
     # -- one step ---------------------------------------------------------------------
     def step(self) -> list[PrefillResult]:

@@ -115,7 +115,7 @@ class AttemptRunner:
             req.params, max_tokens=req.params.max_tokens - len(sent),
             output_offset=req.params.output_offset + len(sent))
         routing = dataclasses.replace(routing, request_id=aid, num_prompt_tokens=len(prompt),
-                                      max_tokens=params.max_tokens)
+                                      max_tokens=params.max_tokens, prompt_token_ids=prompt)
         return _Attempt(aid, self.routes.open(aid, queue), prompt, params, routing)
 
     async def _reserve_and_prefill(self, a: _Attempt, admit: bool):
@@ -138,7 +138,11 @@ class AttemptRunner:
                                                            admit=admit)
             self._dispatch_prefill(a, reservation.destination if reservation else None)
         result = await self._prefill_result(a)
-        if not result.ok:
+        if result.ok:
+            self.admission.policy.observe_prefill(
+                a.routing, a.prefill_id, result.num_cached_tokens,
+                self.admission.prefill_load[a.prefill_id].block_size)
+        else:
             raise AttemptFailed(result.error or "prefill failed", "transfer_failed")
         return result, reservation.destination if reservation else None
 

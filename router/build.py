@@ -39,7 +39,8 @@ def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
         from pdserve.engine.latency_profile import LatencyProfile
 
         profile = LatencyProfile.load(config.profile)
-    policy = create_policy(config.policy, profile, config.prefill_token_budget)
+    policy = create_policy(config.policy, profile, config.prefill_token_budget,
+                           config.kv_aware_routing)
     pclients = [PrefillClient(w, t, direct=config.prefill_channel == "direct")
                 for w, t in prefills]
     dclients = [DecodeClient(w, t) for w, t in decodes]

@@ -35,6 +35,9 @@ class RouterConfig:
     # "direct" = a Unix socket to it (router/prefill_direct.py), "ray" = Ray actor calls.
     # Workers on other nodes, and every other call, always go over Ray.
     prefill_channel: str = "direct"
+    # Prefer the prefill worker that probably holds the prompt's prefix (router/policy_kv.py),
+    # scored with ``policy``'s load or TTFT prediction.
+    kv_aware_routing: bool = False
 
     def __post_init__(self) -> None:
         if self.prefill_channel not in ("direct", "ray"):

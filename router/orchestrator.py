@@ -82,7 +82,7 @@ class Orchestrator:
                 self.health.watch(client.worker_id, client.stats, self._on_decode_stats)))
         for client in self.prefills.values():
             self._tasks.append(asyncio.create_task(
-                self.health.watch(client.worker_id, client.stats)))
+                self.health.watch(client.worker_id, client.stats, self._on_prefill_stats)))
             client.open()
 
     async def close(self) -> None:
@@ -113,9 +113,15 @@ class Orchestrator:
 
     def _on_death(self, wid: str, why: str) -> None:
         """Attempts waiting on a dead decode worker's stream get a retryable error (prefill
-        waits race ``health[wid].dead`` themselves)."""
+        waits race ``health[wid].dead`` themselves). Its caches are gone either way."""
         if wid in self.decode_load:
             self.routes.fail_worker(wid)
+        self.admission.policy.forget_worker(wid)
+
+    def _on_prefill_stats(self, wid: str, s) -> None:
+        load = self.prefill_load[wid]
+        load.block_size = getattr(s, "block_size", load.block_size)
+        self.admission.policy.prefill_stats(wid, s.num_blocks)
 
     def _on_decode_stats(self, wid: str, s) -> None:
         load = self.decode_load[wid]
@@ -134,7 +140,7 @@ class Orchestrator:
         self.admission.admit(len(self._requests))
         slo = self.slo.with_overrides(req.slo.ttft_s, req.slo.tpot_s)
         routing = RoutingRequest(rid, len(req.prompt_token_ids), req.params.max_tokens,
-                                 slo.ttft_s, slo.tpot_s)
+                                 slo.ttft_s, slo.tpot_s, req.prompt_token_ids)
         self._requests.add(rid)
         try:
             serve = self._colocated if self.colocated else self._with_retries

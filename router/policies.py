@@ -19,12 +19,20 @@ POLICIES: Registry[type[RoutingPolicy]] = Registry("routing policy", {
 })
 
 
-def create_policy(name: str, profile=None, prefill_token_budget: int = 2048) -> RoutingPolicy:
+def create_policy(name: str, profile=None, prefill_token_budget: int = 2048,
+                  kv_aware: bool = False) -> RoutingPolicy:
     """``slo_aware`` needs ``profile`` (a ``LatencyProfile``) and uses the prefill token
-    budget to predict queueing; the others take no arguments."""
+    budget to predict queueing; the others take no arguments. ``kv_aware`` wraps the
+    policy in KV-aware prefill routing (``policy_kv.py``)."""
     cls = POLICIES.get(name)
     if name == "slo_aware":
         if profile is None:
             raise ValueError("the slo_aware policy needs a latency profile (pdserve profile)")
-        return cls(profile, prefill_token_budget)
-    return cls()
+        policy = cls(profile, prefill_token_budget)
+    else:
+        policy = cls()
+    if kv_aware:
+        from pdserve.router.policy_kv import KvAware
+
+        policy = KvAware(policy)
+    return policy

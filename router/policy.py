@@ -49,6 +49,8 @@ class RoutingRequest:
     max_tokens: int
     ttft_slo_s: float | None = None
     tpot_slo_s: float | None = None
+    # the prompt itself (KV-aware routing keys its prefix blocks); () when not needed
+    prompt_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
 
 class RoutingPolicy(ABC):
@@ -65,6 +67,25 @@ class RoutingPolicy(ABC):
     def predict_ttft_s(self, req: RoutingRequest, load: WorkerLoad) -> float | None:
         """Predicted TTFT if ``req`` went to this prefill worker now (None: cannot predict)."""
         return None
+
+    # -- what a policy may learn from (all optional) ------------------------------------
+    def routed(self, worker_id: str, prompt_tokens: int) -> None:
+        """A prompt of ``prompt_tokens`` tokens to compute was sent to ``worker_id`` (by a
+        policy that wraps this one)."""
+        return  # (nothing to learn for a policy that keeps no such state)
+
+    def observe_prefill(self, req: RoutingRequest, worker_id: str, cached_tokens: int,
+                        block_size: int) -> None:
+        """``req``'s prefill on ``worker_id`` found ``cached_tokens`` in its prefix cache."""
+        return  # (nothing to learn for a policy that keeps no such state)
+
+    def prefill_stats(self, worker_id: str, num_blocks: int) -> None:
+        """A prefill worker's KV cache holds ``num_blocks`` blocks (from its stats)."""
+        return  # (nothing to learn for a policy that keeps no such state)
+
+    def forget_worker(self, worker_id: str) -> None:
+        """The worker died or restarted: whatever its caches held is gone."""
+        return  # (nothing to learn for a policy that keeps no such state)
 
 
 class LeastLoaded(RoutingPolicy):

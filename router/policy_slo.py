@@ -98,8 +98,11 @@ class SloAware(RoutingPolicy):
         ok = [w for w in loads if w.healthy]
         ranked = [w.worker_id for w in sorted(ok, key=lambda w: self.predict_ttft_s(req, w))]
         if ranked:  # the orchestrator sends it to the first (or rejects it)
-            self._rate(ranked[0]).observe(self.clock(), req.num_prompt_tokens)
+            self.routed(ranked[0], req.num_prompt_tokens)
         return ranked
+
+    def routed(self, worker_id: str, prompt_tokens: int) -> None:
+        self._rate(worker_id).observe(self.clock(), prompt_tokens)
 
     # -- decode -------------------------------------------------------------------------
     def predict_tpot_s(self, req: RoutingRequest, load: WorkerLoad) -> float:

@@ -62,7 +62,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                             policy=args.policy,
                             max_model_len=args.max_model_len, slo=slo,
                             admission=args.admission, profile=args.profile,
-                            prefill_channel=args.prefill_channel),
+                            prefill_channel=args.prefill_channel,
+                            kv_aware_routing=args.kv_aware_routing),
     )
     what = (f"{args.prefill + args.decode} colocated workers" if args.colocated
             else f"{args.prefill} prefill (tp {args.prefill_tp}) + {args.decode} decode "
@@ -205,6 +206,9 @@ def register(sub) -> None:
     p.add_argument("--attainment", type=float, default=0.9, help="share that must meet both")
     p.add_argument("--admission", default="reject", choices=["reject", "best_effort"],
                    help="when the TTFT target cannot be met: answer RESOURCE_EXHAUSTED or serve")
+    p.add_argument("--kv-aware-routing", action="store_true",
+                   help="send a prompt to the prefill worker that probably holds its prefix "
+                        "when that beats the load (scored with --policy's prediction)")
     p.add_argument("--prefill-channel", default="direct", choices=["direct", "ray"],
                    help="the request path to prefill workers on the router's node: a Unix "
                         "socket (direct) or Ray actor calls")
