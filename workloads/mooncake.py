@@ -11,6 +11,7 @@ The published traces have ``ceil(input_length / block_size)`` ids (the last bloc
 partial); tools that synthesise traces sometimes write ``input_length // block_size``
 (no id for the partial block), so either count is accepted and anything else is an
 error. ``hash_ids`` may be missing (no prefix information); other keys are ignored.
+``write_mooncake_jsonl`` writes a ``Trace`` in the same format.
 
 Types are checked strictly (a length must be a JSON integer, not ``12.0`` or ``"12"``); a
 bad line raises ``ValueError`` naming the file and line. As in the CSV loaders, rows with
@@ -97,3 +98,23 @@ def load_mooncake_jsonl(path: str | Path,
             if req is not None:
                 rows.append(req)
     return Trace.rebased(path.stem, rows)
+
+
+def mooncake_row(req: TraceRequest) -> dict:
+    """``req`` as one Mooncake object (timestamp rounded to the format's milliseconds)."""
+    row: dict = {"timestamp": round(req.arrival_s * 1e3), "input_length": req.prompt_len,
+                 "output_length": req.output_len}
+    if req.prefix_hashes:
+        row["hash_ids"] = list(req.prefix_hashes)
+    return row
+
+
+def write_mooncake_jsonl(trace: Trace, path: str | Path) -> None:
+    """Write ``trace`` as Mooncake JSONL, one request a line, in arrival order.
+    ``load_mooncake_jsonl`` reads it back (with the same ``block_size``)."""
+    sizes = {r.prefix_block_size for r in trace.requests if r.prefix_hashes}
+    if len(sizes) > 1:
+        raise ValueError(f"a Mooncake file has one block size; trace has {sorted(sizes)}")
+    with Path(path).open("w") as fh:
+        for r in trace.requests:
+            fh.write(json.dumps(mooncake_row(r)) + "\n")

@@ -19,11 +19,12 @@ from pdserve.cluster.cli import (
     profile_commands,
     serve_commands,
     sim_commands,
+    trace_commands,
 )
 
 # In the order `pdserve --help` lists them.
 _COMMAND_MODULES = (engine_commands, serve_commands, generate_commands, bench_commands,
-                    profile_commands, sim_commands)
+                    profile_commands, sim_commands, trace_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

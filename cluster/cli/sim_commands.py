@@ -10,6 +10,10 @@ at ``--trace-rate``), ``azure`` (the shared Azure conversation trace) or a synth
 ``poisson:RATE:N:PLO-PHI:OLO-OHI`` (``gamma:...:CV`` for bursty arrivals), lengths drawn
 uniformly from the given ranges.
 
+``simulate --dispatch`` picks the prefill routing (``kv_aware`` routes to the prefix
+caches that ``--prefix-caching`` models, and implies it; only a trace with prefix hashes,
+such as Mooncake JSONL or ``pdserve trace synth-prefix`` output, gets hits).
+
 ``plan`` replays the trace's own arrival times rescaled to each rate unless
 ``--arrivals poisson|gamma`` redraws them; it prints the claimed goodput, the long-window
 check and the confidence figure, or, when nothing meets the SLO, why (docs/placement.md).
@@ -26,6 +30,9 @@ from pdserve.cluster.cli.common import add_trace_file_args, load_trace_file
 from pdserve.workloads.arrivals import ARRIVALS
 
 DISTSERVE_PROFILE = "distserve-opt13b"
+# SimConfig's dispatch policies (config.DISPATCH_POLICIES), listed here so that building
+# the parser does not import the simulator.
+DISPATCH_CHOICES = ("least_loaded", "round_robin", "slo_aware", "kv_aware")
 
 
 def load_profile(spec: str):
@@ -80,10 +87,15 @@ def _slo(args):
 
 
 def _sim_config(args):
+    """The scheduler knobs; ``simulate`` also takes the prefill dispatch and prefix caching
+    (``--dispatch kv_aware`` turns caching on: it routes to the caches)."""
     from pdserve.cluster.planning.simulator import SimConfig
 
+    dispatch = getattr(args, "dispatch", "least_loaded")
+    caching = getattr(args, "prefix_caching", False) or dispatch == "kv_aware"
     return SimConfig(args.prefill_token_budget, args.chunked_prefill, args.max_decode_batch,
-                     args.request_overhead, args.step_overhead)
+                     args.request_overhead, args.step_overhead, dispatch=dispatch,
+                     prefix_caching=caching)
 
 
 def _plan_spec(args):
@@ -112,6 +124,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     trace = load_trace_spec(args.trace, args.max_requests, **_trace_file_options(args))
     spec = _plan_spec(args)
     out: dict = {"plan": spec.label(), "trace": trace.name, "requests": len(trace),
+                 "dispatch": cfg.dispatch, "prefix_caching": cfg.prefix_caching,
                  "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s,
                          "attainment": slo.attainment}}
     print(f"{spec.label()} on {spec.num_gpus} GPUs; trace {trace.name} ({len(trace)} requests)")
@@ -136,6 +149,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         print("TTFT p50/p90/p99 {:.3f}/{:.3f}/{:.3f} s; TPOT p50/p90/p99 {:.4f}/{:.4f}/{:.4f} s"
               .format(*(s[k] for k in ("ttft_p50", "ttft_p90", "ttft_p99", "tpot_p50",
                                        "tpot_p90", "tpot_p99"))))
+        if res.prefix_hit_rate is not None:
+            print(f"prefix cache hit rate {res.prefix_hit_rate:.1%} of prompt tokens "
+                  f"({cfg.dispatch} dispatch)")
     _write(args.out, out)
     return 0
 
@@ -210,6 +226,14 @@ def register(sub) -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--count", type=int, default=1)
+    p.add_argument("--dispatch", choices=DISPATCH_CHOICES, default="least_loaded",
+                   help="prefill routing: least_loaded (fewest queued prompt tokens), "
+                        "round_robin, slo_aware (lowest predicted TTFT) or kv_aware "
+                        "(slo_aware on the prompt's part not expected in that instance's "
+                        "prefix cache; implies --prefix-caching)")
+    p.add_argument("--prefix-caching", action="store_true",
+                   help="model each prefill instance's prefix cache (traces with prefix "
+                        "hashes, e.g. Mooncake JSONL; others get no hits)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--rate", type=float, default=None, help="replay at this mean rate (req/s)")
     how.add_argument("--goodput", action="store_true", help="bisect the goodput")

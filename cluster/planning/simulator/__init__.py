@@ -4,7 +4,8 @@ Given a latency profile, a trace and a plan, ``simulate`` reports per-request TT
 SLO attainment and percentiles; ``goodput`` bisects the highest rate meeting the SLO
 attainment target. The planner (``pdserve.cluster.planning.planner``) calls these many times.
 Modules: ``config`` (specs), ``costs`` (step-time models, pipeline choices),
-``disagg``/``colocated`` (event loops), ``result``, ``goodput``, ``workload``.
+``disagg``/``colocated`` (event loops), ``prefix_cache`` (prefill instances' prefix caches and
+the router's record of them), ``result``, ``goodput``, ``workload``.
 """
 
 from pdserve.cluster.planning.simulator.config import (

@@ -16,7 +16,9 @@ from typing import Literal
 
 Phase = Literal["both", "prefill", "decode"]
 PHASES: tuple[str, ...] = ("both", "prefill", "decode")
-DISPATCH_POLICIES: tuple[str, ...] = ("least_loaded", "round_robin", "slo_aware")
+DISPATCH_POLICIES: tuple[str, ...] = ("least_loaded", "round_robin", "slo_aware", "kv_aware")
+# Policies that predict TTFT per instance, and so can reject an arrival predicted to miss.
+PREDICTING_POLICIES: tuple[str, ...] = ("slo_aware", "kv_aware")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,13 @@ class SimConfig:
     its queue and the prompt, batched under the token budget); with ``admission_ttft_s``
     set, an arrival predicted to miss that target is rejected at once (admission control).
     ``contention`` (disaggregated plans only) models pools sharing one host.
+
+    ``prefix_caching`` (disaggregated plans only) gives every prefill instance a prefix
+    cache: a prompt's leading blocks that the instance still holds are not computed again
+    (``prefix_cache.py``). It changes nothing for a trace without prefix hashes.
+    ``dispatch="kv_aware"`` (needs ``prefix_caching``) is ``slo_aware`` where the prompt
+    counts only the tokens the router's record (``router.prefix_index``) does not expect
+    the instance to hold; on a trace without prefix hashes it equals ``slo_aware``.
     """
 
     prefill_token_budget: int = 4096
@@ -68,11 +77,16 @@ class SimConfig:
     dispatch: str = "least_loaded"
     admission_ttft_s: float | None = None
     contention: HostContention | None = None
+    prefix_caching: bool = False
 
     def __post_init__(self) -> None:
-        if self.admission_ttft_s is not None and (self.dispatch != "slo_aware"
+        if self.admission_ttft_s is not None and (self.dispatch not in PREDICTING_POLICIES
                                                   or not self.admission_ttft_s > 0):
-            raise ValueError("admission_ttft_s needs dispatch='slo_aware' and a positive target")
+            raise ValueError("admission_ttft_s needs dispatch='slo_aware' or 'kv_aware' and "
+                             "a positive target")
+        if self.dispatch == "kv_aware" and not self.prefix_caching:
+            raise ValueError("dispatch='kv_aware' needs prefix_caching=True (there is no "
+                             "cache to route to otherwise)")
         if self.prefill_token_budget < 1:
             raise ValueError("prefill_token_budget must be >= 1")
         if self.max_decode_batch < 1:

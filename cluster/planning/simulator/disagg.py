@@ -29,6 +29,14 @@ other pool stays busy: for a decode step, the running prefill batch's remaining 
 for a prefill batch, how long the decode lanes keep running their current requests.
 ``k`` is the measured factor (``HostContention``, from ``cluster/planning/calibration.py``).
 
+*Prefix caching* (``SimConfig.prefix_caching``, ``prefix_cache.py``): when a batch is
+formed, a request joining it for the first time skips the leading tokens its instance
+holds; it is then as far along as a chunked prompt with those tokens done (the rest
+attends to them: cost ``b*(l-s) + c*(l^2-s^2)``). When the batch ends its prompts' blocks
+are cached. ``dispatch="kv_aware"`` routes like ``slo_aware`` with the prompt (and each
+queued prompt not yet started) counted as the tokens the router's record does not expect
+the instance to hold; a tie goes to the instance expected to hold more.
+
 Requests with one output token finish at prefill. Phase ``"prefill"`` stops after step 2;
 phase ``"decode"`` starts at step 4 with the KV present at arrival (first token = arrival).
 Per-step work is O(1) plus the requests finishing: finishing steps are bucketed by index,
@@ -49,6 +57,7 @@ from heapq import heappop, heappush
 
 from pdserve.cluster.planning.simulator.config import DisaggPlanSpec, SimConfig
 from pdserve.cluster.planning.simulator.costs import DecodeCost, PrefillCost, contended_s
+from pdserve.cluster.planning.simulator.prefix_cache import PoolPrefixCaches
 from pdserve.cluster.planning.simulator.result import SimResult
 from pdserve.cluster.planning.simulator.window import StopRule
 from pdserve.cluster.planning.simulator.workload import Workload
@@ -78,11 +87,11 @@ class _DisaggSim:
         # the run: workload, phases, per-request results, events, round-robin cursors
         "w", "cfg", "arr", "prompt", "out", "do_prefill", "do_decode", "first", "last",
         "rejected", "admission_rejected", "lane_of", "heap", "seq", "events", "rr",
-        "least_loaded", "slo_aware", "stopped",
+        "least_loaded", "slo_aware", "kv_aware", "stopped",
         # prefill instances
         "pc", "pp", "pre_cap", "n_pre", "budget", "chunked", "p_slow", "secs_per_token",
         "p_queue", "p_outstanding", "p_stage_free", "p_link_free", "p_kick", "p_done",
-        "rates",
+        "rates", "caches",
         # decode lanes
         "dc", "lane_cap", "n_lanes", "max_batch", "step_oh", "d_slow", "d_wait", "d_n",
         "d_ctx", "d_reserved", "d_steps", "d_finish", "d_busy", "d_assigned",
@@ -96,6 +105,7 @@ class _DisaggSim:
         self.do_prefill, self.do_decode = phase != "decode", phase != "prefill"
         self.least_loaded = cfg.dispatch == "least_loaded"
         self.slo_aware = cfg.dispatch == "slo_aware"
+        self.kv_aware = cfg.dispatch == "kv_aware"
         self.step_oh = cfg.step_overhead_s
         n = len(self.arr)
         self.first, self.last = [math.nan] * n, [math.nan] * n
@@ -124,6 +134,8 @@ class _DisaggSim:
         self.p_kick = [False] * n_pre  # a same-instant batch formation is scheduled
         self.p_done = [0] * len(self.arr)  # per request: prompt tokens already batched
         self.rates = [TokenRate() for _ in range(n_pre)]
+        self.caches = PoolPrefixCaches(n_pre, self.pre_cap, self.w, self.kv_aware) \
+            if self.cfg.prefix_caching and self.do_prefill else None
 
     def _init_decode(self, plan: DisaggPlanSpec, profile: LatencyProfile, slow: float) -> None:
         dec = profile.instance(plan.decode.tp, plan.decode.pp)
@@ -157,7 +169,7 @@ class _DisaggSim:
         rejected = self.rejected
         kv_landed, kick_decode, form_prefill = self._kv_landed, self._kick_decode, \
             self._form_prefill
-        do_decode, pp, first = self.do_decode, self.pp, self.first
+        do_decode, pp, first, caches = self.do_decode, self.pp, self.first, self.caches
         # The end of a decode step (nearly every event) and of a prefill batch are handled
         # here, on local names; other events have a method each.
         d_steps, d_ctx, d_n, d_finish, d_busy = self.d_steps, self.d_ctx, self.d_n, \
@@ -205,6 +217,8 @@ class _DisaggSim:
                                 kv_landed(moving, now)
                             else:
                                 heappush(heap, (kv_at, next(self.seq), _KV, -1, moving, 0.0))
+                    if caches is not None:
+                        caches.finished(x, payload)
                     if pp == 1:
                         form_prefill(x, now)
                 elif kind == _KV:
@@ -232,12 +246,14 @@ class _DisaggSim:
         return SimResult.from_run(
             label, phase, gpus, self.w, self.first, self.last, self.rejected,
             self.cfg.request_overhead_s if self.do_prefill else 0.0, self.events,
-            self.do_decode, tuple(self.admission_rejected), self.stopped)
+            self.do_decode, tuple(self.admission_rejected), self.stopped,
+            tuple(self.caches.cached) if self.caches is not None else ())
 
     def _arrive(self, rid: int, now: float) -> None:
         """Reject ``rid``, or queue it at a prefill instance (least outstanding prompt
-        tokens, round robin, or lowest predicted TTFT with admission control) after
-        picking its decode lane, as pdserve's orchestrator reserves on decode first."""
+        tokens, round robin, or lowest predicted TTFT, of its uncached part with
+        ``kv_aware``, with admission control) after picking its decode lane, as pdserve's
+        orchestrator reserves on decode first."""
         p_len, o_len = self.prompt[rid], self.out[rid]
         do_prefill = self.do_prefill
         needs_decode = self.do_decode and o_len > 1
@@ -256,6 +272,14 @@ class _DisaggSim:
             if limit is not None and preds[p] > limit:
                 self.rejected[rid] = self.admission_rejected[rid] = True
                 return
+        elif self.kv_aware:
+            p, expected, pred = self._kv_pick(rid, p_len, now)
+            self.rates[p].observe(now, p_len - expected)
+            limit = self.cfg.admission_ttft_s
+            if limit is not None and pred > limit:
+                self.rejected[rid] = self.admission_rejected[rid] = True
+                return
+            self.caches.routed(p, rid, expected)
         elif self.least_loaded:
             p = min(range(n_pre), key=self.p_outstanding.__getitem__)
         else:
@@ -299,10 +323,28 @@ class _DisaggSim:
                 best, best_key = lane, key
         return best
 
+    def _kv_pick(self, rid: int, p_len: int, now: float) -> tuple[int, int, float]:
+        """(instance, tokens expected cached there, predicted TTFT) of the lowest
+        prediction for the prompt's expected-uncached part; ties to the larger hit, then
+        to the lower index (so with no hits anywhere this is ``slo_aware``'s choice)."""
+        caches = self.caches
+        best, best_key = 0, None
+        for x in range(self.n_pre):
+            expected = caches.expected(x, rid, p_len)
+            key = (self._predicted_ttft(x, p_len - expected, now), -expected)
+            if best_key is None or key < best_key:
+                best, best_key = x, key
+        return best, -best_key[1], best_key[0]
+
     def _predicted_ttft(self, p: int, p_len: int, now: float) -> float:
-        """The router's SloAware prediction (same function), from the simulator's state."""
+        """The router's SloAware prediction (same function), from the simulator's state;
+        with ``kv_aware``, queued prompts count their expected-uncached tokens."""
         prompt, p_done = self.prompt, self.p_done
-        queue = [prompt[r] - p_done[r] for r in self.p_queue[p]]
+        if self.kv_aware:
+            left = self.caches.uncached_left
+            queue = [left(r, prompt[r], p_done[r]) for r in self.p_queue[p]]
+        else:
+            queue = [prompt[r] - p_done[r] for r in self.p_queue[p]]
         return predict_ttft_s(self._batch_s, queue, p_len, self.budget,
                               busy_s=max(0.0, self.p_stage_free[p][-1] - now),
                               tokens_per_s=self.rates[p].rate(now)) + self.cfg.request_overhead_s
@@ -316,11 +358,16 @@ class _DisaggSim:
         if not q or sf[0] > now:
             return
         prompt, p_done, budget, chunked = self.prompt, self.p_done, self.budget, self.chunked
-        tokens = sq = 0
+        caches = self.caches
+        tokens = sq = skipped = 0
         completing = []
         while q:
             rid = q[0]
             done = p_done[rid]
+            hit = None
+            if caches is not None and caches.hit_blocks[rid] < 0:  # first time in a batch
+                hit = caches.lookup(p, rid, prompt[rid])
+                done = hit[1]
             rem = prompt[rid] - done
             if chunked:
                 take = min(rem, budget - tokens)
@@ -330,6 +377,10 @@ class _DisaggSim:
                 if tokens and tokens + rem > budget:
                     break
                 take = rem
+            if hit is not None:  # it joins: its cached tokens are done
+                caches.commit(rid, *hit)
+                p_done[rid] = done
+                skipped += done
             end = done + take
             tokens += take
             sq += end * end - done * done
@@ -338,7 +389,7 @@ class _DisaggSim:
                 completing.append(rid)
             else:
                 p_done[rid] = end
-        self.p_outstanding[p] -= tokens
+        self.p_outstanding[p] -= tokens + skipped
         dur = self.pc.stage_s(tokens, sq) + self.step_oh
         if self.p_slow != 1.0:
             dur = contended_s(dur, self.p_slow, self._decode_busy_for(now))

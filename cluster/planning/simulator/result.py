@@ -4,7 +4,9 @@ A ``SimResult`` is produced once by an event loop and never mutated. It keeps fl
 (cheap to build, the planner runs thousands of simulations); ``records`` materialises
 one ``RequestRecord`` per request on demand. A request the plan cannot hold at all (its
 prompt + output exceed every instance's KV capacity) is *rejected*: its TTFT is
-infinite, so it counts as an SLO miss.
+infinite, so it counts as an SLO miss. With prefix caching (``SimConfig.prefix_caching``)
+it also keeps each request's cached prompt tokens (those its prefill did not compute) and
+reports the hit rate, cached prompt tokens / prompt tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class RequestRecord:
     last_token_s: float
     ttft_s: float
     tpot_s: float | None
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -70,12 +73,17 @@ class SimResult:
     # Per request: rejected by admission control (TTFT predicted to miss); empty = none.
     admission_rejected: tuple[bool, ...] = ()
     stopped_early: bool = False  # a ``StopRule`` ended the run: attainment is a bound
+    # Per request: prompt tokens found in the prefill instance's prefix cache; empty = the
+    # run modelled no prefix caching.
+    cached_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.arrival)
         if any(len(x) != n for x in (self.prompt_len, self.output_len, self.first_token,
                                      self.last_token, self.ttft, self.tpot)):
             raise ValueError("SimResult arrays differ in length")
+        if self.cached_tokens and len(self.cached_tokens) != n:
+            raise ValueError("SimResult cached_tokens differ in length")
 
     def __len__(self) -> int:
         return len(self.arrival)
@@ -84,7 +92,8 @@ class SimResult:
     def from_run(cls, label: str, phase: str, num_gpus: int, w: Workload, first: list[float],
                  last: list[float], rejected: list[bool], overhead_s: float, num_events: int,
                  decoded: bool = True, admission_rejected: tuple[bool, ...] = (),
-                 stopped_early: bool = False) -> SimResult:
+                 stopped_early: bool = False,
+                 cached_tokens: tuple[int, ...] = ()) -> SimResult:
         """What an event loop hands over, per request: TTFT = first token - arrival +
         ``overhead_s`` (infinite when rejected), TPOT = (last - first) / (output - 1) for
         requests that ``decoded`` more than one token."""
@@ -98,13 +107,21 @@ class SimResult:
                      else math.inf for r in range(n))
         return cls(label, phase, num_gpus, w.rate, arr, w.prompt, out, tuple(first),
                    tuple(last), ttft, tpot, sum(rejected), num_events, admission_rejected,
-                   stopped_early)
+                   stopped_early, cached_tokens)
 
     @property
     def records(self) -> tuple[RequestRecord, ...]:
+        cached = self.cached_tokens or (0,) * len(self)
         return tuple(RequestRecord(*row) for row in zip(
             self.arrival, self.prompt_len, self.output_len, self.first_token,
-            self.last_token, self.ttft, self.tpot, strict=True))
+            self.last_token, self.ttft, self.tpot, cached, strict=True))
+
+    @property
+    def prefix_hit_rate(self) -> float | None:
+        """Cached prompt tokens / prompt tokens over all requests; None without caching."""
+        if not self.cached_tokens:
+            return None
+        return sum(self.cached_tokens) / sum(self.prompt_len)
 
     def attainment(self, slo: SloConfig, lo: int = 0, hi: int | None = None) -> float:
         """Share of requests ``[lo, hi)`` (default all) meeting both TTFT and TPOT (TPOT
@@ -146,6 +163,8 @@ class SimResult:
         d: dict = {"plan": self.label, "phase": self.phase, "num_gpus": self.num_gpus,
                    "rate": self.rate, "num_requests": len(self),
                    "num_rejected": self.num_rejected, **self.percentiles().as_dict()}
+        if self.cached_tokens:
+            d["prefix_hit_rate"] = self.prefix_hit_rate
         if slo is not None:
             d.update(attainment=self.attainment(slo),
                      attainment_admitted=self.attainment_admitted(slo),

@@ -44,5 +44,7 @@ def simulate(plan: PlanSpec, profile: LatencyProfile, trace: Trace | Workload,
     if isinstance(plan, ColocatedPlanSpec):
         if phase != "both":
             raise ValueError("a colocated plan can only be simulated with phase='both'")
+        if cfg.prefix_caching:
+            raise ValueError("prefix caching is modelled for disaggregated plans only")
         return run_colocated(plan, profile, w, cfg, stop)
     raise TypeError(f"not a plan spec: {plan!r}")

@@ -7,6 +7,10 @@ without building thousands of frozen ``TraceRequest`` objects per bisection step
 distributions are closest to the whole trace's (keeping the real arrival burstiness):
 the head of a trace is often unrepresentative (the Azure conversation trace's first 1,500
 prompts have a 90th percentile of 1.8k tokens against 2.7k for the hour).
+
+``prefix`` keeps, per request, the keys of its prompt's *full* blocks of ``block_size``
+tokens (a trace's ``prefix_hashes`` cut to ``prompt // block_size``: a partial last block
+is never cached), for the simulator's prefix caches; ``()`` when no request has any.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import bisect
 import math
 from dataclasses import dataclass, replace
 
-from pdserve.workloads.trace import Trace
+from pdserve.workloads.trace import DEFAULT_PREFIX_BLOCK_SIZE, Trace
 
 
 @dataclass(frozen=True)
@@ -24,18 +28,32 @@ class Workload:
     arrival: tuple[float, ...]
     prompt: tuple[int, ...]
     output: tuple[int, ...]
+    prefix: tuple[tuple[int, ...], ...] = ()  # per request, full-block keys; () = none known
+    block_size: int = DEFAULT_PREFIX_BLOCK_SIZE
 
     def __post_init__(self) -> None:
         if not self.arrival:
             raise ValueError("empty workload")
         if not (len(self.arrival) == len(self.prompt) == len(self.output)):
             raise ValueError("workload arrays differ in length")
+        if self.prefix and len(self.prefix) != len(self.arrival):
+            raise ValueError("workload prefix keys differ in length from its requests")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
     @classmethod
     def from_trace(cls, trace: Trace) -> Workload:
+        """The trace's arrays; its prefix hashes when any request has some (all of them on
+        one block size: a cache has one block size)."""
         reqs = trace.requests
+        sizes = {r.prefix_block_size for r in reqs if r.prefix_hashes}
+        if len(sizes) > 1:
+            raise ValueError(f"trace {trace.name!r} mixes prefix block sizes {sorted(sizes)}")
+        bs = next(iter(sizes)) if sizes else DEFAULT_PREFIX_BLOCK_SIZE
+        prefix = tuple(r.prefix_hashes[:r.prompt_len // bs] for r in reqs) if sizes else ()
         return cls(trace.name, tuple(r.arrival_s for r in reqs),
-                   tuple(r.prompt_len for r in reqs), tuple(r.output_len for r in reqs))
+                   tuple(r.prompt_len for r in reqs), tuple(r.output_len for r in reqs),
+                   prefix, bs)
 
     def __len__(self) -> int:
         return len(self.arrival)
@@ -51,7 +69,7 @@ class Workload:
         if not math.isfinite(self.rate):
             return self
         k = self.rate / rate
-        return Workload(self.name, tuple(t * k for t in self.arrival), self.prompt, self.output)
+        return replace(self, arrival=tuple(t * k for t in self.arrival))
 
     def cycle(self, start: int, n: int) -> Workload:
         """``n`` consecutive requests from index ``start``, wrapping around to the first
@@ -71,8 +89,10 @@ class Workload:
             t += arr[i] - arr[i - 1] if i > 0 else mean_gap
             times[k] = t
         prompt, output = self.prompt, self.output
+        prefix = tuple(self.prefix[i] for i in idx) if self.prefix else ()
         return Workload(f"{self.name}[{start}+{n}]", tuple(times),
-                        tuple(prompt[i] for i in idx), tuple(output[i] for i in idx))
+                        tuple(prompt[i] for i in idx), tuple(output[i] for i in idx), prefix,
+                        self.block_size)
 
     @property
     def max_footprint(self) -> int:
