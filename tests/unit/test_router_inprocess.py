@@ -113,7 +113,7 @@ def test_client_cancel_mid_stream_frees_blocks_on_both_workers(cluster):
 def test_failed_transfer_is_retried_then_reported_and_frees_blocks(demo_model_dir):
     with LocalCluster(engine_config(demo_model_dir)) as c:
         sender = c.prefills[0].worker.sender
-        real = sender.send_layer
+        real, real_stacked = sender.send_layer, sender.send_layers
         calls = {"n": 0, "fail": lambda n: n == 2}
 
         def flaky(transfer, layer, kv):
@@ -122,25 +122,39 @@ def test_failed_transfer_is_retried_then_reported_and_frees_blocks(demo_model_di
                 raise TransferError(transfer.dest.transfer_id, "injected link failure")
             return real(transfer, layer, kv)
 
-        sender.send_layer = flaky
+        def flaky_stacked(transfer, first_layer, kv):
+            # A prompt whose destination came after its last step ships all layers at
+            # once (parked): the same link, so the same failures.
+            calls["n"] += 1
+            if calls["fail"](calls["n"]):
+                raise TransferError(transfer.dest.transfer_id, "injected link failure")
+            return real_stacked(transfer, first_layer, kv)
+
+        def break_link():
+            sender.send_layer, sender.send_layers = flaky, flaky_stacked
+
+        def mend_link():
+            sender.send_layer, sender.send_layers = real, real_stacked
+
+        break_link()
         with Client(c.address, timeout_s=30) as client:
             # One broken transfer: retried, same tokens as an undisturbed request.
             got = client.generate(build_request([9] * 30, max_tokens=8)).token_ids
             assert calls["n"] > 2 and len(got) == 8
             assert c.server.orchestrator.retries == 1
-            sender.send_layer = real
+            mend_link()
             want = client.generate(build_request([9] * 30, max_tokens=8)).token_ids
             assert got == want
             # A link that stays broken: the retry budget runs out, UNAVAILABLE, nothing held.
             calls["fail"] = lambda n: True
-            sender.send_layer = flaky
+            break_link()
             with pytest.raises(grpc.RpcError) as err:
                 client.generate(build_request([9] * 30, max_tokens=8))
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "transfer" in err.value.details().lower()
             assert "4 attempts" in err.value.details()
             assert wait_until(lambda: no_blocks_held(c))
-            sender.send_layer = real
+            mend_link()
             assert client.generate(build_request([9] * 30, max_tokens=8)).token_ids == want
 
 
