@@ -13,7 +13,9 @@
 #             typing-extensions (flashinfer's and tvm-ffi's import/JIT needs), pytest,
 #             pluggy, iniconfig, pygments (the GPU tests),
 #             protobuf, grpcio (our generated code needs protobuf >= 7.35.1 and
-#             grpcio >= 1.85.1): run.sh installs one of these only if the host's own copy
+#             grpcio >= 1.85.1), msgspec (the router <-> prefill channel's frames),
+#             pydantic with pydantic-core, annotated-types, typing-inspection (the OpenAI
+#             HTTP front end's models; the GPU image has neither): run.sh installs one of these only if the host's own copy
 #             is missing or too old, so a host copy is never shadowed needlessly.
 #   data      wheels/data/azure_llm_2023_conv.csv, a copy of ../shared/data's trace for
 #             the trace-replay benchmark (../shared does not travel; wheels/ is never
@@ -54,6 +56,11 @@ FALLBACK=(
   "typing_extensions==4.16.0"
   "protobuf==7.36.2"
   "grpcio==1.85.3"
+  "msgspec==0.23.0"
+  "pydantic==2.14.4"
+  "pydantic_core==2.50.5"
+  "annotated_types==0.8.0"
+  "typing_inspection==0.4.5"
 )
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64

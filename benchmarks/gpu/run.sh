@@ -123,7 +123,12 @@ rows = [("packaging", "packaging", "packaging", None), ("requests", "requests", 
         ("pytest", "pytest", "pytest", None), ("pluggy", "pluggy", "pluggy", None),
         ("pygments", "pygments", "pygments", None),
         ("iniconfig", "iniconfig", "iniconfig", None),
-        ("typing_extensions", "typing_extensions", "typing-extensions", "4.13"),
+        ("typing_extensions", "typing_extensions", "typing-extensions", "4.16"),
+        ("msgspec", "msgspec", "msgspec", "0.18"),
+        ("annotated_types", "annotated_types", "annotated-types", "0.6"),
+        ("typing_inspection", "typing_inspection", "typing-inspection", "0.4.4"),
+        # pydantic and its compiled core only as a pair (pydantic pins the core's version)
+        ("pydantic pydantic_core", "pydantic", "pydantic", "2.6"),
         ("protobuf", "google.protobuf", "protobuf", "7.35.1"),
         ("grpcio", "grpc", "grpcio", "1.85.1")]
 for prefix, mod, dist, least in rows:
@@ -140,7 +145,7 @@ for prefix, mod, dist, least in rows:
         print(prefix)
 EOF
 )
-  for p in $missing; do
+  for p in $missing; do   # word-split: the row "pydantic pydantic_core" gives both
     echo "host lacks $p (or it is too old): installing the carried wheel"
     pick+=("$w/$p"-*.whl)
   done
