@@ -43,3 +43,30 @@ class RouterActor:
         """Retries so far, requests failed after spending their retries, and each
         worker's health (alive, deaths seen)."""
         return self.server.orchestrator.reliability_report()
+
+    # -- pools that follow the load (cluster/autoscale/actor.py drives these) -----------
+    async def add_worker(self, role: str, worker_id: str, handle: Any) -> None:
+        """Put a ready worker into the ``role`` ("prefill" / "decode") pool."""
+        await self.server.membership.add(role, worker_id, handle)
+
+    async def drain_worker(self, worker_id: str, timeout_s: float) -> None:
+        """Return once ``worker_id`` has left its pool holding nothing; raises
+        ``DrainTimeout`` (it stays) if it still holds work after ``timeout_s``."""
+        await self.server.membership.drain(worker_id, timeout_s)
+
+    async def pool_sizes(self) -> dict[str, dict[str, int]]:
+        return self.server.membership.sizes()
+
+    async def load_report(self, window_s: float) -> dict:
+        """What the autoscaler observes: the last ``window_s`` seconds' arrivals, token
+        means and SLO attainment (``LoadSummary``), with the pools' queues now."""
+        orch = self.server.orchestrator
+        return {**self.server.metrics.window.summary(window_s).as_dict(),
+                "prefill_queue_requests": sum(w.in_flight for w in orch.prefill_load.values()),
+                "prefill_queue_tokens": sum(w.queued_tokens for w in orch.prefill_load.values()),
+                "decode_running": sum(w.in_flight for w in orch.decode_load.values()),
+                "pools": self.server.membership.sizes()}
+
+    async def record_scaling(self, pool: str, before: int, after: int, reason: str) -> None:
+        self.server.metrics.record_scaling(pool, before, after, reason)
+

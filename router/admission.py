@@ -6,7 +6,8 @@ it. ``admit`` bounds the requests the router holds; ``pick_prefill`` applies the
 queue bound and, with admission "reject", the TTFT target the policy predicts the best
 worker would miss: each answers RESOURCE_EXHAUSTED at once (``Overloaded`` with a retry
 hint and a ``reason`` for the metrics), rather than queueing a response that is already
-late. Retries skip both: the request was admitted already.
+late. Retries skip both: the request was admitted already. A worker that is draining
+(leaving its pool, ``router/membership.py``) is never offered to the policy.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from pdserve.router.reliability import ReliabilityConfig
 from pdserve.router.status import NoWorkerAvailable, Overloaded
 
 ADMISSION_MODES = ("reject", "best_effort")
+
+
+def open_loads(loads: Iterable[WorkerLoad]) -> list[WorkerLoad]:
+    """The workers that may take new requests: those not draining (whether a worker is
+    alive stays the policy's test)."""
+    return [w for w in loads if not w.draining]
 
 
 def overloaded(message: str, retry_after_s: float, reason: str) -> Overloaded:
@@ -46,7 +53,7 @@ class Admission:
             raise overloaded(f"the router already holds {in_flight} requests", 1.0, "queue_full")
 
     def rank_decode(self, routing: RoutingRequest) -> list[str]:
-        ranked = self.policy.rank_decode(routing, list(self.decode_load.values()))
+        ranked = self.policy.rank_decode(routing, open_loads(self.decode_load.values()))
         if not ranked:
             raise NoWorkerAvailable("no healthy decode worker")
         return ranked
@@ -61,13 +68,13 @@ class Admission:
         return any(w.healthy and not w.refused
                    and not w.seats_full
                    and w.free_blocks >= 2 * -(-routing.num_prompt_tokens // w.block_size)
-                   for w in self.decode_load.values())
+                   for w in open_loads(self.decode_load.values()))
 
     def pick_prefill(self, routing: RoutingRequest, unit: int | None = None,
                      admit: bool = True) -> str:
         """The policy's best prefill worker (within ``unit`` if given); with ``admit``,
         the queue bound and the TTFT target first (see the module doc)."""
-        loads = [w for w in self.prefill_load.values()
+        loads = [w for w in open_loads(self.prefill_load.values())
                  if unit is None or self.units.get(w.worker_id) == unit]
         ranked = self.policy.rank_prefill(routing, loads)
         if not ranked:

@@ -11,6 +11,7 @@ from typing import Any
 
 from pdserve.router.clients import DecodeClient, PrefillClient
 from pdserve.router.config import RouterConfig
+from pdserve.router.membership import Membership
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.metrics_server import MetricsAggregator
 from pdserve.router.orchestrator import Orchestrator
@@ -41,13 +42,17 @@ def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
         profile = LatencyProfile.load(config.profile)
     policy = create_policy(config.policy, profile, config.prefill_token_budget,
                            config.kv_aware_routing)
-    pclients = [PrefillClient(w, t, direct=config.prefill_channel == "direct")
-                for w, t in prefills]
+    def make_prefill(worker_id: str, target: Any) -> PrefillClient:
+        return PrefillClient(worker_id, target, direct=config.prefill_channel == "direct")
+
+    pclients = [make_prefill(w, t) for w, t in prefills]
     dclients = [DecodeClient(w, t) for w, t in decodes]
     orch = Orchestrator(pclients, dclients, policy, config.slo, config.admission,
                         units=dict(config.units), reliability=config.reliability)
     metrics = RouterMetrics(model_label(config.model), config.slo)
     orch.on_retry = lambda cause: metrics.retries.labels(metrics.model, cause).inc()
     aggregator = MetricsAggregator({c.worker_id: c.metrics_text for c in (*pclients, *dclients)})
-    return RouterServer(config.server, orch, tokenizer, limits, metrics, aggregator,
-                        model_name=config.served_model_name or model_label(config.model))
+    server = RouterServer(config.server, orch, tokenizer, limits, metrics, aggregator,
+                          model_name=config.served_model_name or model_label(config.model))
+    server.membership = Membership(orch, make_prefill, aggregator, metrics)
+    return server

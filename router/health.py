@@ -58,6 +58,19 @@ class WorkerHealth:
         self.on_revival = on_revival
         self.workers = {wid: Liveness(load) for wid, load in loads.items()}
 
+    def add(self, wid: str, load: WorkerLoad) -> None:
+        """A worker that joined a running router (``Orchestrator.attach``)."""
+        if wid in self.workers:
+            raise ValueError(f"worker {wid!r} is already known")
+        self.workers[wid] = Liveness(load)
+
+    def remove(self, wid: str) -> None:
+        """A worker that left; whoever still waits on its death hears it now."""
+        w = self.workers.pop(wid)
+        for fut in list(w.mourners):
+            if not fut.done():
+                fut.set_result(None)
+
     def __getitem__(self, wid: str) -> Liveness:
         return self.workers[wid]
 

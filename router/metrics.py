@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pdserve.engine.metrics import COUNT_BUCKETS, LATENCY_BUCKETS
+from pdserve.router.load_window import LoadWindow
 from pdserve.router.slo import SloConfig, tpot
 
 
@@ -20,6 +21,7 @@ class RouterMetrics:
     def __init__(self, model: str, slo: SloConfig, registry: CollectorRegistry | None = None):
         self.registry = r = registry or CollectorRegistry()
         self.model = model
+        self.window = LoadWindow()  # what the autoscaler reads (router/load_window.py)
         self.slo = slo
         m, ms = ("model",), ("model", "slo_class")
         self.ttft = Histogram("pdserve_time_to_first_token_seconds", "Time to first token", ms,
@@ -47,6 +49,17 @@ class RouterMetrics:
                                "by what failed", ("model", "cause"), registry=r)
         self.in_flight = Gauge("pdserve_router_requests_in_flight", "Requests being streamed", m,
                                registry=r).labels(model)
+        # Pool membership (router/membership.py) and the autoscaler's decisions, which it
+        # reports here so that one scrape target shows them beside the SLOs they serve.
+        self.pool_workers = Gauge("pdserve_router_pool_workers", "Workers in each pool, in "
+                                  "service (active) or leaving (draining)",
+                                  ("model", "pool", "state"), registry=r)
+        self.scaling = Counter("pdserve_autoscaler_decisions", "Pool resizes the autoscaler "
+                               "made, by pool, direction and reason",
+                               ("model", "pool", "direction", "reason"), registry=r)
+        self.scaling_target = Gauge("pdserve_autoscaler_target_workers", "Workers the "
+                                    "autoscaler last asked each pool for", ("model", "pool"),
+                                    registry=r)
         for name, value in (("pdserve_slo_ttft_target_seconds", slo.ttft_s),
                             ("pdserve_slo_tpot_target_seconds", slo.tpot_s),
                             ("pdserve_slo_attainment_target", slo.attainment)):
@@ -62,8 +75,21 @@ class RouterMetrics:
         for cause in ("prefill_failed", "decode_failed", "transfer_failed"):
             self.retries.labels(model, cause)
 
+    def set_pool_sizes(self, sizes: dict[str, dict[str, int]]) -> None:
+        for pool, states in sizes.items():
+            for state, n in states.items():
+                self.pool_workers.labels(self.model, pool, state).set(n)
+
+    def record_scaling(self, pool: str, before: int, after: int, reason: str) -> None:
+        """One pool's resize (``after`` workers asked for, ``before`` in service)."""
+        self.scaling_target.labels(self.model, pool).set(after)
+        if after != before:
+            self.scaling.labels(self.model, pool, "up" if after > before else "down",
+                                reason).inc()
+
     def timeline(self, slo: SloConfig, custom: bool) -> RequestTimeline:
         self.in_flight.inc()
+        self.window.arrived()
         return RequestTimeline(self, slo, "custom" if custom else "default")
 
 
@@ -104,12 +130,16 @@ class RequestTimeline:
         if rejected_reason is not None:
             m.rejected.labels(model, rejected_reason).inc()
             m.slo_missed.labels(model, self.slo_class, "rejected").inc()
+            m.window.finished(self.prompt_tokens, 0, False, True, False)
             return
         if code != "OK" or self.first is None:
             m.slo_missed.labels(model, self.slo_class, "error").inc()
+            m.window.finished(self.prompt_tokens, self.tokens, False, False, False)
             return
         ttft = self.first - self.start
         per_token = tpot(self.first, self.last, self.tokens)
+        m.window.finished(self.prompt_tokens, self.tokens, ttft <= self.slo.ttft_s,
+                          per_token is None or per_token <= self.slo.tpot_s, True)
         m.ttft.labels(model, self.slo_class).observe(ttft)
         if per_token is not None:
             m.tpot.labels(model, self.slo_class).observe(per_token)

@@ -33,6 +33,13 @@ class MetricsAggregator:
         self._labels: dict[str, dict[str, str]] = {}
         self._down: set[str] = set()
 
+    def forget(self, worker: str) -> None:
+        """A worker that left its pool: no longer pulled, nor reported down."""
+        self.sources.pop(worker, None)
+        self._texts.pop(worker, None)
+        self._labels.pop(worker, None)
+        self._down.discard(worker)
+
     async def refresh(self) -> None:
         async def one(worker: str, fetch: Fetch) -> None:
             try:
@@ -40,6 +47,8 @@ class MetricsAggregator:
             except Exception:  # dead, hung or restarting: report it down
                 self._texts.pop(worker, None)
                 self._down.add(worker)
+                return
+            if worker not in self.sources:  # left its pool while being pulled
                 return
             self._texts[worker] = text
             self._down.discard(worker)

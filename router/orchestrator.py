@@ -11,8 +11,13 @@ or repeated, so greedy output is identical to a run with no failure. After
 Around the attempts, this class wires the parts by concern: ``Admission`` (bounds,
 worker loads and the routing policy), ``RouteTable`` (which attempt each decode step's
 tokens go to), ``WorkerHealth`` (heartbeats; a death fails the routes on that worker),
-and one token-stream consumer per decode worker for the router's life. With no prefill
-workers the decode workers are colocated (both phases): the baseline path.
+and one token-stream consumer per decode worker for as long as it is in its pool. With no
+prefill workers the decode workers are colocated (both phases): the baseline path.
+
+Pools change while the router runs (the autoscaler, ``router/membership.py``): ``attach``
+adds a worker, ``drain`` stops routing to one, waits until it holds nothing
+(``router/drain.py``) and then ``detach``es it; a drain that runs out of time puts the
+worker back in service instead, so leaving never loses a request.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from pdserve.decode_worker.messages import ColocatedRequest, TokenDelta
 from pdserve.router.admission import Admission
 from pdserve.router.attempt import AttemptFailed, AttemptRunner
 from pdserve.router.clients import DecodeClient, PrefillClient, WorkerGone
+from pdserve.router.drain import DrainTimeout, work_held
 from pdserve.router.events import TokenEvent
 from pdserve.router.health import WorkerHealth
-from pdserve.router.policy import RoutingPolicy, RoutingRequest
+from pdserve.router.policy import RoutingPolicy, RoutingRequest, WorkerLoad
 from pdserve.router.reliability import ReliabilityConfig
 from pdserve.router.request_types import ValidatedRequest
 from pdserve.router.routes import AttemptId, RouteTable
@@ -66,7 +72,8 @@ class Orchestrator:
         self.failed_after_retries = 0
         self.on_retry: Callable[[str], None] | None = None  # metrics hook: the cause
         self._requests: set[str] = set()  # client request ids in flight
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: dict[str, list[asyncio.Task]] = {}  # per worker: stream, heartbeat
+        self._started = False
 
     @property
     def rejected(self) -> int:
@@ -76,19 +83,26 @@ class Orchestrator:
     def start(self) -> None:
         """Start one token-stream consumer per decode worker and one heartbeat per worker
         (call inside the event loop)."""
-        for client in self.decodes.values():
-            self._tasks.append(asyncio.create_task(self._consume(client)))
-            self._tasks.append(asyncio.create_task(
-                self.health.watch(client.worker_id, client.stats, self._on_decode_stats)))
-        for client in self.prefills.values():
-            self._tasks.append(asyncio.create_task(
-                self.health.watch(client.worker_id, client.stats, self._on_prefill_stats)))
+        self._started = True
+        for client in (*self.decodes.values(), *self.prefills.values()):
+            self._start_worker(client)
+
+    def _start_worker(self, client: PrefillClient | DecodeClient) -> None:
+        wid = client.worker_id
+        if wid in self.decodes:
+            self._tasks[wid] = [
+                asyncio.create_task(self._consume(client)),
+                asyncio.create_task(self.health.watch(wid, client.stats, self._on_decode_stats))]
+        else:
+            self._tasks[wid] = [asyncio.create_task(
+                self.health.watch(wid, client.stats, self._on_prefill_stats))]
             client.open()
 
     async def close(self) -> None:
-        for t in self._tasks:
+        tasks = [t for ts in self._tasks.values() for t in ts]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.attempts.drain()
         await asyncio.gather(*(c.close() for c in self.prefills.values()),
                              return_exceptions=True)
@@ -110,6 +124,88 @@ class Orchestrator:
             except Exception:
                 log.exception("token stream from %s broke; resubscribing", wid)
             await asyncio.sleep(0.5)
+
+    # -- pool membership ----------------------------------------------------------------
+    def attach(self, client: PrefillClient | DecodeClient, role: str) -> None:
+        """Add a ready worker (``role`` "prefill" or "decode") to its pool; it takes requests
+        from its first heartbeat on. A colocated router takes only decode workers."""
+        wid = client.worker_id
+        if wid in self.prefills or wid in self.decodes:
+            raise ValueError(f"worker {wid!r} is already in a pool")
+        if role == "prefill" and self.colocated:
+            raise ValueError("a colocated router has no prefill pool")
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"role must be prefill or decode, got {role!r}")
+        workers, loads = ((self.prefills, self.prefill_load) if role == "prefill"
+                          else (self.decodes, self.decode_load))
+        load = loads[wid] = WorkerLoad(wid)
+        workers[wid] = client
+        self.health.add(wid, load)
+        if self._started:
+            self._start_worker(client)
+
+    async def drain(self, wid: str, timeout_s: float, poll_s: float = 0.2) -> None:
+        """Stop routing to ``wid``, wait until it holds nothing (``router/drain.py``), then
+        ``detach`` it. Raises ``DrainTimeout`` (the worker back in service) if it still
+        holds work after ``timeout_s``; ``KeyError`` if it is in no pool, ``ValueError``
+        if it is the last of its pool in service."""
+        self.begin_drain(wid)
+        await self.finish_drain(wid, timeout_s, poll_s)
+
+    def begin_drain(self, wid: str) -> None:
+        """The first half of ``drain``: no new request goes to ``wid`` from now on."""
+        loads = self.prefill_load if wid in self.prefill_load else self.decode_load
+        load = loads[wid]
+        if not load.draining and sum(not w.draining for w in loads.values()) <= 1:
+            raise ValueError(f"worker {wid} is the last of its pool in service")
+        load.draining = True
+
+    async def finish_drain(self, wid: str, timeout_s: float, poll_s: float = 0.2) -> None:
+        """The second half of ``drain``: wait, then detach (or put it back in service)."""
+        client = self.prefills.get(wid) or self.decodes[wid]
+        load = self.prefill_load.get(wid) or self.decode_load[wid]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        idle_looks = 0
+        try:
+            while True:
+                try:
+                    held = load.in_flight + work_held(await client.stats())
+                except Exception:  # dead: its routes failed, it holds nothing; else unknown
+                    held = load.in_flight + (1 if load.healthy else 0)
+                idle_looks = idle_looks + 1 if held == 0 else 0
+                if idle_looks == 2:
+                    break
+                if loop.time() >= deadline:
+                    raise DrainTimeout(wid, held, timeout_s)
+                await asyncio.sleep(poll_s)
+        except BaseException:
+            load.draining = False
+            raise
+        await self.detach(wid)
+
+    async def detach(self, wid: str) -> None:
+        """Remove ``wid`` from its pool at once: its stream and heartbeat stop and the
+        policy forgets it. Callers drain it first (``drain``)."""
+        tasks = self._tasks.pop(wid, [])
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        client = self.prefills.pop(wid, None)
+        self.decodes.pop(wid, None)
+        self.prefill_load.pop(wid, None)
+        self.decode_load.pop(wid, None)
+        self.health.remove(wid)
+        self.admission.policy.forget_worker(wid)
+        if client is not None:
+            await client.close()
+
+    def pool_sizes(self) -> dict[str, dict[str, int]]:
+        """Workers per pool, in service and draining."""
+        return {pool: {"active": sum(not w.draining for w in loads.values()),
+                       "draining": sum(w.draining for w in loads.values())}
+                for pool, loads in (("prefill", self.prefill_load),
+                                    ("decode", self.decode_load))}
 
     def _on_death(self, wid: str, why: str) -> None:
         """Attempts waiting on a dead decode worker's stream get a retryable error (prefill

@@ -34,6 +34,8 @@ class WorkerLoad:
     prefill_queue: dict[str, int] = field(default_factory=dict)
     # decode: current context length of each request running there
     decode_contexts: dict[str, int] = field(default_factory=dict)
+    # leaving the pool (router/membership.py): takes no new request, finishes what it holds
+    draining: bool = False
 
     @property
     def seats_full(self) -> bool:

@@ -175,6 +175,8 @@ class RouterServer:
         self._health = health.aio.HealthServicer() if hasattr(health, "aio") else \
             health.HealthServicer()
         self.port: int | None = None
+        # Pools that change while serving (router/membership.py); set by build_router.
+        self.membership = None
 
     async def start(self) -> str:
         cfg = self.config

@@ -33,11 +33,9 @@ def local_idle(cluster) -> bool:
 
 def ray_held(cluster) -> int:
     """Blocks, reservations and requests still held by a Ray ``Cluster``'s workers."""
-    total = 0
-    for s in cluster.stats().values():
-        total += getattr(s, "num_used_blocks", 0) + getattr(s, "num_reserved", 0)
-        total += getattr(s, "num_running", 0) + getattr(s, "num_waiting", 0)
-    return total
+    from pdserve.router.drain import work_held
+
+    return sum(work_held(s) for s in cluster.stats().values())
 
 
 def generate_through(prefill: tuple[str, object], decode: tuple[str, object], prompt,
