@@ -343,7 +343,10 @@ class CudaIpcSender(KVSender):
         if on_gpu:
             ctx.stream.wait_stream(torch.cuda.current_stream(on_gpu[0].device))
             ctx.waits += 1
-        with torch.cuda.stream(ctx.stream):
+        # Inference mode: the mapped cache may have been opened inside the prefill step's
+        # inference mode (an inference tensor), and a late destination's stacked write runs
+        # outside it; an in-place write to an inference tensor is refused out of that mode.
+        with torch.cuda.stream(ctx.stream), torch.inference_mode():
             ctx.launches += write()
             for kv in on_gpu:
                 kv.record_stream(ctx.stream)  # the caller may free kv before the copy runs

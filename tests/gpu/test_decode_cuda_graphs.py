@@ -76,7 +76,9 @@ def test_graph_replay_equals_the_same_step_run_eagerly(which, gpu_checkpoint,
     for size in SIZES:
         for batch in sorted({size, max(1, size - 1), size // 2 + 1}):
             inputs = _decode_batch(rng, batch, runner.usable_blocks)
-            assert graph_eligible(inputs, False, None) and graphs.padded_size(batch) == size
+            # the smallest captured size that holds the batch (size - 1 may be captured too)
+            want = min(s for s in SIZES if s >= batch)
+            assert graph_eligible(inputs, False, None) and graphs.padded_size(batch) == want
             eager_same_kernels = graphs.run_eager(inputs)
             replayed = graphs.run(inputs)
             via_runner = runner.run(inputs)
