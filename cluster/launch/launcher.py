@@ -279,6 +279,25 @@ def abandon(workers: list[tuple[str, Any]], started_ray: bool) -> None:
         ray.shutdown()
 
 
+def create_worker(spec: ClusterSpec, role: str, index: int, threads: int
+                  ) -> tuple[str, Any]:
+    """``(worker id, actor handle)`` of a new worker of the ``role`` pool ("prefill",
+    "decode" or "colocated"), named ``{role}-{index}``; not waited for (``wait_ready``).
+    ``spec.kv`` must already hold the cluster's secret (``launch`` resolves it)."""
+    from pdserve.decode_worker.actor import DecodeWorkerActor
+    from pdserve.prefill_worker.actor import PrefillWorkerActor
+
+    wid = f"{role}-{index}"
+    if role == "colocated":
+        return wid, DecodeWorkerActor.options(**spec.colocated.actor_options()).remote(
+            wid, spec.engine, None, threads)
+    pool = spec.prefill if role == "prefill" else spec.decode
+    actor = PrefillWorkerActor if role == "prefill" else DecodeWorkerActor
+    return wid, actor.options(**pool.actor_options()).remote(
+        wid, pool.engine(spec.engine), spec.kv, threads,
+        pool.rank_launcher(role, spec.kv, threads))
+
+
 def launch(spec: ClusterSpec, address: str | None = None,
            placement_timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S,
            ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S) -> Cluster:
@@ -287,8 +306,6 @@ def launch(spec: ClusterSpec, address: str | None = None,
     local Ray this call starts, so that one is only checked briefly); ``ready_timeout_s``:
     how long placing the workers and loading the model may take."""
 
-    from pdserve.decode_worker.actor import DecodeWorkerActor
-    from pdserve.prefill_worker.actor import PrefillWorkerActor
     from pdserve.router.actor import RouterActor
 
     # One secret for every worker of this cluster, resolved before any of them exists.
@@ -306,23 +323,15 @@ def launch(spec: ClusterSpec, address: str | None = None,
         if spec.colocated is not None:
             log.info("launching %d colocated workers", spec.colocated.count)
             prefills = []
-            decodes = [(f"colocated-{i}", DecodeWorkerActor.options(
-                **spec.colocated.actor_options()).remote(f"colocated-{i}", spec.engine, None,
-                                                         threads))
-                for i in range(spec.colocated.count)]
+            decodes = [create_worker(spec, "colocated", i, threads)
+                       for i in range(spec.colocated.count)]
         else:
             log.info("launching %d prefill (tp %d) + %d decode (tp %d) workers",
                      spec.prefill.count, spec.prefill.tp, spec.decode.count, spec.decode.tp)
-            decodes = [(f"decode-{i}", DecodeWorkerActor.options(
-                **spec.decode.actor_options()).remote(
-                    f"decode-{i}", spec.decode.engine(spec.engine), spec.kv, threads,
-                    spec.decode.rank_launcher("decode", spec.kv, threads)))
-                for i in range(spec.decode.count)]
-            prefills = [(f"prefill-{i}", PrefillWorkerActor.options(
-                **spec.prefill.actor_options()).remote(
-                    f"prefill-{i}", spec.prefill.engine(spec.engine), spec.kv, threads,
-                    spec.prefill.rank_launcher("prefill", spec.kv, threads)))
-                for i in range(spec.prefill.count)]
+            decodes = [create_worker(spec, "decode", i, threads)
+                       for i in range(spec.decode.count)]
+            prefills = [create_worker(spec, "prefill", i, threads)
+                        for i in range(spec.prefill.count)]
         workers = [*decodes, *prefills]
         wait_ready(workers, ready_timeout_s=ready_timeout_s,
                    placement_timeout_s=placement_timeout_s, demands=demands)
