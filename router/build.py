@@ -15,6 +15,7 @@ from pdserve.router.metrics import RouterMetrics
 from pdserve.router.metrics_server import MetricsAggregator
 from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.policies import create_policy
+from pdserve.router.prefill_placement import PrefillPlacement
 from pdserve.router.request_types import ValidationLimits
 from pdserve.router.server import RouterServer
 
@@ -41,13 +42,18 @@ def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
         profile = LatencyProfile.load(config.profile)
     policy = create_policy(config.policy, profile, config.prefill_token_budget,
                            config.kv_aware_routing)
+    placement = PrefillPlacement(config.local_prefill, policy, profile, config.decode_tp,
+                                 config.prefill_token_budget)
     pclients = [PrefillClient(w, t, direct=config.prefill_channel == "direct")
                 for w, t in prefills]
     dclients = [DecodeClient(w, t) for w, t in decodes]
     orch = Orchestrator(pclients, dclients, policy, config.slo, config.admission,
-                        units=dict(config.units), reliability=config.reliability)
+                        units=dict(config.units), reliability=config.reliability,
+                        placement=placement)
     metrics = RouterMetrics(model_label(config.model), config.slo)
     orch.on_retry = lambda cause: metrics.retries.labels(metrics.model, cause).inc()
+    placement.on_decision = lambda where, reason: metrics.prefill_decisions.labels(
+        metrics.model, where, reason).inc()
     aggregator = MetricsAggregator({c.worker_id: c.metrics_text for c in (*pclients, *dclients)})
     return RouterServer(config.server, orch, tokenizer, limits, metrics, aggregator,
                         model_name=config.served_model_name or model_label(config.model))
