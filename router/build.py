@@ -20,6 +20,21 @@ from pdserve.router.request_types import ValidationLimits
 from pdserve.router.server import RouterServer
 
 
+def _load_profile(config: RouterConfig):
+    if not config.profile:
+        return None
+    from pdserve.engine.latency_profile import LatencyProfile
+
+    return LatencyProfile.load(config.profile)
+
+
+def check_profile(config: RouterConfig) -> None:
+    """Refuse now what ``build_router`` would refuse about the latency profile (unreadable,
+    or without the decode pool's tp for local prefill), so a launcher fails before any
+    worker starts rather than in the router's actor."""
+    PrefillPlacement(config.local_prefill, None, _load_profile(config), config.decode_tp)
+
+
 def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
                  decodes: Sequence[tuple[str, Any]]) -> RouterServer:
     from pdserve.engine.checkpoint import ensure_model_present, has_tokenizer
@@ -35,11 +50,7 @@ def build_router(config: RouterConfig, prefills: Sequence[tuple[str, Any]],
         vocab_size=min(vocab, mc.vocab_size),
         max_model_len=config.max_model_len or mc.max_position_embeddings,
         max_tokens_limit=config.max_tokens_limit)
-    profile = None
-    if config.profile:
-        from pdserve.engine.latency_profile import LatencyProfile
-
-        profile = LatencyProfile.load(config.profile)
+    profile = _load_profile(config)
     policy = create_policy(config.policy, profile, config.prefill_token_budget,
                            config.kv_aware_routing)
     placement = PrefillPlacement(config.local_prefill, policy, profile, config.decode_tp,

@@ -55,7 +55,11 @@ class PrefillPlacement:
             raise ValueError("local prefill with a wait factor (--local-prefill-wait-factor) "
                              "compares predicted prefill times: it needs a latency profile "
                              "(--profile)")
-        self._local = profile.instance(decode_tp)  # ValueError names the missing tp
+        try:
+            self._local = profile.instance(decode_tp)
+        except ValueError as exc:
+            raise ValueError(f"local prefill predicts the decode workers' prefill time at "
+                             f"their tp ({decode_tp}): {exc}") from None
         inner = self._kv.inner if self._kv is not None else policy
         self._remote = inner if isinstance(inner, SloAware) else SloAware(
             profile, prefill_token_budget)

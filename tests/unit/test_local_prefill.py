@@ -155,3 +155,41 @@ def test_the_metric_counts_what_the_hook_reports():
 
     assert value(LOCAL, "short") == 1 and value(REMOTE, DECODE_FULL) == 1
     assert value(LOCAL, "queue") == 0  # every outcome exists from the start
+
+
+# -- start-up: the serve flags and the launchers ------------------------------------------------
+def test_serve_flags_are_checked_against_the_flag_that_gave_them(capsys, demo_model_dir):
+    from pdserve.cluster.cli.main import build_parser, main
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.local_prefill_tokens, args.local_prefill_wait_factor) == (0, None)
+    args = build_parser().parse_args(["serve", "--local-prefill-tokens", "256",
+                                      "--local-prefill-wait-factor", "1.5"])
+    assert (args.local_prefill_tokens, args.local_prefill_wait_factor) == (256, 1.5)
+    for flag, value in (("--local-prefill-tokens", "-1"), ("--local-prefill-wait-factor", "0.9"),
+                        ("--local-prefill-wait-factor", "inf")):
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args(["serve", flag, value])
+        assert exit_.value.code == 2
+        assert f"argument {flag}: local prefill" in capsys.readouterr().err
+    # a wait factor without a profile: refused before anything starts
+    assert main(["serve", "--model", str(demo_model_dir),
+                 "--local-prefill-wait-factor", "2"]) == 2
+    assert "--local-prefill-wait-factor" in capsys.readouterr().err
+
+
+def test_launchers_give_the_router_the_decode_tp_and_check_its_profile(tmp_path):
+    from pdserve.cluster.launch.launcher import ClusterSpec, PoolSpec
+    from pdserve.engine.config import EngineConfig
+    from pdserve.router.build import check_profile
+
+    path = tmp_path / "opt13b.json"
+    distserve_opt13b_a100().save(path)
+    router = RouterConfig(model="m", profile=str(path),
+                          local_prefill=LocalPrefillConfig(wait_factor=2.0))
+    spec = ClusterSpec(engine=EngineConfig(model="m"), decode=PoolSpec(1, tp=2), router=router)
+    assert spec.router_config().decode_tp == 2
+    check_profile(spec.router_config())  # the profile has tp 2
+    bad = ClusterSpec(engine=EngineConfig(model="m"), decode=PoolSpec(1, tp=8), router=router)
+    with pytest.raises(ValueError, match="no entry for tp=8"):
+        check_profile(bad.router_config())
