@@ -50,8 +50,10 @@ class RouterConfig:
         if self.decode_tp < 1:
             raise ValueError(f"decode_tp must be >= 1, got {self.decode_tp}")
         if self.local_prefill.needs_profile and not self.profile:
-            raise ValueError("--local-prefill-wait-factor compares predicted prefill times: "
-                             "it needs a latency profile (--profile)")
+            raise ValueError(
+                "--local-prefill-wait-factor compares predicted prefill times: "
+                "it needs a latency profile (--profile)"
+            )
         if self.prefill_channel not in ("direct", "ray"):
             raise ValueError(f"prefill_channel must be direct or ray, got {self.prefill_channel!r}")
         if self.admission not in ("reject", "best_effort"):
