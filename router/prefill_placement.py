@@ -33,14 +33,23 @@ from pdserve.router.policy_slo import SloAware
 DECODE_FULL = "decode_full"
 # every (decision, reason) the metric can show
 OUTCOMES: tuple[tuple[str, str], ...] = (
-    (LOCAL, "short"), (LOCAL, "queue"), (REMOTE, "remote"), (REMOTE, "off"),
-    (REMOTE, DECODE_FULL))
+    (LOCAL, "short"),
+    (LOCAL, "queue"),
+    (REMOTE, "remote"),
+    (REMOTE, "off"),
+    (REMOTE, DECODE_FULL),
+)
 
 
 class PrefillPlacement:
-    def __init__(self, config: LocalPrefillConfig | None = None,
-                 policy: RoutingPolicy | None = None, profile: LatencyProfile | None = None,
-                 decode_tp: int = 1, prefill_token_budget: int = 2048):
+    def __init__(
+        self,
+        config: LocalPrefillConfig | None = None,
+        policy: RoutingPolicy | None = None,
+        profile: LatencyProfile | None = None,
+        decode_tp: int = 1,
+        prefill_token_budget: int = 2048,
+    ):
         """``policy``: the router's routing policy (its KV-aware index and TTFT prediction
         are reused); ``profile`` is required when ``config.wait_factor`` is set, and must
         have an entry for ``decode_tp``."""
@@ -52,21 +61,22 @@ class PrefillPlacement:
         if not config.needs_profile:
             return
         if profile is None:
-            raise ValueError("local prefill with a wait factor (--local-prefill-wait-factor) "
-                             "compares predicted prefill times: it needs a latency profile "
-                             "(--profile)")
+            raise ValueError(
+                "local prefill with a wait factor (--local-prefill-wait-factor) "
+                "compares predicted prefill times: it needs a latency profile "
+                "(--profile)"
+            )
         try:
             self._local = profile.instance(decode_tp)
         except ValueError as exc:
-            raise ValueError(f"local prefill predicts the decode workers' prefill time at "
-                             f"their tp ({decode_tp}): {exc}") from None
+            raise ValueError(
+                f"local prefill predicts the decode workers' prefill time at "
+                f"their tp ({decode_tp}): {exc}"
+            ) from None
         inner = self._kv.inner if self._kv is not None else policy
-        self._remote = inner if isinstance(inner, SloAware) else SloAware(
-            profile, prefill_token_budget)
-
-    @property
-    def enabled(self) -> bool:
-        return self.config.enabled
+        self._remote = (
+            inner if isinstance(inner, SloAware) else SloAware(profile, prefill_token_budget)
+        )
 
     def decide(self, routing: RoutingRequest, prefills: list[WorkerLoad]) -> Decision:
         """Where ``routing``'s prompt should be prefilled, given the prefill workers' loads
@@ -79,11 +89,15 @@ class PrefillPlacement:
         uncached = n - max((cached.get(w.worker_id, 0) for w in healthy), default=0)
         remote = local = None
         if self._remote is not None:
-            remote = min((self._remote.predict_ttft_s(dataclasses.replace(
-                routing, num_prompt_tokens=n - cached.get(w.worker_id, 0)), w)
-                for w in healthy), default=None)
+            remote = min((self._remote_ttft_s(routing, w, cached) for w in healthy), default=None)
             local = self._local.prefill_s([n])
         return decide(self.config, n, uncached, remote, local)
+
+    def _remote_ttft_s(self, routing: RoutingRequest, w: WorkerLoad, cached: dict[str, int]):
+        uncached = routing.num_prompt_tokens - cached.get(w.worker_id, 0)
+        return self._remote.predict_ttft_s(
+            dataclasses.replace(routing, num_prompt_tokens=uncached), w
+        )
 
     def count(self, where: str, reason: str) -> None:
         """What happened to one attempt's prompt (the metric's labels)."""

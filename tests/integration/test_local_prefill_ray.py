@@ -31,9 +31,11 @@ THRESHOLD = 24
 def _decisions(metrics_address: str) -> dict[tuple[str, str], float]:
     text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10).read().decode()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
-    return {(s.labels["decision"], s.labels["reason"]): s.value
-            for s in fams["pdserve_router_prefill_decisions"].samples
-            if s.name.endswith("_total")}
+    return {
+        (s.labels["decision"], s.labels["reason"]): s.value
+        for s in fams["pdserve_router_prefill_decisions"].samples
+        if s.name.endswith("_total")
+    }
 
 
 def test_local_and_remote_prefills_match_the_engine_and_are_counted(ray_cluster, demo_model_dir):
@@ -42,21 +44,30 @@ def test_local_and_remote_prefills_match_the_engine_and_are_counted(ray_cluster,
     prompts = [[rng.randrange(3, 900) for _ in range(n)] for n in lengths]
     max_tokens = [rng.randrange(2, 16) for _ in prompts]
     engine = LLMEngine.from_config(engine_config(demo_model_dir))
-    want = [c.token_ids for c in engine.generate(
-        prompts, [SamplingParams(max_tokens=m) for m in max_tokens])]
+    want = [
+        c.token_ids
+        for c in engine.generate(prompts, [SamplingParams(max_tokens=m) for m in max_tokens])
+    ]
     spec = ClusterSpec(
-        engine=engine_config(demo_model_dir), prefill=PoolSpec(1, num_cpus=1),
-        decode=PoolSpec(1, num_cpus=1), kv=KVTransferConfig(backend="shm"),
-        router=RouterConfig(model=str(demo_model_dir),
-                            server=ServerConfig(port=0, metrics_port=0),
-                            local_prefill=LocalPrefillConfig(max_local_tokens=THRESHOLD)),
-        torch_threads=1)
+        engine=engine_config(demo_model_dir),
+        prefill=PoolSpec(1, num_cpus=1),
+        decode=PoolSpec(1, num_cpus=1),
+        kv=KVTransferConfig(backend="shm"),
+        router=RouterConfig(
+            model=str(demo_model_dir),
+            server=ServerConfig(port=0, metrics_port=0),
+            local_prefill=LocalPrefillConfig(max_local_tokens=THRESHOLD),
+        ),
+        torch_threads=1,
+    )
     cluster = launch(spec)
     try:
+
         def one(i):
             with Client(cluster.address, timeout_s=120) as c:
-                return tuple(c.generate(build_request(prompts[i],
-                                                      max_tokens=max_tokens[i])).token_ids)
+                return tuple(
+                    c.generate(build_request(prompts[i], max_tokens=max_tokens[i])).token_ids
+                )
 
         with ThreadPoolExecutor(len(prompts)) as pool:
             got = list(pool.map(one, range(len(prompts))))

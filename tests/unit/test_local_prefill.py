@@ -50,13 +50,16 @@ def test_queue_needs_a_wait_over_factor_times_the_local_prefill():
     assert decide(both, 9, 9, 100.0, 1.0).reason == "queue"
 
 
-@pytest.mark.parametrize("fields, fragment", [
-    ({"max_local_tokens": -1}, "max_local_tokens"),
-    ({"wait_factor": 0.5}, "wait_factor"),
-    ({"wait_factor": math.inf}, "wait_factor"),
-    ({"wait_factor": math.nan}, "wait_factor"),
-    ({"max_queue_local_tokens": 0}, "max_queue_local_tokens"),
-])
+@pytest.mark.parametrize(
+    "fields, fragment",
+    [
+        ({"max_local_tokens": -1}, "max_local_tokens"),
+        ({"wait_factor": 0.5}, "wait_factor"),
+        ({"wait_factor": math.inf}, "wait_factor"),
+        ({"wait_factor": math.nan}, "wait_factor"),
+        ({"max_queue_local_tokens": 0}, "max_queue_local_tokens"),
+    ],
+)
 def test_out_of_range_settings_are_refused(fields, fragment):
     with pytest.raises(ValueError, match=fragment):
         LocalPrefillConfig(**fields)
@@ -144,14 +147,16 @@ def test_the_metric_counts_what_the_hook_reports():
     metrics = RouterMetrics("demo", SloConfig())
     place = PrefillPlacement(LocalPrefillConfig(max_local_tokens=8))
     place.on_decision = lambda where, reason: metrics.prefill_decisions.labels(
-        "demo", where, reason).inc()
+        "demo", where, reason
+    ).inc()
     place.count(LOCAL, "short")
     place.count(REMOTE, DECODE_FULL)
 
     def value(decision, reason):
         return metrics.registry.get_sample_value(
             "pdserve_router_prefill_decisions_total",
-            {"model": "demo", "decision": decision, "reason": reason})
+            {"model": "demo", "decision": decision, "reason": reason},
+        )
 
     assert value(LOCAL, "short") == 1 and value(REMOTE, DECODE_FULL) == 1
     assert value(LOCAL, "queue") == 0  # every outcome exists from the start
@@ -163,18 +168,21 @@ def test_serve_flags_are_checked_against_the_flag_that_gave_them(capsys, demo_mo
 
     args = build_parser().parse_args(["serve"])
     assert (args.local_prefill_tokens, args.local_prefill_wait_factor) == (0, None)
-    args = build_parser().parse_args(["serve", "--local-prefill-tokens", "256",
-                                      "--local-prefill-wait-factor", "1.5"])
+    args = build_parser().parse_args(
+        ["serve", "--local-prefill-tokens", "256", "--local-prefill-wait-factor", "1.5"]
+    )
     assert (args.local_prefill_tokens, args.local_prefill_wait_factor) == (256, 1.5)
-    for flag, value in (("--local-prefill-tokens", "-1"), ("--local-prefill-wait-factor", "0.9"),
-                        ("--local-prefill-wait-factor", "inf")):
+    for flag, value in (
+        ("--local-prefill-tokens", "-1"),
+        ("--local-prefill-wait-factor", "0.9"),
+        ("--local-prefill-wait-factor", "inf"),
+    ):
         with pytest.raises(SystemExit) as exit_:
             build_parser().parse_args(["serve", flag, value])
         assert exit_.value.code == 2
         assert f"argument {flag}: local prefill" in capsys.readouterr().err
     # a wait factor without a profile: refused before anything starts
-    assert main(["serve", "--model", str(demo_model_dir),
-                 "--local-prefill-wait-factor", "2"]) == 2
+    assert main(["serve", "--model", str(demo_model_dir), "--local-prefill-wait-factor", "2"]) == 2
     assert "--local-prefill-wait-factor" in capsys.readouterr().err
 
 
@@ -185,8 +193,9 @@ def test_launchers_give_the_router_the_decode_tp_and_check_its_profile(tmp_path)
 
     path = tmp_path / "opt13b.json"
     distserve_opt13b_a100().save(path)
-    router = RouterConfig(model="m", profile=str(path),
-                          local_prefill=LocalPrefillConfig(wait_factor=2.0))
+    router = RouterConfig(
+        model="m", profile=str(path), local_prefill=LocalPrefillConfig(wait_factor=2.0)
+    )
     spec = ClusterSpec(engine=EngineConfig(model="m"), decode=PoolSpec(1, tp=2), router=router)
     assert spec.router_config().decode_tp == 2
     check_profile(spec.router_config())  # the profile has tp 2

@@ -31,15 +31,22 @@ THRESHOLD = 24  # prompts of at most this many tokens are prefilled on a decode 
 
 
 def _router(model) -> RouterConfig:
-    return RouterConfig(model=str(model), server=ServerConfig(port=0, metrics_port=None),
-                        local_prefill=LocalPrefillConfig(max_local_tokens=THRESHOLD))
+    return RouterConfig(
+        model=str(model),
+        server=ServerConfig(port=0, metrics_port=None),
+        local_prefill=LocalPrefillConfig(max_local_tokens=THRESHOLD),
+    )
 
 
 def _decisions(cluster) -> dict[tuple[str, str], float]:
     metrics = cluster.server.metrics
-    return {(d, r): metrics.registry.get_sample_value(
-        "pdserve_router_prefill_decisions_total",
-        {"model": metrics.model, "decision": d, "reason": r}) for d, r in OUTCOMES}
+    return {
+        (d, r): metrics.registry.get_sample_value(
+            "pdserve_router_prefill_decisions_total",
+            {"model": metrics.model, "decision": d, "reason": r},
+        )
+        for d, r in OUTCOMES
+    }
 
 
 def _counted(before: dict, after: dict) -> dict:
@@ -48,8 +55,12 @@ def _counted(before: dict, after: dict) -> dict:
 
 def _prefill_queue_times(cluster) -> float:
     metrics = cluster.server.metrics
-    return metrics.registry.get_sample_value("pdserve_request_queue_time_seconds_count",
-                                             {"model": metrics.model, "pool": "prefill"}) or 0
+    return (
+        metrics.registry.get_sample_value(
+            "pdserve_request_queue_time_seconds_count", {"model": metrics.model, "pool": "prefill"}
+        )
+        or 0
+    )
 
 
 def _prefilled_remotely(cluster) -> int:
@@ -58,8 +69,9 @@ def _prefilled_remotely(cluster) -> int:
 
 @pytest.fixture(scope="module")
 def cluster(demo_model_dir):
-    with LocalCluster(engine_config(demo_model_dir), num_prefill=1, num_decode=2,
-                      router=_router(demo_model_dir)) as c:
+    with LocalCluster(
+        engine_config(demo_model_dir), num_prefill=1, num_decode=2, router=_router(demo_model_dir)
+    ) as c:
         yield c
 
 
@@ -69,8 +81,10 @@ def test_short_prompts_local_long_remote_all_match_the_engine(cluster, demo_mode
     prompts = [[rng.randrange(3, 900) for _ in range(n)] for n in lengths]
     max_tokens = [rng.randrange(1, 20) for _ in prompts]
     engine = LLMEngine.from_config(engine_config(demo_model_dir))
-    want = [c.token_ids for c in engine.generate(
-        prompts, [SamplingParams(max_tokens=m) for m in max_tokens])]
+    want = [
+        c.token_ids
+        for c in engine.generate(prompts, [SamplingParams(max_tokens=m) for m in max_tokens])
+    ]
     before, remote_before = _decisions(cluster), _prefilled_remotely(cluster)
     queued_before = _prefill_queue_times(cluster)
 
@@ -82,8 +96,10 @@ def test_short_prompts_local_long_remote_all_match_the_engine(cluster, demo_mode
         got = list(pool.map(one, range(len(prompts))))
     assert got == list(want)
     short = sum(n <= THRESHOLD for n in lengths)
-    assert _counted(before, _decisions(cluster)) == {("local", "short"): short,
-                                                     ("remote", "remote"): len(lengths) - short}
+    assert _counted(before, _decisions(cluster)) == {
+        ("local", "short"): short,
+        ("remote", "remote"): len(lengths) - short,
+    }
     assert _prefilled_remotely(cluster) - remote_before == len(lengths) - short
     # only requests that went through the prefill pool have a prefill queue time
     assert _prefill_queue_times(cluster) - queued_before == len(lengths) - short
@@ -120,9 +136,15 @@ def test_a_decode_worker_that_refuses_the_local_prefill_sends_it_remote(demo_mod
     prompt = [7, 8, 9, 10, 11]
     engine = LLMEngine.from_config(engine_config(demo_model_dir))
     want = engine.generate([prompt], SamplingParams(max_tokens=6))[0].token_ids
-    with LocalCluster(engine_config(demo_model_dir), num_prefill=1, num_decode=1,
-                      router=_router(demo_model_dir)) as c, \
-            Client(c.address, timeout_s=60) as client:
+    with (
+        LocalCluster(
+            engine_config(demo_model_dir),
+            num_prefill=1,
+            num_decode=1,
+            router=_router(demo_model_dir),
+        ) as c,
+        Client(c.address, timeout_s=60) as client,
+    ):
         worker = c.decodes[0].worker
 
         def full(msg):
