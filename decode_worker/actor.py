@@ -7,6 +7,7 @@ import ray
 from pdserve.decode_worker.build import build_colocated_host, build_decode_host
 from pdserve.decode_worker.messages import (
     ColocatedRequest,
+    LocalPrefillRequest,
     Reservation,
     ReserveRequest,
     StartDecode,
@@ -52,6 +53,9 @@ class DecodeWorkerActor(WorkerActorCalls):
 
     async def start(self, msg: StartDecode) -> None:
         return await self.host.start(msg)
+
+    async def prefill_local(self, msg: LocalPrefillRequest) -> None:
+        return await self.host.prefill_local(msg)
 
     async def submit(self, msg: ColocatedRequest) -> None:
         return await self.host.submit(msg)

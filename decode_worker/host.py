@@ -1,6 +1,6 @@
 """Asyncio face of a decode worker (shared by its Ray actor and in-process use).
 
-Commands (reserve/start/release/stats) run on the worker's ``StepLoop`` thread. Each
+Commands (reserve/start/prefill_local/release/stats) run on the worker's ``StepLoop`` thread. Each
 step's ``TokenBatch`` is pushed to every subscriber's asyncio queue; ``stream`` is an
 async generator a router consumes for the worker's whole life: one message per decode
 step carrying all of that step's tokens.
@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pdserve.decode_worker.colocated import ColocatedWorker
 from pdserve.decode_worker.messages import (
     ColocatedRequest,
+    LocalPrefillRequest,
     Reservation,
     ReserveRequest,
     StartDecode,
@@ -42,6 +43,9 @@ class DecodeHost(WorkerHost):
     async def submit(self, msg: ColocatedRequest) -> None:
         """Colocated workers only: a whole request, first token through ``stream``."""
         return await self._call(lambda: self.worker.submit(msg))
+
+    async def prefill_local(self, msg: LocalPrefillRequest) -> None:
+        return await self._call(lambda: self.worker.prefill_local(msg))
 
     async def start(self, msg: StartDecode) -> None:
         return await self._call(lambda: self.worker.start(msg))

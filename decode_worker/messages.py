@@ -47,6 +47,21 @@ class ColocatedRequest:
 
 
 @dataclass(frozen=True)
+class LocalPrefillRequest:
+    """Prefill this prompt here, on the decode worker, and decode on (conditional
+    disaggregation, ``router/local_prefill.py``): no prefill worker and no KV transfer.
+    Its first token, like the rest, comes through the worker's ``TokenBatch`` stream."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+
+
+@dataclass(frozen=True)
 class StartDecode:
     """The prefill worker has written the KV and sampled ``first_token``: decode the rest.
 

@@ -14,6 +14,11 @@ context length) or when ``release`` is called (client cancel, a stop string foun
 the router, failure elsewhere). If blocks run out, the scheduler preempts and the
 request is recomputed here from prompt + generated tokens.
 
+A request the router chose to prefill here (conditional disaggregation) skips the
+reservation: ``prefill_local`` queues it in the scheduler with nothing computed, the
+way a preempted request is queued for recomputation, and its prompt runs in this
+worker's own steps; from there on (stream, finish, ``release``) it is like any other.
+
 At tensor parallel > 1 this is rank 0: every rank has its own KV receiver and holds its
 KV heads of the same blocks (``follower.py``). A reservation's destination names every
 rank's endpoint (gathered once at start-up). Where receivers learn of arrival themselves
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 
 from pdserve.decode_worker.messages import (
     DecodeStats,
+    LocalPrefillRequest,
     NoCapacityError,
     Reservation,
     ReservationLost,
@@ -80,6 +86,7 @@ class DecodeWorker(EngineWorker):
         self.receiver = receiver
         self.lease_s = lease_s
         self._reserved: dict[str, _Reserved] = {}
+        # every admitted request the scheduler holds (running, or waiting to be computed)
         self._running: dict[str, Request] = {}
         self._pending_deltas: list[TokenDelta] = []
         self._steps = 0
@@ -117,14 +124,19 @@ class DecodeWorker(EngineWorker):
         return cls(worker_id, parts, receiver, lease_s)
 
     # -- commands (called on the loop thread) -------------------------------------------
-    def reserve(self, msg: ReserveRequest) -> Reservation:
-        rid = msg.request_id
+    def _check_new(self, rid: str, num_prompt_tokens: int) -> None:
+        """Whether a new request of ``num_prompt_tokens`` may enter (ValueError: it never
+        may; NoCapacityError: not now)."""
         if rid in self._reserved or rid in self._running:
             raise ValueError(f"request {rid} already holds blocks on {self.worker_id}")
-        if msg.num_prompt_tokens >= self.loaded.max_model_len:
-            raise ValueError(f"prompt of {msg.num_prompt_tokens} tokens exceeds the context")
+        if num_prompt_tokens >= self.loaded.max_model_len:
+            raise ValueError(f"prompt of {num_prompt_tokens} tokens exceeds the context")
         if len(self._reserved) + len(self._running) >= self.scheduler.config.max_num_seqs:
             raise NoCapacityError(f"{self.worker_id} is at max_num_seqs")
+
+    def reserve(self, msg: ReserveRequest) -> Reservation:
+        rid = msg.request_id
+        self._check_new(rid, msg.num_prompt_tokens)
         try:
             # Token ids are not needed to reserve (no prefix sharing on decode): placeholders.
             alloc = self.blocks.allocate(rid, [0] * msg.num_prompt_tokens)
@@ -144,6 +156,23 @@ class DecodeWorker(EngineWorker):
         self._reserved[rid] = _Reserved(dest, now)
         self.refresh_state()
         return Reservation(dest, now)
+
+    def prefill_local(self, msg: LocalPrefillRequest) -> None:
+        """Compute the prompt here (conditional disaggregation): the request joins the
+        scheduler's queue with nothing computed, exactly as a preempted request waits to
+        be recomputed, and the scheduler admits it (blocks, then the prompt's chunks) in
+        its next step; its first token streams out like every later one. Refused with
+        ``NoCapacityError`` when the worker is at ``max_num_seqs`` or the prompt's blocks
+        are not free now. At tensor parallel > 1 the other ranks run its prefill steps as
+        they run every step of rank 0 (a recomputation is one already)."""
+        rid, n = msg.request_id, len(msg.prompt_token_ids)
+        self._check_new(rid, n)
+        if not self.blocks.can_allocate(n):
+            raise NoCapacityError(f"{self.worker_id} has no free KV blocks")
+        req = Request(rid, msg.prompt_token_ids, msg.params)
+        self.scheduler.add(req)
+        self._running[rid] = req
+        self.refresh_state()
 
     def start(self, msg: StartDecode) -> None:
         r = self._reserved.get(msg.request_id)

@@ -4,7 +4,11 @@
 blocks on the best decode worker with room, sends the prompt with that reservation to a
 prefill worker (which writes the KV there and answers with the first token: yielded at
 once, TTFT), tells the decode worker to start, and yields its tokens (delivered to the
-attempt's ``Route`` by the stream dispatch) until a finish reason. A resumed request
+attempt's ``Route`` by the stream dispatch) until a finish reason. When conditional
+disaggregation (``prefill_placement.py``) says so, the prompt is instead prefilled on the
+best decode worker that takes it (``prefill_local``), and every token, the first
+included, comes through the route; if none takes it, the attempt goes the first way. A
+resumed request
 prefills its prompt plus the tokens already sent, with ``max_tokens`` shrunk and
 ``output_offset`` advanced so seeded draws stay aligned.
 
@@ -22,11 +26,12 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
 from pdserve.decode_worker.messages import (
+    LocalPrefillRequest,
     NoCapacityError,
     Reservation,
     ReservationLost,
@@ -41,11 +46,13 @@ from pdserve.router.clients import DecodeClient, PrefillClient, WorkerGone
 from pdserve.router.events import TokenEvent
 from pdserve.router.health import WorkerHealth
 from pdserve.router.hops import AttemptStamps
+from pdserve.router.local_prefill import LOCAL, REMOTE
 from pdserve.router.policy import RoutingRequest
+from pdserve.router.prefill_placement import DECODE_FULL, PrefillPlacement
 from pdserve.router.reliability import ReliabilityConfig
 from pdserve.router.request_types import ValidatedRequest
 from pdserve.router.routes import AttemptId, Route, RouteTable, attempt_id
-from pdserve.router.status import NoWorkerAvailable
+from pdserve.router.status import NoWorkerAvailable, Overloaded
 
 
 class AttemptFailed(Exception):
@@ -77,8 +84,9 @@ class _Attempt:
 class AttemptRunner:
     def __init__(self, prefills: dict[str, PrefillClient], decodes: dict[str, DecodeClient],
                  admission: Admission, health: WorkerHealth, routes: RouteTable,
-                 reliability: ReliabilityConfig):
+                 reliability: ReliabilityConfig, placement: PrefillPlacement | None = None):
         self.prefills = prefills
+        self.placement = placement or PrefillPlacement()
         self.decodes = decodes
         self.admission = admission
         self.health = health
@@ -93,6 +101,10 @@ class AttemptRunner:
         after ``sent`` tokens already streamed."""
         a = self._begin(req, routing, queue, sent, attempt)
         try:
+            if await self._prefilled_locally(a):
+                async for ev in self._stream(a, time.monotonic(), local=True):
+                    yield ev
+                return
             result, destination = await self._reserve_and_prefill(a, admit=attempt == 0)
             first = result.token
             done = result.finish_reason is not None or a.decode_id is None
@@ -206,6 +218,14 @@ class AttemptRunner:
             raise AttemptFailed(f"decode worker {a.decode_id} failed", "decode_failed") from exc
         except ReservationLost as exc:  # it restarted since the reservation
             raise AttemptFailed(str(exc), "decode_failed") from exc
+        async for ev in self._stream(a, started):
+            yield ev
+
+    async def _stream(self, a: _Attempt, started: float, local: bool = False
+                      ) -> AsyncIterator[TokenEvent]:
+        """The attempt's tokens from its decode worker, until a finish reason. ``local``:
+        the worker prefilled the prompt itself, so the first delta holds the first token
+        (TTFT: it carries the attempt's stamps) and no decode queue is measured."""
         first = True
         while True:
             delta = await a.route.queue.get()
@@ -213,8 +233,13 @@ class AttemptRunner:
                 raise AttemptFailed(delta.error,
                                     "decode_failed" if a.route.died else "transfer_failed")
             a.finished = delta.finish_reason is not None
-            yield TokenEvent(delta.token_ids, delta.logprobs, delta.finish_reason,
-                             decode_queue_s=time.monotonic() - started if first else None)
+            if first and local:
+                a.stamps.local_first = time.monotonic()
+                yield TokenEvent(delta.token_ids, delta.logprobs, delta.finish_reason,
+                                 stamps=a.stamps, prefilled_locally=True)
+            else:
+                yield TokenEvent(delta.token_ids, delta.logprobs, delta.finish_reason,
+                                 decode_queue_s=time.monotonic() - started if first else None)
             first = False
             if a.finished:
                 return
@@ -230,7 +255,45 @@ class AttemptRunner:
         if not a.finished and (a.decode_id is not None or a.prefill_task is not None):
             self.spawn(self.release(a.aid, a.decode_id, a.prefill_id, a.prefill_task))
 
+    async def _prefilled_locally(self, a: _Attempt) -> bool:
+        """Whether the attempt's prompt went to a decode worker to be prefilled there
+        (conditional disaggregation); the decision is counted either way."""
+        decision = self.placement.decide(a.routing, list(self.admission.prefill_load.values()))
+        where, reason = decision.where, decision.reason
+        if decision.local:
+            msg = LocalPrefillRequest(a.aid, a.prompt, a.params)
+
+            def send(wid: str):
+                # Its first token may reach the stream before the call's answer: the route
+                # takes that worker's tokens from the moment the call leaves.
+                self._route_to(a, wid)
+                return self.decodes[wid].prefill_local(msg)
+
+            a.stamps.reserve_sent = time.monotonic()
+            try:
+                a.decode_id, _ = await self._on_decode(a.routing, send)
+                a.stamps.reserved = time.monotonic()
+            except (Overloaded, NoWorkerAvailable):  # nobody took it: the prefill pool will
+                self._route_to(a, None)
+                a.stamps.reserve_sent = None
+                where, reason = REMOTE, DECODE_FULL
+        self.placement.count(where, reason)
+        return where == LOCAL
+
+    def _route_to(self, a: _Attempt, wid: str | None) -> None:
+        """Point the attempt's route at ``wid``; anything a worker tried before said
+        (a death notice) is dropped with the old route."""
+        if a.route.decode_worker is not None:
+            a.route = self.routes.open(a.aid, a.route.queue)
+        a.route.decode_worker = wid
+
     async def _reserve(self, routing: RoutingRequest):
+        return await self._on_decode(routing, lambda wid: self.decodes[wid].reserve(
+            ReserveRequest(routing.request_id, routing.num_prompt_tokens)))
+
+    async def _on_decode(self, routing: RoutingRequest, send: Callable[[str], Awaitable]):
+        """(worker id, answer) of the first decode worker, in rank order, that takes
+        ``send(worker id)`` (a reservation or a local prefill) without NoCapacityError."""
         full = 0
         for wid in self.admission.rank_decode(routing):
             if self.admission.decode_load[wid].seats_full:
@@ -240,7 +303,7 @@ class AttemptRunner:
                 full += 1
                 continue
             try:
-                res = await self._reserve_on(wid, routing)
+                res = await self._call_on(wid, routing.request_id, send)
             except NoCapacityError:
                 full += 1
                 self.admission.decode_load[wid].refused = True
@@ -256,16 +319,15 @@ class AttemptRunner:
             raise NoWorkerAvailable("no decode worker is reachable")
         raise overloaded("every decode worker's KV cache is full", 1.0, "kv_full")
 
-    async def _reserve_on(self, wid: str, routing: RoutingRequest):
-        """Reserve on ``wid``. If this task is cancelled (client gone, deadline) while the
-        call is in flight, the worker may still reserve: the call is left to finish and
-        whatever it reserved is released, instead of waiting for the lease."""
-        call = asyncio.ensure_future(self.decodes[wid].reserve(
-            ReserveRequest(routing.request_id, routing.num_prompt_tokens)))
+    async def _call_on(self, wid: str, aid: str, send: Callable[[str], Awaitable]):
+        """``send(wid)``. If this task is cancelled (client gone, deadline) while
+        the call is in flight, the worker may still take the request: the call is left to
+        finish and whatever it took is released, instead of waiting for the lease."""
+        call = asyncio.ensure_future(send(wid))
         try:
             return await asyncio.shield(call)
         except asyncio.CancelledError:
-            self.spawn(self._release_when_reserved(call, wid, routing.request_id))
+            self.spawn(self._release_when_reserved(call, wid, aid))
             raise
 
     async def _release_when_reserved(self, call: asyncio.Future, wid: str, aid: str) -> None:

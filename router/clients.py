@@ -12,6 +12,7 @@ from typing import Any
 
 from pdserve.decode_worker.messages import (
     DecodeStats,
+    LocalPrefillRequest,
     Reservation,
     ReserveRequest,
     StartDecode,
@@ -140,6 +141,10 @@ class DecodeClient:
 
     def start(self, msg: StartDecode) -> Awaitable[None]:
         return _call(self.target, "start", msg)
+
+    def prefill_local(self, msg: LocalPrefillRequest) -> Awaitable[None]:
+        """Conditional disaggregation: prefill here; the first token comes by ``stream``."""
+        return _call(self.target, "prefill_local", msg)
 
     def submit(self, msg) -> Awaitable[None]:
         """Colocated workers: a whole request (``ColocatedRequest``)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdserve.router.local_prefill import LocalPrefillConfig
 from pdserve.router.reliability import ReliabilityConfig
 from pdserve.router.server import ServerConfig
 from pdserve.router.slo import SloConfig
@@ -38,8 +39,21 @@ class RouterConfig:
     # Prefer the prefill worker that probably holds the prompt's prefix (router/policy_kv.py),
     # scored with ``policy``'s load or TTFT prediction.
     kv_aware_routing: bool = False
+    # Conditional disaggregation (router/local_prefill.py): prefill short prompts, or all
+    # prompts while the prefill pool is backed up, on the decode worker. Off by default.
+    local_prefill: LocalPrefillConfig = LocalPrefillConfig()
+    # The decode workers' tensor-parallel degree: the profile entry that predicts a local
+    # prefill's time (the launcher sets it from the decode pool).
+    decode_tp: int = 1
 
     def __post_init__(self) -> None:
+        if self.decode_tp < 1:
+            raise ValueError(f"decode_tp must be >= 1, got {self.decode_tp}")
+        if self.local_prefill.needs_profile and not self.profile:
+            raise ValueError(
+                "--local-prefill-wait-factor compares predicted prefill times: "
+                "it needs a latency profile (--profile)"
+            )
         if self.prefill_channel not in ("direct", "ray"):
             raise ValueError(f"prefill_channel must be direct or ray, got {self.prefill_channel!r}")
         if self.admission not in ("reject", "best_effort"):

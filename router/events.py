@@ -21,3 +21,5 @@ class TokenEvent:
     decode_queue_s: float | None = None  # on the first decode event: start -> first token
     # On the first event: how the attempt that produced it spent its time (``hops.py``).
     stamps: AttemptStamps | None = None
+    # On the first event: its decode worker prefilled the prompt (no prefill pool queue).
+    prefilled_locally: bool = False

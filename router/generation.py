@@ -116,7 +116,7 @@ class Frontend:
                     if first is None:
                         ttft_ms = (time.monotonic() - t0) * 1e3
                         first = ev
-                        if timeline is not None:
+                        if timeline is not None and not ev.prefilled_locally:
                             timeline.queue_time("prefill", ev.prefill_queue_s)
                     completion += len(ev.token_ids)
                     if timeline is not None:

@@ -42,6 +42,9 @@ class AttemptStamps:
     destination_sent: float | None = None  # a destination that follows the prompt
     prefill: PrefillTimes | None = None  # prefill worker
     prefill_returned: float | None = None  # the first token reached the router
+    # Prefilled on the decode worker (conditional disaggregation): reserve_sent/reserved
+    # bracket its ``prefill_local`` call, and this is when its first token reached the router.
+    local_first: float | None = None
 
     @property
     def overlapped(self) -> bool:
@@ -68,6 +71,7 @@ HOPS: tuple[tuple[str, str], ...] = (
     ("prefill_kv_done", "kv_transfer_wait"),  # until the KV landed
     ("prefill_replied", "prefill_result"),  # step loop -> event loop
     ("prefill_returned", "prefill_reply"),  # prefill worker -> router
+    ("local_first", "local_prefill"),  # or: prefilled on the decode worker, token streamed
     ("first_sent", "to_stream"),  # router: first token -> protocol message, handed over
 )
 HOP_NAMES = tuple(name for _, name in HOPS)
@@ -101,7 +105,8 @@ def first_token_hops(received: float, validated: float, attempt: AttemptStamps |
         stamps.update(started=attempt.started, reserve_sent=attempt.reserve_sent,
                       reserved=attempt.reserved, prefill_sent=attempt.prefill_sent,
                       destination_sent=attempt.destination_sent,
-                      prefill_returned=attempt.prefill_returned)
+                      prefill_returned=attempt.prefill_returned,
+                      local_first=attempt.local_first)
         if _inside(attempt.reserved_at, attempt.reserve_sent, attempt.reserved):
             stamps["reserved_at"] = attempt.reserved_at
         p = attempt.prefill

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pdserve.engine.metrics import COUNT_BUCKETS, LATENCY_BUCKETS
 from pdserve.router.load_window import LoadWindow
+from pdserve.router.prefill_placement import OUTCOMES as PREFILL_OUTCOMES
 from pdserve.router.slo import SloConfig, tpot
 
 
@@ -47,6 +48,10 @@ class RouterMetrics:
                                 ("model", "reason"), registry=r)
         self.retries = Counter("pdserve_request_retries", "Attempts beyond a request's first, "
                                "by what failed", ("model", "cause"), registry=r)
+        self.prefill_decisions = Counter(
+            "pdserve_router_prefill_decisions", "Where attempts' prompts were prefilled "
+            "(conditional disaggregation): local (decode worker) or remote (prefill pool), "
+            "by the rule's reason", ("model", "decision", "reason"), registry=r)
         self.in_flight = Gauge("pdserve_router_requests_in_flight", "Requests being streamed", m,
                                registry=r).labels(model)
         # Pool membership (router/membership.py) and the autoscaler's decisions, which it
@@ -74,6 +79,8 @@ class RouterMetrics:
             self.rejected.labels(model, reason)
         for cause in ("prefill_failed", "decode_failed", "transfer_failed"):
             self.retries.labels(model, cause)
+        for decision, reason in PREFILL_OUTCOMES:
+            self.prefill_decisions.labels(model, decision, reason)
 
     def set_pool_sizes(self, sizes: dict[str, dict[str, int]]) -> None:
         for pool, states in sizes.items():

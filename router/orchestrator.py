@@ -35,6 +35,7 @@ from pdserve.router.drain import DrainTimeout, work_held
 from pdserve.router.events import TokenEvent
 from pdserve.router.health import WorkerHealth
 from pdserve.router.policy import RoutingPolicy, RoutingRequest, WorkerLoad
+from pdserve.router.prefill_placement import PrefillPlacement
 from pdserve.router.reliability import ReliabilityConfig
 from pdserve.router.request_types import ValidatedRequest
 from pdserve.router.routes import AttemptId, RouteTable
@@ -50,9 +51,11 @@ class Orchestrator:
     def __init__(self, prefills: Sequence[PrefillClient], decodes: Sequence[DecodeClient],
                  policy: RoutingPolicy, slo: SloConfig | None = None,
                  admission: str = "reject", units: dict[str, int] | None = None,
-                 reliability: ReliabilityConfig | None = None):
+                 reliability: ReliabilityConfig | None = None,
+                 placement: PrefillPlacement | None = None):
         """With no prefill clients, the decode clients are colocated workers (both phases).
-        ``units``: see ``Admission``."""
+        ``units``: see ``Admission``; ``placement``: where prompts are prefilled (default:
+        always on the prefill pool)."""
         self.reliability = rel = reliability or ReliabilityConfig()
         self.prefills = {c.worker_id: c for c in prefills}
         self.decodes = {c.worker_id: c for c in decodes}
@@ -66,7 +69,7 @@ class Orchestrator:
                                    rel.heartbeat_interval_s, rel.heartbeat_timeout_s,
                                    on_death=self._on_death)
         self.attempts = AttemptRunner(self.prefills, self.decodes, self.admission, self.health,
-                                      self.routes, rel)
+                                      self.routes, rel, placement)
         self.colocated = not self.prefills
         self.retries = 0  # attempts beyond the first, over the router's life
         self.failed_after_retries = 0

@@ -64,6 +64,12 @@ class KvAware(RoutingPolicy):
         self._last = (req.request_id, keys, cached)
         return cached
 
+    def cached_tokens(self, req: RoutingRequest, loads: Sequence[WorkerLoad]
+                      ) -> dict[str, int]:
+        """The prompt tokens each of ``loads`` probably holds (never the last one); no
+        side effects beyond remembering the lookup for ``rank_prefill`` of this request."""
+        return dict(self._cached(req, loads))
+
     def _uncached(self, req: RoutingRequest, cached: int) -> RoutingRequest:
         return dataclasses.replace(req, num_prompt_tokens=req.num_prompt_tokens - cached)
 

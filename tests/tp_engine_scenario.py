@@ -82,12 +82,15 @@ def serve_prefill(prompts: list[list[int]], cfg: EngineConfig, group: TPGroup | 
 
 
 def serve_decode(prompts: list[list[int]], first: list[int], max_tokens: list[int],
-                 cfg: EngineConfig, group: TPGroup | None = None) -> list[list[int]]:
+                 cfg: EngineConfig, group: TPGroup | None = None,
+                 local: tuple[int, ...] = ()) -> list[list[int]]:
     """A decode worker's tokens after ``first`` (each request's first token, from a tp 1
     prefill), all requests decoding together. Each prompt's KV is computed into the
     reserved blocks by running the prompt through the worker's own runner: at tp > 1 every
-    rank then holds its heads, as a same-degree transfer would leave them."""
-    from pdserve.decode_worker.messages import ReserveRequest, StartDecode
+    rank then holds its heads, as a same-degree transfer would leave them. The prompts at
+    ``local`` are prefilled by the worker itself (``prefill_local``): all their tokens,
+    the first included, come from its steps."""
+    from pdserve.decode_worker.messages import LocalPrefillRequest, ReserveRequest, StartDecode
     from pdserve.decode_worker.worker import DecodeWorker
     from pdserve.engine.messages import SampledToken
     from pdserve.engine.model_runner import ModelInput
@@ -100,6 +103,11 @@ def serve_decode(prompts: list[list[int]], first: list[int], max_tokens: list[in
     try:
         for i, prompt in enumerate(prompts):
             rid = f"r{i}"
+            if i in local:
+                worker.prefill_local(LocalPrefillRequest(rid, tuple(prompt),
+                                                         greedy(max_tokens[i])))
+                out[rid] = []
+                continue
             dest = worker.reserve(ReserveRequest(rid, len(prompt))).destination
             worker.runner.run([ModelInput(prompt, 0, dest.block_ids, sample=False)])
             worker.start(StartDecode(rid, tuple(prompt), greedy(max_tokens[i]),

@@ -23,6 +23,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.kv_transfer.backend_config import KVTransferConfig
     from pdserve.router.auth import load_tokens
     from pdserve.router.config import RouterConfig
+    from pdserve.router.local_prefill import LocalPrefillConfig
     from pdserve.router.server import ServerConfig
     from pdserve.router.slo import SloConfig
 
@@ -63,7 +64,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                             max_model_len=args.max_model_len, slo=slo,
                             admission=args.admission, profile=args.profile,
                             prefill_channel=args.prefill_channel,
-                            kv_aware_routing=args.kv_aware_routing),
+                            kv_aware_routing=args.kv_aware_routing,
+                            local_prefill=LocalPrefillConfig(
+                                max_local_tokens=args.local_prefill_tokens,
+                                wait_factor=args.local_prefill_wait_factor),
+                            decode_tp=args.decode_tp),
     )
     what = (f"{args.prefill + args.decode} colocated workers" if args.colocated
             else f"{args.prefill} prefill (tp {args.prefill_tp}) + {args.decode} decode "
@@ -157,6 +162,24 @@ def local_gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def _local_prefill_arg(field: str, parse):
+    """An argparse type for one ``LocalPrefillConfig`` field: its own range check, reported
+    by argparse against the flag that gave the value."""
+
+    def check(text: str):
+        from pdserve.router.local_prefill import LocalPrefillConfig
+
+        try:
+            value = parse(text)
+            LocalPrefillConfig(**{field: value})
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    check.__name__ = parse.__name__  # argparse names the type in its messages
+    return check
+
+
 def register(sub) -> None:
     from pdserve.cluster.launch.placement_check import (
         DEFAULT_PLACEMENT_TIMEOUT_S,
@@ -209,6 +232,15 @@ def register(sub) -> None:
     p.add_argument("--kv-aware-routing", action="store_true",
                    help="send a prompt to the prefill worker that probably holds its prefix "
                         "when that beats the load (scored with --policy's prediction)")
+    p.add_argument("--local-prefill-tokens", type=_local_prefill_arg("max_local_tokens", int),
+                   default=0, metavar="N",
+                   help="conditional disaggregation: prefill on the decode worker a prompt "
+                        "whose uncached part is at most N tokens (0: off; docs/placement.md)")
+    p.add_argument("--local-prefill-wait-factor", metavar="F",
+                   type=_local_prefill_arg("wait_factor", float), default=None,
+                   help="also prefill on the decode worker (prompts up to 2048 tokens) when "
+                        "the prefill pool's predicted TTFT exceeds F times the local prefill "
+                        "time (F >= 1; needs --profile)")
     p.add_argument("--prefill-channel", default="direct", choices=["direct", "ray"],
                    help="the request path to prefill workers on the router's node: a Unix "
                         "socket (direct) or Ray actor calls")

@@ -144,8 +144,12 @@ class ClusterSpec:
         return kv_between_degrees(self.kv, self.prefill.tp, self.decode.tp)
 
     def router_config(self) -> RouterConfig:
-        return self.router or RouterConfig(model=self.engine.model,
-                                           max_model_len=self.engine.max_model_len)
+        router = self.router or RouterConfig(model=self.engine.model,
+                                             max_model_len=self.engine.max_model_len)
+        if self.colocated is None and router.decode_tp != self.decode.tp:
+            # a local prefill's predicted time is the decode pool's
+            router = dataclasses.replace(router, decode_tp=self.decode.tp)
+        return router
 
     def threads_per_worker(self) -> int:
         if self.torch_threads:
@@ -307,7 +311,9 @@ def launch(spec: ClusterSpec, address: str | None = None,
     how long placing the workers and loading the model may take."""
 
     from pdserve.router.actor import RouterActor
+    from pdserve.router.build import check_profile
 
+    check_profile(spec.router_config())
     # One secret for every worker of this cluster, resolved before any of them exists.
     spec = dataclasses.replace(spec, kv=spec.kv_config().with_cluster_secret())
     n_workers = spec.num_workers

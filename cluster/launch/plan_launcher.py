@@ -119,9 +119,12 @@ def launch_plan(plan: Plan, engine: EngineConfig, kv: KVTransferConfig, router: 
     from pdserve.decode_worker.actor import DecodeWorkerActor
     from pdserve.prefill_worker.actor import PrefillWorkerActor
     from pdserve.router.actor import RouterActor
+    from pdserve.router.build import check_profile
 
     check_launchable(plan)
     tp = degrees(plan)
+    router = dataclasses.replace(router, decode_tp=tp.get("decode", 1))
+    check_profile(router)
     kv = kv_between_degrees(kv, tp.get("prefill", 1), tp.get("decode", 1))
     pg_specs = plan.placement_groups(cpus_per_bundle)
     demands = group_demands(pg_specs)

@@ -19,7 +19,8 @@ def stamps(**over) -> AttemptStamps:
 
 def test_every_hop_in_path_order_summing_to_the_router_time():
     t = first_token_hops(0.5, 0.8, stamps(), 3.2)
-    assert [name for name, _ in t.hops] == [n for n in HOP_NAMES if n != "destination_wait"]
+    assert [name for name, _ in t.hops] == [n for n in HOP_NAMES
+                                            if n not in ("destination_wait", "local_prefill")]
     assert t.concurrent == ()
     assert t.received == 0.5
     assert sum(d for _, d in t.hops) == pytest.approx(3.2 - 0.5)
@@ -70,3 +71,13 @@ def test_a_destination_that_came_after_the_first_token_is_waited_for_on_the_path
     assert hops["destination_wait"] == pytest.approx(0.05)
     assert hops["kv_transfer_wait"] == pytest.approx(0.05)
     assert sum(hops.values()) == pytest.approx(3.2 - 0.5)
+
+
+def test_a_prompt_prefilled_on_its_decode_worker():
+    # conditional disaggregation: the prefill_local call 1.1 -> 1.3, first token at 2.0
+    s = AttemptStamps(started=1.0, reserve_sent=1.1, reserved=1.3, local_first=2.0)
+    t = first_token_hops(0.5, 0.8, s, 2.1)
+    assert [name for name, _ in t.hops] == ["validate", "admit", "route", "reserve_reply",
+                                            "local_prefill", "to_stream"]
+    assert dict(t.hops)["local_prefill"] == pytest.approx(0.7)
+    assert sum(d for _, d in t.hops) == pytest.approx(2.1 - 0.5)

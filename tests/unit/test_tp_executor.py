@@ -151,6 +151,20 @@ def test_decode_worker_at_tp_equals_tp1(tp, tp_llama):
     assert got[0] == want
 
 
+def test_decode_worker_prefills_locally_at_tp2_as_at_tp1(tp_llama):
+    """Conditional disaggregation at tp 2: the followers run the prompts rank 0 prefills
+    itself as they run every step (mixed here with disaggregated requests)."""
+    prompts, max_tokens = _requests(17, 6)
+    max_tokens = [n + 2 for n in max_tokens]
+    want = serve_engine(prompts, max_tokens, config(tp_llama, 1))["tokens"]
+    first = [t[0] for t in want]
+    local = (0, 2, 3)
+    assert serve_decode(prompts, first, max_tokens, config(tp_llama, 1), local=local) == want
+    got = run_ranks(rank_main, 2, "decode", config(tp_llama, 2), (prompts, first, max_tokens),
+                    {"local": local}, preload=PRELOAD)
+    assert got[0] == want
+
+
 @pytest.mark.parametrize("failing", [0, 1])
 def test_a_failed_rank_fails_the_others(failing, tp_llama):
     """A follower whose step raises leaves the group; rank 0's next step raises. Rank 0

@@ -108,7 +108,8 @@ def latency_row() -> list[dict]:
 
 
 def traffic_row() -> list[dict]:
-    """Goodput, admissions, status codes, in flight, retries, request lengths."""
+    """Goodput, admissions, status codes, in flight, retries, prefill placement, request
+    lengths."""
     return [
         row("Traffic"),
         timeseries("Goodput vs throughput", [
@@ -131,6 +132,14 @@ def traffic_row() -> list[dict]:
         ], "reqps", "Attempts beyond a request's first: a prefill or decode worker died or "
             "missed its heartbeats, or a KV transfer broke. Resumed requests lose no token.",
             stack=True),
+        timeseries("Where prompts are prefilled", [
+            (f"sum by (decision, reason) "
+             f"(rate(pdserve_router_prefill_decisions_total{{{M}}}[{RI}]))",
+             "{{decision}}: {{reason}}"),
+        ], "reqps", "Conditional disaggregation, per attempt: local = prefilled on its decode "
+            "worker (short: few tokens to compute; queue: the prefill pool's predicted wait "
+            "exceeds the local cost), remote = on the prefill pool (decode_full: the rule "
+            "said local and no decode worker took it; off: the rule is off).", stack=True),
         timeseries("Prompt and generated tokens", [
             (f"histogram_quantile(0.5, sum by (le) "
              f"(rate(pdserve_request_prompt_tokens_bucket{{{M}}}[{RI}])))", "prompt p50"),
