@@ -37,7 +37,24 @@ are cached. ``dispatch="kv_aware"`` routes like ``slo_aware`` with the prompt (a
 queued prompt not yet started) counted as the tokens the router's record does not expect
 the instance to hold; a tie goes to the instance expected to hold more.
 
-Requests with one output token finish at prefill. Phase ``"prefill"`` stops after step 2;
+*Conditional disaggregation* (``SimConfig.local_prefill``, phase ``"both"`` only): at
+arrival, after the prefill instance is picked, the router's rule
+(``router.local_prefill.decide``) is asked where to prefill, with the uncached tokens
+(the prompt less what the router's record expects the instance to hold with
+``kv_aware``, less what the picked instance really holds with ``prefix_caching`` under
+another dispatch, else the whole prompt), the predicted TTFT of the best prefill
+instance (``slo_aware``'s prediction, computed for the rule when the dispatch does not
+predict) and the time to prefill the whole prompt on the decode instance (its profile's
+prefill formula, unpipelined: the decode instance holds no prefix cache). A *local*
+request never enters the prefill pool and moves no KV: it waits in its lane's FIFO like
+a request whose KV has landed, and once admitted (same KV reservation) its prefill runs
+as a step of its own on the lane, batched with other admitted local prompts under the
+token budget. The lane's running requests gain no token during that step: the
+interference disaggregation exists to avoid. Its first token is at the step's end, when
+it joins the running batch. A request with one output token prefilled locally still
+takes a lane for that step. Decisions are counted by reason (``SimResult.prefill_decisions``).
+
+Requests with one output token finish at prefill (remote). Phase ``"prefill"`` stops after step 2;
 phase ``"decode"`` starts at step 4 with the KV present at arrival (first token = arrival).
 Per-step work is O(1) plus the requests finishing: finishing steps are bucketed by index,
 and context sums are kept incrementally, so no per-token loop over the batch is needed.
@@ -62,11 +79,13 @@ from pdserve.cluster.planning.simulator.result import SimResult
 from pdserve.cluster.planning.simulator.window import StopRule
 from pdserve.cluster.planning.simulator.workload import Workload
 from pdserve.engine.latency_profile import LatencyProfile
+from pdserve.router.local_prefill import decide
 from pdserve.router.policy_slo import TokenRate, predict_ttft_s
 
 # Event kinds. An event is (time, seq, kind, instance or lane, request ids, kv_at); seq
 # increases with every push, so events at one instant run in the order they were pushed.
-_PDONE, _PFREE, _KV, _DSTEP = 0, 1, 2, 3
+# _LSTEP: a local prefill step on a decode lane ended.
+_PDONE, _PFREE, _KV, _DSTEP, _LSTEP = 0, 1, 2, 3, 4
 
 
 def run_disagg(plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload, cfg: SimConfig,
@@ -87,7 +106,9 @@ class _DisaggSim:
         # the run: workload, phases, per-request results, events, round-robin cursors
         "w", "cfg", "arr", "prompt", "out", "do_prefill", "do_decode", "first", "last",
         "rejected", "admission_rejected", "lane_of", "heap", "seq", "events", "rr",
-        "least_loaded", "slo_aware", "kv_aware", "stopped",
+        "least_loaded", "slo_aware", "kv_aware", "stopped", "transfers",
+        # conditional disaggregation: the rule, decode-side prefill cost, per-request flag
+        "local_cfg", "local_on", "lpc", "is_local", "decisions",
         # prefill instances
         "pc", "pp", "pre_cap", "n_pre", "budget", "chunked", "p_slow", "secs_per_token",
         "p_queue", "p_outstanding", "p_stage_free", "p_link_free", "p_kick", "p_done",
@@ -115,10 +136,17 @@ class _DisaggSim:
         self.seq = itertools.count(1)
         self.events = 0
         self.stopped = False
+        self.transfers = 0
         self.rr = [0, 0]  # round-robin cursors: prefill instance, decode lane
         cont = cfg.contention
         self._init_prefill(plan, profile, cont.prefill if cont is not None else 1.0)
         self._init_decode(plan, profile, cont.decode if cont is not None else 1.0)
+        # The rule needs both pools: phase-isolated runs (the planner's) always disaggregate.
+        self.local_cfg = cfg.local_prefill
+        self.local_on = cfg.local_prefill.enabled and phase == "both"
+        self.lpc = PrefillCost.of(profile.instance(plan.decode.tp, plan.decode.pp))
+        self.is_local = [False] * n
+        self.decisions: dict[str, int] = {}
 
     def _init_prefill(self, plan: DisaggPlanSpec, profile: LatencyProfile, slow: float) -> None:
         pre = profile.instance(plan.prefill.tp, plan.prefill.pp)
@@ -177,7 +205,7 @@ class _DisaggSim:
         prompt, out, last = self.prompt, self.out, self.last
         d_reserved, d_assigned, d_assigned_tok = self.d_reserved, self.d_assigned, \
             self.d_assigned_tok
-        i = events = 0
+        i = events = transfers = 0
         while True:
             # Arrivals go before events at the same instant, so that simultaneous arrivals
             # can share a batch (an idle instance starts one through a same-time kick event).
@@ -212,6 +240,7 @@ class _DisaggSim:
                             last[rid] = now
                     if do_decode:
                         moving = [rid for rid in payload if out[rid] > 1]
+                        transfers += len(moving)
                         if moving:
                             if kv_at <= now:
                                 kv_landed(moving, now)
@@ -223,6 +252,11 @@ class _DisaggSim:
                         form_prefill(x, now)
                 elif kind == _KV:
                     kv_landed(payload, now)
+                elif kind == _LSTEP:  # first tokens of local prefills; they join the batch
+                    for rid in payload:
+                        if s_lo <= rid < s_hi and now - arr[rid] + oh > ttft_s:
+                            misses += 1
+                    self._local_done(x, payload, now)
                 else:  # _PFREE: stage 0 freed, or a kick after arrivals at an idle instance
                     self.p_kick[x] = False
                     form_prefill(x, now)
@@ -238,6 +272,7 @@ class _DisaggSim:
                 self.stopped = True
                 break
         self.events = events
+        self.transfers = transfers
 
     def result(self, plan: DisaggPlanSpec, phase: str) -> SimResult:
         label = plan.label() + ("" if phase == "both" else f" [{phase} only]")
@@ -247,13 +282,16 @@ class _DisaggSim:
             label, phase, gpus, self.w, self.first, self.last, self.rejected,
             self.cfg.request_overhead_s if self.do_prefill else 0.0, self.events,
             self.do_decode, tuple(self.admission_rejected), self.stopped,
-            tuple(self.caches.cached) if self.caches is not None else ())
+            tuple(self.caches.cached) if self.caches is not None else (),
+            tuple(sorted(self.decisions.items())), self.transfers, sum(self.is_local))
 
     def _arrive(self, rid: int, now: float) -> None:
         """Reject ``rid``, or queue it at a prefill instance (least outstanding prompt
         tokens, round robin, or lowest predicted TTFT, of its uncached part with
         ``kv_aware``, with admission control) after picking its decode lane, as pdserve's
-        orchestrator reserves on decode first."""
+        orchestrator reserves on decode first; or, when the local-prefill rule says so,
+        queue it at its decode lane alone (admission control does not apply: its
+        prediction is the prefill pool's)."""
         p_len, o_len = self.prompt[rid], self.out[rid]
         do_prefill = self.do_prefill
         needs_decode = self.do_decode and o_len > 1
@@ -262,35 +300,41 @@ class _DisaggSim:
             self.rejected[rid] = True
             return
         n_pre = self.n_pre
+        pred = None  # the dispatch's predicted TTFT on p, when it predicts
+        expected = 0  # prompt tokens the router's record expects p to hold (kv_aware)
         if not do_prefill:
             p = -1
         elif self.slo_aware:
             preds = [self._predicted_ttft(x, p_len, now) for x in range(n_pre)]
             p = min(range(n_pre), key=preds.__getitem__)
-            self.rates[p].observe(now, p_len)
-            limit = self.cfg.admission_ttft_s
-            if limit is not None and preds[p] > limit:
-                self.rejected[rid] = self.admission_rejected[rid] = True
-                return
+            pred = preds[p]
         elif self.kv_aware:
             p, expected, pred = self._kv_pick(rid, p_len, now)
-            self.rates[p].observe(now, p_len - expected)
-            limit = self.cfg.admission_ttft_s
-            if limit is not None and pred > limit:
-                self.rejected[rid] = self.admission_rejected[rid] = True
-                return
-            self.caches.routed(p, rid, expected)
         elif self.least_loaded:
             p = min(range(n_pre), key=self.p_outstanding.__getitem__)
         else:
             p = self.rr[0] % n_pre
             self.rr[0] += 1
-        if needs_decode:
+        local = self.local_on and self._prefill_locally(rid, p, p_len, expected, pred, now)
+        if pred is not None and not local:
+            self.rates[p].observe(now, p_len - expected)
+            limit = self.cfg.admission_ttft_s
+            if limit is not None and pred > limit:
+                self.rejected[rid] = self.admission_rejected[rid] = True
+                return
+            if self.kv_aware:
+                self.caches.routed(p, rid, expected)
+        if needs_decode or local:
             lane = self._pick_lane(p_len + o_len, self.unit_lanes[p // self.pre_per_unit]
                                    if p >= 0 else self.all_lanes)
             self.lane_of[rid] = lane
             self.d_assigned[lane] += 1
             self.d_assigned_tok[lane] += p_len + o_len
+        if local:
+            self.is_local[rid] = True
+            self.d_wait[lane].append(rid)
+            self._kick_decode(lane, now)
+            return
         if not do_prefill:
             self.first[rid] = now
             if needs_decode:
@@ -304,6 +348,30 @@ class _DisaggSim:
         if not self.p_kick[p] and self.p_stage_free[p][0] <= now:
             self.p_kick[p] = True
             heappush(self.heap, (now, next(self.seq), _PFREE, p, None, 0.0))
+
+    def _prefill_locally(self, rid: int, p: int, p_len: int, expected: int,
+                         pred: float | None, now: float) -> bool:
+        """The router's rule for ``rid`` (module doc), its answer counted by reason."""
+        cfg = self.local_cfg
+        if self.kv_aware:
+            uncached = p_len - expected
+        elif self.caches is not None:
+            uncached = p_len - self.caches.lookup(p, rid, p_len)[1]
+        else:
+            uncached = p_len
+        remote_s = local_s = None
+        if cfg.needs_profile:
+            remote_s = pred if pred is not None else min(
+                self._predicted_ttft(x, p_len, now) for x in range(self.n_pre))
+            local_s = self._local_s(p_len, p_len * p_len)
+        d = decide(cfg, p_len, uncached, remote_s, local_s)
+        self.decisions[d.reason] = self.decisions.get(d.reason, 0) + 1
+        return d.local
+
+    def _local_s(self, tokens: int, sq: int) -> float:
+        """A local prefill step on a decode lane: its instance's prefill formula over the
+        lane's ``pp`` stages (as a colocated lane's prefill part)."""
+        return self.lpc.unpipelined_ms(tokens, sq) / 1e3 + self.step_oh
 
     def _pick_lane(self, f: int, lanes: range) -> int:
         d_assigned_tok, lane_cap = self.d_assigned_tok, self.lane_cap
@@ -435,22 +503,33 @@ class _DisaggSim:
         d_n = self.d_n
         k = d_n[lane]
         max_batch = self.max_batch
+        local: list[int] = []  # admitted local prefills: this lane's next step is theirs
         if wq and k < max_batch:
             prompt, out, lane_cap = self.prompt, self.out, self.lane_cap
             d_reserved, d_ctx = self.d_reserved, self.d_ctx
             reserved, ctx, fin, step = d_reserved[lane], d_ctx[lane], self.d_finish[lane], \
                 self.d_steps[lane]
-            while wq and k < max_batch:
+            is_local, budget, ltok = self.is_local, self.budget, 0
+            while wq and k + len(local) < max_batch:
                 rid = wq[0]
                 f = prompt[rid] + out[rid]
                 if reserved + f > lane_cap:
                     break
+                if is_local[rid]:
+                    if local and ltok + prompt[rid] > budget:
+                        break
+                    local.append(rid)
+                    ltok += prompt[rid]
+                else:
+                    k += 1
+                    ctx += prompt[rid] + 1
+                    fin.setdefault(step + out[rid] - 1, []).append(rid)
                 wq.popleft()
-                k += 1
                 reserved += f
-                ctx += prompt[rid] + 1
-                fin.setdefault(step + out[rid] - 1, []).append(rid)
             d_reserved[lane], d_ctx[lane], d_n[lane] = reserved, ctx, k
+        if local:
+            self._start_local(lane, local, now)
+            return
         if k == 0:
             return
         self.d_busy[lane] = True
@@ -458,3 +537,33 @@ class _DisaggSim:
         if self.d_slow != 1.0:
             dur = contended_s(dur, self.d_slow, max(sf[-1] for sf in self.p_stage_free) - now)
         heappush(self.heap, (now + dur, next(self.seq), _DSTEP, lane, None, 0.0))
+
+    def _start_local(self, lane: int, rids: list[int], now: float) -> None:
+        """Run the admitted local prefills as the lane's next step: its running requests
+        wait for it (they gain no token)."""
+        prompt = self.prompt
+        self.d_busy[lane] = True
+        dur = self._local_s(sum(prompt[r] for r in rids), sum(prompt[r] ** 2 for r in rids))
+        if self.d_slow != 1.0:
+            dur = contended_s(dur, self.d_slow, max(sf[-1] for sf in self.p_stage_free) - now)
+        heappush(self.heap, (now + dur, next(self.seq), _LSTEP, lane, rids, 0.0))
+
+    def _local_done(self, lane: int, rids: list[int], now: float) -> None:
+        """Local prefills ended: first tokens; each joins the running batch (a one-token
+        request is done and frees its reservation)."""
+        prompt, out, first, last = self.prompt, self.out, self.first, self.last
+        fin, step = self.d_finish[lane], self.d_steps[lane]
+        for rid in rids:
+            first[rid] = now
+            if out[rid] == 1:
+                last[rid] = now
+                f = prompt[rid] + 1
+                self.d_reserved[lane] -= f
+                self.d_assigned[lane] -= 1
+                self.d_assigned_tok[lane] -= f
+            else:
+                self.d_n[lane] += 1
+                self.d_ctx[lane] += prompt[rid] + 1
+                fin.setdefault(step + out[rid] - 1, []).append(rid)
+        self.d_busy[lane] = False
+        self._kick_decode(lane, now)
