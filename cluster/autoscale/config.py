@@ -50,8 +50,8 @@ class AutoscaleConfig:
       parallelism of one instance (what ``capacity`` sizes), each in the profile;
     - ``interval_s``: at most one decision per interval (Dynamo's adjustment interval);
     - ``upscale_cooldown_s``: after a pool grew, it does not grow again for this long
-      (the new instances need ``startup_s`` to take work, and then time to show in the
-      attainment); ``downscale_window_s``: a pool shrinks only after its target has
+      (the new instances need ``startup_s`` to take work, and then an interval to show in
+      the attainment: keep it >= ``startup_s + interval_s``, or a pool overshoots); ``downscale_window_s``: a pool shrinks only after its target has
       stayed below its size for this long, and then to the highest target seen in that
       window (Kubernetes' stabilisation window);
     - ``headroom``: plan for this share of an instance's sustainable rate (0.8: an
@@ -67,7 +67,7 @@ class AutoscaleConfig:
     profile: LatencyProfile | None = None
     slo: SloConfig = field(default_factory=SloConfig)
     interval_s: float = 30.0
-    upscale_cooldown_s: float = 60.0
+    upscale_cooldown_s: float = 120.0
     downscale_window_s: float = 300.0
     headroom: float = 0.8
     startup_s: float = 60.0

@@ -53,7 +53,9 @@ class Observation:
     ``now``: seconds on the caller's clock (monotonic); ``arrival_rate``: requests/s
     arrived over the last interval; ``mean_prompt_tokens``/``mean_output_tokens``: their
     mean lengths (the last known when none arrived); ``ttft_attainment``: share of the
-    requests whose TTFT was decided in the interval that met the target,
+    requests whose TTFT was decided in the interval that met the target, among those the
+    profile says an idle prefill instance could serve in time (a prompt too long for the
+    target on any instance is no reason to add one),
     ``tpot_attainment`` the same for TPOT over requests that finished (None: no such
     request); ``prefill_queue``: prompt tokens routed to the prefill pool and not yet
     started; ``decode_load``: KV tokens the decode pool holds or has promised, as a share

@@ -70,6 +70,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from collections.abc import Callable, Sequence
 from heapq import heappop, heappush
 
 from pdserve.cluster.planning.simulator.config import DisaggPlanSpec, SimConfig
@@ -84,8 +85,9 @@ from pdserve.router.policy_slo import TokenRate, predict_ttft_s
 
 # Event kinds. An event is (time, seq, kind, instance or lane, request ids, kv_at); seq
 # increases with every push, so events at one instant run in the order they were pushed.
-# _LSTEP: a local prefill step on a decode lane ended.
-_PDONE, _PFREE, _KV, _DSTEP, _LSTEP = 0, 1, 2, 3, 4
+# _LSTEP: a local prefill step on a decode lane ended; _CALL: a callback the caller
+# scheduled (``_DisaggSim.call_at``; the autoscaler's ticks).
+_PDONE, _PFREE, _KV, _DSTEP, _LSTEP, _CALL = 0, 1, 2, 3, 4, 5
 
 
 def run_disagg(plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload, cfg: SimConfig,
@@ -110,13 +112,13 @@ class _DisaggSim:
         # conditional disaggregation: the rule, decode-side prefill cost, per-request flag
         "local_cfg", "local_on", "lpc", "is_local", "decisions",
         # prefill instances
-        "pc", "pp", "pre_cap", "n_pre", "budget", "chunked", "p_slow", "secs_per_token",
+        "pc", "pp", "pre_cap", "n_pre", "p_active", "budget", "chunked", "p_slow", "secs_per_token",
         "p_queue", "p_outstanding", "p_stage_free", "p_link_free", "p_kick", "p_done",
         "rates", "caches",
         # decode lanes
         "dc", "lane_cap", "n_lanes", "max_batch", "step_oh", "d_slow", "d_wait", "d_n",
         "d_ctx", "d_reserved", "d_steps", "d_finish", "d_busy", "d_assigned",
-        "d_assigned_tok", "pre_per_unit", "unit_lanes", "all_lanes",
+        "d_assigned_tok", "d_idle_at", "pre_per_unit", "unit_lanes", "all_lanes",
     )
 
     def __init__(self, plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload,
@@ -155,6 +157,7 @@ class _DisaggSim:
         self.p_slow = slow
         self.secs_per_token = profile.kv_bytes_per_token / plan.transfer_bandwidth
         self.n_pre = n_pre = plan.prefill.count
+        self.p_active = list(range(n_pre))  # instances taking new prompts (``elastic.py``)
         self.p_queue = [deque() for _ in range(n_pre)]
         self.p_outstanding = [0] * n_pre  # prompt tokens assigned and not yet batched
         self.p_stage_free = [[0.0] * self.pp for _ in range(n_pre)]
@@ -179,12 +182,16 @@ class _DisaggSim:
         self.d_busy = [False] * n_lanes
         self.d_assigned = [0] * n_lanes  # requests dispatched here and not finished
         self.d_assigned_tok = [0] * n_lanes
+        self.d_idle_at = [0.0] * n_lanes  # when the lane last ran out of requests
         # Low-affinity units: prefill instance p sends its KV only to its own unit's lanes.
         units = plan.units
         self.pre_per_unit = self.n_pre // units
         per_unit = n_lanes // units
-        self.unit_lanes = [range(u * per_unit, (u + 1) * per_unit) for u in range(units)]
-        self.all_lanes = range(n_lanes)
+        # Lanes taking new requests; one list shared by the single unit, so that a pool
+        # resized while it runs (``elastic.py``, single unit only) changes both at once.
+        self.all_lanes = list(range(n_lanes))
+        self.unit_lanes = [self.all_lanes] if units == 1 else [
+            range(u * per_unit, (u + 1) * per_unit) for u in range(units)]
 
     def run(self, stop: StopRule | None = None) -> None:
         """Run to the last event, or until ``stop`` sees too many measured misses (the
@@ -205,6 +212,7 @@ class _DisaggSim:
         prompt, out, last = self.prompt, self.out, self.last
         d_reserved, d_assigned, d_assigned_tok = self.d_reserved, self.d_assigned, \
             self.d_assigned_tok
+        d_idle_at = self.d_idle_at
         i = events = transfers = 0
         while True:
             # Arrivals go before events at the same instant, so that simultaneous arrivals
@@ -229,6 +237,8 @@ class _DisaggSim:
                             d_reserved[lane] -= f
                             d_assigned[lane] -= 1
                             d_assigned_tok[lane] -= f
+                        if not d_assigned[lane]:
+                            d_idle_at[lane] = now
                     d_busy[lane] = False
                     kick_decode(lane, now)
                 elif kind == _PDONE:  # first tokens; KV moves on (or is in flight)
@@ -257,6 +267,8 @@ class _DisaggSim:
                         if s_lo <= rid < s_hi and now - arr[rid] + oh > ttft_s:
                             misses += 1
                     self._local_done(x, payload, now)
+                elif kind == _CALL:
+                    payload(now)
                 else:  # _PFREE: stage 0 freed, or a kick after arrivals at an idle instance
                     self.p_kick[x] = False
                     form_prefill(x, now)
@@ -285,6 +297,10 @@ class _DisaggSim:
             tuple(self.caches.cached) if self.caches is not None else (),
             tuple(sorted(self.decisions.items())), self.transfers, sum(self.is_local))
 
+    def call_at(self, t: float, fn: Callable[[float], None]) -> None:
+        """Run ``fn(now)`` at virtual time ``t``, after the events already due then."""
+        heappush(self.heap, (t, next(self.seq), _CALL, -1, fn, 0.0))
+
     def _arrive(self, rid: int, now: float) -> None:
         """Reject ``rid``, or queue it at a prefill instance (least outstanding prompt
         tokens, round robin, or lowest predicted TTFT, of its uncached part with
@@ -299,21 +315,21 @@ class _DisaggSim:
                 needs_decode and p_len + o_len > self.lane_cap):
             self.rejected[rid] = True
             return
-        n_pre = self.n_pre
+        act = self.p_active
         pred = None  # the dispatch's predicted TTFT on p, when it predicts
         expected = 0  # prompt tokens the router's record expects p to hold (kv_aware)
         if not do_prefill:
             p = -1
         elif self.slo_aware:
-            preds = [self._predicted_ttft(x, p_len, now) for x in range(n_pre)]
-            p = min(range(n_pre), key=preds.__getitem__)
-            pred = preds[p]
+            preds = [self._predicted_ttft(x, p_len, now) for x in act]
+            j = min(range(len(act)), key=preds.__getitem__)
+            p, pred = act[j], preds[j]
         elif self.kv_aware:
             p, expected, pred = self._kv_pick(rid, p_len, now)
         elif self.least_loaded:
-            p = min(range(n_pre), key=self.p_outstanding.__getitem__)
+            p = min(act, key=self.p_outstanding.__getitem__)
         else:
-            p = self.rr[0] % n_pre
+            p = act[self.rr[0] % len(act)]
             self.rr[0] += 1
         local = self.local_on and self._prefill_locally(rid, p, p_len, expected, pred, now)
         if pred is not None and not local:
@@ -362,7 +378,7 @@ class _DisaggSim:
         remote_s = local_s = None
         if cfg.needs_profile:
             remote_s = pred if pred is not None else min(
-                self._predicted_ttft(x, p_len, now) for x in range(self.n_pre))
+                self._predicted_ttft(x, p_len, now) for x in self.p_active)
             local_s = self._local_s(p_len, p_len * p_len)
         d = decide(cfg, p_len, uncached, remote_s, local_s)
         self.decisions[d.reason] = self.decisions.get(d.reason, 0) + 1
@@ -373,7 +389,7 @@ class _DisaggSim:
         lane's ``pp`` stages (as a colocated lane's prefill part)."""
         return self.lpc.unpipelined_ms(tokens, sq) / 1e3 + self.step_oh
 
-    def _pick_lane(self, f: int, lanes: range) -> int:
+    def _pick_lane(self, f: int, lanes: Sequence[int]) -> int:
         d_assigned_tok, lane_cap = self.d_assigned_tok, self.lane_cap
         if not self.least_loaded:
             rr = self.rr
@@ -397,7 +413,7 @@ class _DisaggSim:
         to the lower index (so with no hits anywhere this is ``slo_aware``'s choice)."""
         caches = self.caches
         best, best_key = 0, None
-        for x in range(self.n_pre):
+        for x in self.p_active:
             expected = caches.expected(x, rid, p_len)
             key = (self._predicted_ttft(x, p_len - expected, now), -expected)
             if best_key is None or key < best_key:
@@ -561,6 +577,8 @@ class _DisaggSim:
                 self.d_reserved[lane] -= f
                 self.d_assigned[lane] -= 1
                 self.d_assigned_tok[lane] -= f
+                if not self.d_assigned[lane]:
+                    self.d_idle_at[lane] = now
             else:
                 self.d_n[lane] += 1
                 self.d_ctx[lane] += prompt[rid] + 1
