@@ -5,7 +5,8 @@ SLO attainment and percentiles; ``goodput`` bisects the highest rate meeting the
 attainment target. The planner (``pdserve.cluster.planning.planner``) calls these many times.
 Modules: ``config`` (specs), ``costs`` (step-time models, pipeline choices),
 ``disagg``/``colocated`` (event loops), ``prefix_cache`` (prefill instances' prefix caches and
-the router's record of them), ``result``, ``goodput``, ``workload``.
+the router's record of them), ``elastic`` (pools resized while a trace runs: the
+autoscaler's simulator), ``result``, ``goodput``, ``workload``.
 """
 
 from pdserve.cluster.planning.simulator.config import (

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from pdserve.router.local_prefill import LocalPrefillConfig
+
 Phase = Literal["both", "prefill", "decode"]
 PHASES: tuple[str, ...] = ("both", "prefill", "decode")
 DISPATCH_POLICIES: tuple[str, ...] = ("least_loaded", "round_robin", "slo_aware", "kv_aware")
@@ -67,6 +69,11 @@ class SimConfig:
     ``dispatch="kv_aware"`` (needs ``prefix_caching``) is ``slo_aware`` where the prompt
     counts only the tokens the router's record (``router.prefix_index``) does not expect
     the instance to hold; on a trace without prefix hashes it equals ``slo_aware``.
+
+    ``local_prefill`` (disaggregated plans, phase ``"both"`` only) is conditional
+    disaggregation: the router's per-request rule (``router.local_prefill.decide``) may
+    prefill a request on its decode instance instead of the prefill pool (``disagg.py``
+    says how that is modelled). The default never does.
     """
 
     prefill_token_budget: int = 4096
@@ -78,6 +85,7 @@ class SimConfig:
     admission_ttft_s: float | None = None
     contention: HostContention | None = None
     prefix_caching: bool = False
+    local_prefill: LocalPrefillConfig = LocalPrefillConfig()
 
     def __post_init__(self) -> None:
         if self.admission_ttft_s is not None and (self.dispatch not in PREDICTING_POLICIES

@@ -37,7 +37,24 @@ are cached. ``dispatch="kv_aware"`` routes like ``slo_aware`` with the prompt (a
 queued prompt not yet started) counted as the tokens the router's record does not expect
 the instance to hold; a tie goes to the instance expected to hold more.
 
-Requests with one output token finish at prefill. Phase ``"prefill"`` stops after step 2;
+*Conditional disaggregation* (``SimConfig.local_prefill``, phase ``"both"`` only): at
+arrival, after the prefill instance is picked, the router's rule
+(``router.local_prefill.decide``) is asked where to prefill, with the uncached tokens
+(the prompt less what the router's record expects the instance to hold with
+``kv_aware``, less what the picked instance really holds with ``prefix_caching`` under
+another dispatch, else the whole prompt), the predicted TTFT of the best prefill
+instance (``slo_aware``'s prediction, computed for the rule when the dispatch does not
+predict) and the time to prefill the whole prompt on the decode instance (its profile's
+prefill formula, unpipelined: the decode instance holds no prefix cache). A *local*
+request never enters the prefill pool and moves no KV: it waits in its lane's FIFO like
+a request whose KV has landed, and once admitted (same KV reservation) its prefill runs
+as a step of its own on the lane, batched with other admitted local prompts under the
+token budget. The lane's running requests gain no token during that step: the
+interference disaggregation exists to avoid. Its first token is at the step's end, when
+it joins the running batch. A request with one output token prefilled locally still
+takes a lane for that step. Decisions are counted by reason (``SimResult.prefill_decisions``).
+
+Requests with one output token finish at prefill (remote). Phase ``"prefill"`` stops after step 2;
 phase ``"decode"`` starts at step 4 with the KV present at arrival (first token = arrival).
 Per-step work is O(1) plus the requests finishing: finishing steps are bucketed by index,
 and context sums are kept incrementally, so no per-token loop over the batch is needed.
@@ -53,6 +70,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from collections.abc import Callable, Sequence
 from heapq import heappop, heappush
 
 from pdserve.cluster.planning.simulator.config import DisaggPlanSpec, SimConfig
@@ -62,11 +80,14 @@ from pdserve.cluster.planning.simulator.result import SimResult
 from pdserve.cluster.planning.simulator.window import StopRule
 from pdserve.cluster.planning.simulator.workload import Workload
 from pdserve.engine.latency_profile import LatencyProfile
+from pdserve.router.local_prefill import decide
 from pdserve.router.policy_slo import TokenRate, predict_ttft_s
 
 # Event kinds. An event is (time, seq, kind, instance or lane, request ids, kv_at); seq
 # increases with every push, so events at one instant run in the order they were pushed.
-_PDONE, _PFREE, _KV, _DSTEP = 0, 1, 2, 3
+# _LSTEP: a local prefill step on a decode lane ended; _CALL: a callback the caller
+# scheduled (``_DisaggSim.call_at``; the autoscaler's ticks).
+_PDONE, _PFREE, _KV, _DSTEP, _LSTEP, _CALL = 0, 1, 2, 3, 4, 5
 
 
 def run_disagg(plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload, cfg: SimConfig,
@@ -87,15 +108,17 @@ class _DisaggSim:
         # the run: workload, phases, per-request results, events, round-robin cursors
         "w", "cfg", "arr", "prompt", "out", "do_prefill", "do_decode", "first", "last",
         "rejected", "admission_rejected", "lane_of", "heap", "seq", "events", "rr",
-        "least_loaded", "slo_aware", "kv_aware", "stopped",
+        "least_loaded", "slo_aware", "kv_aware", "stopped", "transfers",
+        # conditional disaggregation: the rule, decode-side prefill cost, per-request flag
+        "local_cfg", "local_on", "lpc", "is_local", "decisions",
         # prefill instances
-        "pc", "pp", "pre_cap", "n_pre", "budget", "chunked", "p_slow", "secs_per_token",
+        "pc", "pp", "pre_cap", "n_pre", "p_active", "budget", "chunked", "p_slow", "secs_per_token",
         "p_queue", "p_outstanding", "p_stage_free", "p_link_free", "p_kick", "p_done",
         "rates", "caches",
         # decode lanes
         "dc", "lane_cap", "n_lanes", "max_batch", "step_oh", "d_slow", "d_wait", "d_n",
         "d_ctx", "d_reserved", "d_steps", "d_finish", "d_busy", "d_assigned",
-        "d_assigned_tok", "pre_per_unit", "unit_lanes", "all_lanes",
+        "d_assigned_tok", "d_idle_at", "pre_per_unit", "unit_lanes", "all_lanes",
     )
 
     def __init__(self, plan: DisaggPlanSpec, profile: LatencyProfile, w: Workload,
@@ -115,10 +138,17 @@ class _DisaggSim:
         self.seq = itertools.count(1)
         self.events = 0
         self.stopped = False
+        self.transfers = 0
         self.rr = [0, 0]  # round-robin cursors: prefill instance, decode lane
         cont = cfg.contention
         self._init_prefill(plan, profile, cont.prefill if cont is not None else 1.0)
         self._init_decode(plan, profile, cont.decode if cont is not None else 1.0)
+        # The rule needs both pools: phase-isolated runs (the planner's) always disaggregate.
+        self.local_cfg = cfg.local_prefill
+        self.local_on = cfg.local_prefill.enabled and phase == "both"
+        self.lpc = PrefillCost.of(profile.instance(plan.decode.tp, plan.decode.pp))
+        self.is_local = [False] * n
+        self.decisions: dict[str, int] = {}
 
     def _init_prefill(self, plan: DisaggPlanSpec, profile: LatencyProfile, slow: float) -> None:
         pre = profile.instance(plan.prefill.tp, plan.prefill.pp)
@@ -127,6 +157,7 @@ class _DisaggSim:
         self.p_slow = slow
         self.secs_per_token = profile.kv_bytes_per_token / plan.transfer_bandwidth
         self.n_pre = n_pre = plan.prefill.count
+        self.p_active = list(range(n_pre))  # instances taking new prompts (``elastic.py``)
         self.p_queue = [deque() for _ in range(n_pre)]
         self.p_outstanding = [0] * n_pre  # prompt tokens assigned and not yet batched
         self.p_stage_free = [[0.0] * self.pp for _ in range(n_pre)]
@@ -151,12 +182,16 @@ class _DisaggSim:
         self.d_busy = [False] * n_lanes
         self.d_assigned = [0] * n_lanes  # requests dispatched here and not finished
         self.d_assigned_tok = [0] * n_lanes
+        self.d_idle_at = [0.0] * n_lanes  # when the lane last ran out of requests
         # Low-affinity units: prefill instance p sends its KV only to its own unit's lanes.
         units = plan.units
         self.pre_per_unit = self.n_pre // units
         per_unit = n_lanes // units
-        self.unit_lanes = [range(u * per_unit, (u + 1) * per_unit) for u in range(units)]
-        self.all_lanes = range(n_lanes)
+        # Lanes taking new requests; one list shared by the single unit, so that a pool
+        # resized while it runs (``elastic.py``, single unit only) changes both at once.
+        self.all_lanes = list(range(n_lanes))
+        self.unit_lanes = [self.all_lanes] if units == 1 else [
+            range(u * per_unit, (u + 1) * per_unit) for u in range(units)]
 
     def run(self, stop: StopRule | None = None) -> None:
         """Run to the last event, or until ``stop`` sees too many measured misses (the
@@ -177,7 +212,8 @@ class _DisaggSim:
         prompt, out, last = self.prompt, self.out, self.last
         d_reserved, d_assigned, d_assigned_tok = self.d_reserved, self.d_assigned, \
             self.d_assigned_tok
-        i = events = 0
+        d_idle_at = self.d_idle_at
+        i = events = transfers = 0
         while True:
             # Arrivals go before events at the same instant, so that simultaneous arrivals
             # can share a batch (an idle instance starts one through a same-time kick event).
@@ -201,6 +237,8 @@ class _DisaggSim:
                             d_reserved[lane] -= f
                             d_assigned[lane] -= 1
                             d_assigned_tok[lane] -= f
+                        if not d_assigned[lane]:
+                            d_idle_at[lane] = now
                     d_busy[lane] = False
                     kick_decode(lane, now)
                 elif kind == _PDONE:  # first tokens; KV moves on (or is in flight)
@@ -212,6 +250,7 @@ class _DisaggSim:
                             last[rid] = now
                     if do_decode:
                         moving = [rid for rid in payload if out[rid] > 1]
+                        transfers += len(moving)
                         if moving:
                             if kv_at <= now:
                                 kv_landed(moving, now)
@@ -223,6 +262,13 @@ class _DisaggSim:
                         form_prefill(x, now)
                 elif kind == _KV:
                     kv_landed(payload, now)
+                elif kind == _LSTEP:  # first tokens of local prefills; they join the batch
+                    for rid in payload:
+                        if s_lo <= rid < s_hi and now - arr[rid] + oh > ttft_s:
+                            misses += 1
+                    self._local_done(x, payload, now)
+                elif kind == _CALL:
+                    payload(now)
                 else:  # _PFREE: stage 0 freed, or a kick after arrivals at an idle instance
                     self.p_kick[x] = False
                     form_prefill(x, now)
@@ -238,6 +284,7 @@ class _DisaggSim:
                 self.stopped = True
                 break
         self.events = events
+        self.transfers = transfers
 
     def result(self, plan: DisaggPlanSpec, phase: str) -> SimResult:
         label = plan.label() + ("" if phase == "both" else f" [{phase} only]")
@@ -247,13 +294,20 @@ class _DisaggSim:
             label, phase, gpus, self.w, self.first, self.last, self.rejected,
             self.cfg.request_overhead_s if self.do_prefill else 0.0, self.events,
             self.do_decode, tuple(self.admission_rejected), self.stopped,
-            tuple(self.caches.cached) if self.caches is not None else ())
+            tuple(self.caches.cached) if self.caches is not None else (),
+            tuple(sorted(self.decisions.items())), self.transfers, sum(self.is_local))
+
+    def call_at(self, t: float, fn: Callable[[float], None]) -> None:
+        """Run ``fn(now)`` at virtual time ``t``, after the events already due then."""
+        heappush(self.heap, (t, next(self.seq), _CALL, -1, fn, 0.0))
 
     def _arrive(self, rid: int, now: float) -> None:
         """Reject ``rid``, or queue it at a prefill instance (least outstanding prompt
         tokens, round robin, or lowest predicted TTFT, of its uncached part with
         ``kv_aware``, with admission control) after picking its decode lane, as pdserve's
-        orchestrator reserves on decode first."""
+        orchestrator reserves on decode first; or, when the local-prefill rule says so,
+        queue it at its decode lane alone (admission control does not apply: its
+        prediction is the prefill pool's)."""
         p_len, o_len = self.prompt[rid], self.out[rid]
         do_prefill = self.do_prefill
         needs_decode = self.do_decode and o_len > 1
@@ -261,36 +315,42 @@ class _DisaggSim:
                 needs_decode and p_len + o_len > self.lane_cap):
             self.rejected[rid] = True
             return
-        n_pre = self.n_pre
+        act = self.p_active
+        pred = None  # the dispatch's predicted TTFT on p, when it predicts
+        expected = 0  # prompt tokens the router's record expects p to hold (kv_aware)
         if not do_prefill:
             p = -1
         elif self.slo_aware:
-            preds = [self._predicted_ttft(x, p_len, now) for x in range(n_pre)]
-            p = min(range(n_pre), key=preds.__getitem__)
-            self.rates[p].observe(now, p_len)
-            limit = self.cfg.admission_ttft_s
-            if limit is not None and preds[p] > limit:
-                self.rejected[rid] = self.admission_rejected[rid] = True
-                return
+            preds = [self._predicted_ttft(x, p_len, now) for x in act]
+            j = min(range(len(act)), key=preds.__getitem__)
+            p, pred = act[j], preds[j]
         elif self.kv_aware:
             p, expected, pred = self._kv_pick(rid, p_len, now)
+        elif self.least_loaded:
+            p = min(act, key=self.p_outstanding.__getitem__)
+        else:
+            p = act[self.rr[0] % len(act)]
+            self.rr[0] += 1
+        local = self.local_on and self._prefill_locally(rid, p, p_len, expected, pred, now)
+        if pred is not None and not local:
             self.rates[p].observe(now, p_len - expected)
             limit = self.cfg.admission_ttft_s
             if limit is not None and pred > limit:
                 self.rejected[rid] = self.admission_rejected[rid] = True
                 return
-            self.caches.routed(p, rid, expected)
-        elif self.least_loaded:
-            p = min(range(n_pre), key=self.p_outstanding.__getitem__)
-        else:
-            p = self.rr[0] % n_pre
-            self.rr[0] += 1
-        if needs_decode:
+            if self.kv_aware:
+                self.caches.routed(p, rid, expected)
+        if needs_decode or local:
             lane = self._pick_lane(p_len + o_len, self.unit_lanes[p // self.pre_per_unit]
                                    if p >= 0 else self.all_lanes)
             self.lane_of[rid] = lane
             self.d_assigned[lane] += 1
             self.d_assigned_tok[lane] += p_len + o_len
+        if local:
+            self.is_local[rid] = True
+            self.d_wait[lane].append(rid)
+            self._kick_decode(lane, now)
+            return
         if not do_prefill:
             self.first[rid] = now
             if needs_decode:
@@ -305,7 +365,31 @@ class _DisaggSim:
             self.p_kick[p] = True
             heappush(self.heap, (now, next(self.seq), _PFREE, p, None, 0.0))
 
-    def _pick_lane(self, f: int, lanes: range) -> int:
+    def _prefill_locally(self, rid: int, p: int, p_len: int, expected: int,
+                         pred: float | None, now: float) -> bool:
+        """The router's rule for ``rid`` (module doc), its answer counted by reason."""
+        cfg = self.local_cfg
+        if self.kv_aware:
+            uncached = p_len - expected
+        elif self.caches is not None:
+            uncached = p_len - self.caches.lookup(p, rid, p_len)[1]
+        else:
+            uncached = p_len
+        remote_s = local_s = None
+        if cfg.needs_profile:
+            remote_s = pred if pred is not None else min(
+                self._predicted_ttft(x, p_len, now) for x in self.p_active)
+            local_s = self._local_s(p_len, p_len * p_len)
+        d = decide(cfg, p_len, uncached, remote_s, local_s)
+        self.decisions[d.reason] = self.decisions.get(d.reason, 0) + 1
+        return d.local
+
+    def _local_s(self, tokens: int, sq: int) -> float:
+        """A local prefill step on a decode lane: its instance's prefill formula over the
+        lane's ``pp`` stages (as a colocated lane's prefill part)."""
+        return self.lpc.unpipelined_ms(tokens, sq) / 1e3 + self.step_oh
+
+    def _pick_lane(self, f: int, lanes: Sequence[int]) -> int:
         d_assigned_tok, lane_cap = self.d_assigned_tok, self.lane_cap
         if not self.least_loaded:
             rr = self.rr
@@ -329,7 +413,7 @@ class _DisaggSim:
         to the lower index (so with no hits anywhere this is ``slo_aware``'s choice)."""
         caches = self.caches
         best, best_key = 0, None
-        for x in range(self.n_pre):
+        for x in self.p_active:
             expected = caches.expected(x, rid, p_len)
             key = (self._predicted_ttft(x, p_len - expected, now), -expected)
             if best_key is None or key < best_key:
@@ -435,22 +519,33 @@ class _DisaggSim:
         d_n = self.d_n
         k = d_n[lane]
         max_batch = self.max_batch
+        local: list[int] = []  # admitted local prefills: this lane's next step is theirs
         if wq and k < max_batch:
             prompt, out, lane_cap = self.prompt, self.out, self.lane_cap
             d_reserved, d_ctx = self.d_reserved, self.d_ctx
             reserved, ctx, fin, step = d_reserved[lane], d_ctx[lane], self.d_finish[lane], \
                 self.d_steps[lane]
-            while wq and k < max_batch:
+            is_local, budget, ltok = self.is_local, self.budget, 0
+            while wq and k + len(local) < max_batch:
                 rid = wq[0]
                 f = prompt[rid] + out[rid]
                 if reserved + f > lane_cap:
                     break
+                if is_local[rid]:
+                    if local and ltok + prompt[rid] > budget:
+                        break
+                    local.append(rid)
+                    ltok += prompt[rid]
+                else:
+                    k += 1
+                    ctx += prompt[rid] + 1
+                    fin.setdefault(step + out[rid] - 1, []).append(rid)
                 wq.popleft()
-                k += 1
                 reserved += f
-                ctx += prompt[rid] + 1
-                fin.setdefault(step + out[rid] - 1, []).append(rid)
             d_reserved[lane], d_ctx[lane], d_n[lane] = reserved, ctx, k
+        if local:
+            self._start_local(lane, local, now)
+            return
         if k == 0:
             return
         self.d_busy[lane] = True
@@ -458,3 +553,35 @@ class _DisaggSim:
         if self.d_slow != 1.0:
             dur = contended_s(dur, self.d_slow, max(sf[-1] for sf in self.p_stage_free) - now)
         heappush(self.heap, (now + dur, next(self.seq), _DSTEP, lane, None, 0.0))
+
+    def _start_local(self, lane: int, rids: list[int], now: float) -> None:
+        """Run the admitted local prefills as the lane's next step: its running requests
+        wait for it (they gain no token)."""
+        prompt = self.prompt
+        self.d_busy[lane] = True
+        dur = self._local_s(sum(prompt[r] for r in rids), sum(prompt[r] ** 2 for r in rids))
+        if self.d_slow != 1.0:
+            dur = contended_s(dur, self.d_slow, max(sf[-1] for sf in self.p_stage_free) - now)
+        heappush(self.heap, (now + dur, next(self.seq), _LSTEP, lane, rids, 0.0))
+
+    def _local_done(self, lane: int, rids: list[int], now: float) -> None:
+        """Local prefills ended: first tokens; each joins the running batch (a one-token
+        request is done and frees its reservation)."""
+        prompt, out, first, last = self.prompt, self.out, self.first, self.last
+        fin, step = self.d_finish[lane], self.d_steps[lane]
+        for rid in rids:
+            first[rid] = now
+            if out[rid] == 1:
+                last[rid] = now
+                f = prompt[rid] + 1
+                self.d_reserved[lane] -= f
+                self.d_assigned[lane] -= 1
+                self.d_assigned_tok[lane] -= f
+                if not self.d_assigned[lane]:
+                    self.d_idle_at[lane] = now
+            else:
+                self.d_n[lane] += 1
+                self.d_ctx[lane] += prompt[rid] + 1
+                fin.setdefault(step + out[rid] - 1, []).append(rid)
+        self.d_busy[lane] = False
+        self._kick_decode(lane, now)

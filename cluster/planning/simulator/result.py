@@ -6,7 +6,9 @@ one ``RequestRecord`` per request on demand. A request the plan cannot hold at a
 prompt + output exceed every instance's KV capacity) is *rejected*: its TTFT is
 infinite, so it counts as an SLO miss. With prefix caching (``SimConfig.prefix_caching``)
 it also keeps each request's cached prompt tokens (those its prefill did not compute) and
-reports the hit rate, cached prompt tokens / prompt tokens.
+reports the hit rate, cached prompt tokens / prompt tokens. With conditional
+disaggregation (``SimConfig.local_prefill``) it counts the rule's decisions by reason;
+``num_kv_transfers`` counts the requests whose KV moved from prefill to decode.
 """
 
 from __future__ import annotations
@@ -76,6 +78,11 @@ class SimResult:
     # Per request: prompt tokens found in the prefill instance's prefix cache; empty = the
     # run modelled no prefix caching.
     cached_tokens: tuple[int, ...] = ()
+    # (reason, requests) of the local-prefill rule (``router.local_prefill.REASONS``);
+    # empty = the rule was off.
+    prefill_decisions: tuple[tuple[str, int], ...] = ()
+    num_kv_transfers: int = 0
+    num_local_prefills: int = 0  # requests the rule prefilled on their decode instance
 
     def __post_init__(self) -> None:
         n = len(self.arrival)
@@ -92,8 +99,9 @@ class SimResult:
     def from_run(cls, label: str, phase: str, num_gpus: int, w: Workload, first: list[float],
                  last: list[float], rejected: list[bool], overhead_s: float, num_events: int,
                  decoded: bool = True, admission_rejected: tuple[bool, ...] = (),
-                 stopped_early: bool = False,
-                 cached_tokens: tuple[int, ...] = ()) -> SimResult:
+                 stopped_early: bool = False, cached_tokens: tuple[int, ...] = (),
+                 prefill_decisions: tuple[tuple[str, int], ...] = (),
+                 num_kv_transfers: int = 0, num_local_prefills: int = 0) -> SimResult:
         """What an event loop hands over, per request: TTFT = first token - arrival +
         ``overhead_s`` (infinite when rejected), TPOT = (last - first) / (output - 1) for
         requests that ``decoded`` more than one token."""
@@ -107,7 +115,8 @@ class SimResult:
                      else math.inf for r in range(n))
         return cls(label, phase, num_gpus, w.rate, arr, w.prompt, out, tuple(first),
                    tuple(last), ttft, tpot, sum(rejected), num_events, admission_rejected,
-                   stopped_early, cached_tokens)
+                   stopped_early, cached_tokens, prefill_decisions, num_kv_transfers,
+                   num_local_prefills)
 
     @property
     def records(self) -> tuple[RequestRecord, ...]:
@@ -165,6 +174,8 @@ class SimResult:
                    "num_rejected": self.num_rejected, **self.percentiles().as_dict()}
         if self.cached_tokens:
             d["prefix_hit_rate"] = self.prefix_hit_rate
+        if self.prefill_decisions:
+            d["prefill_decisions"] = dict(self.prefill_decisions)
         if slo is not None:
             d.update(attainment=self.attainment(slo),
                      attainment_admitted=self.attainment_admitted(slo),

@@ -46,5 +46,8 @@ def simulate(plan: PlanSpec, profile: LatencyProfile, trace: Trace | Workload,
             raise ValueError("a colocated plan can only be simulated with phase='both'")
         if cfg.prefix_caching:
             raise ValueError("prefix caching is modelled for disaggregated plans only")
+        if cfg.local_prefill.enabled:
+            raise ValueError("local prefill (conditional disaggregation) needs a "
+                             "disaggregated plan: a colocated instance always prefills locally")
         return run_colocated(plan, profile, w, cfg, stop)
     raise TypeError(f"not a plan spec: {plan!r}")
