@@ -65,8 +65,16 @@ class RouterActor:
                 "prefill_queue_requests": sum(w.in_flight for w in orch.prefill_load.values()),
                 "prefill_queue_tokens": sum(w.queued_tokens for w in orch.prefill_load.values()),
                 "decode_running": sum(w.in_flight for w in orch.decode_load.values()),
+                "decode_kv_usage": _kv_usage(orch.decode_load.values()),
                 "pools": self.server.membership.sizes()}
 
     async def record_scaling(self, pool: str, before: int, after: int, reason: str) -> None:
         self.server.metrics.record_scaling(pool, before, after, reason)
+
+
+def _kv_usage(loads) -> float:
+    """Share of the decode pool's KV blocks in use, from the workers' last heartbeats."""
+    total = sum(w.total_blocks for w in loads if w.total_blocks > 1)
+    used = sum(w.total_blocks - w.free_blocks for w in loads if w.total_blocks > 1)
+    return used / total if total else 0.0
 

@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 
+from pdserve.cluster.cli.autoscale_args import add_autoscale_args, autoscale_config
 from pdserve.cluster.cli.common import add_gpu_engine_args, gpu_engine_kwargs, resolve_model
 
 
@@ -48,6 +49,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           **gpu_engine_kwargs(args))
     gpus = worker_gpus(args.device, args.gpus_per_worker, args.address)
     slo = SloConfig(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot, attainment=args.attainment)
+    autoscale = autoscale_config(args, slo)
     spec = ClusterSpec(
         engine=engine,
         colocated=PoolSpec(count=args.prefill + args.decode, num_cpus=args.worker_cpus,
@@ -69,6 +71,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                 max_local_tokens=args.local_prefill_tokens,
                                 wait_factor=args.local_prefill_wait_factor),
                             decode_tp=args.decode_tp),
+        autoscale=autoscale,
     )
     what = (f"{args.prefill + args.decode} colocated workers" if args.colocated
             else f"{args.prefill} prefill (tp {args.prefill_tp}) + {args.decode} decode "
@@ -248,6 +251,7 @@ def register(sub) -> None:
                    help="launch exactly this plan (pdserve plan) with Ray placement groups")
     p.add_argument("--colocated", action="store_true",
                    help="baseline: prefill+decode workers each doing both phases")
+    add_autoscale_args(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-num-seqs", type=int, default=64)

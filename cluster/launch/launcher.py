@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdserve.cluster.autoscale.config import AutoscaleConfig
 from pdserve.cluster.launch.placement_check import (
     DEFAULT_PLACEMENT_TIMEOUT_S,
     DEFAULT_READY_TIMEOUT_S,
@@ -118,12 +119,33 @@ class ClusterSpec:
     torch_threads: int | None = None  # per worker; default: cores / workers, at least 1
     # Colocated baseline: this pool's workers each do both phases; prefill/decode unused.
     colocated: PoolSpec | None = None
+    # The SLO autoscaler (cluster/autoscale/): resizes both pools within its bounds;
+    # prefill.count and decode.count are the sizes it starts from.
+    autoscale: AutoscaleConfig | None = None
 
     def __post_init__(self) -> None:
         if self.colocated is not None and self.colocated.tp > 1:
             raise ValueError("colocated workers run at tp 1")
         if self.colocated is None:
             kv_between_degrees(self.kv, self.prefill.tp, self.decode.tp)  # fails early
+        if self.autoscale is not None:
+            self._check_autoscale(self.autoscale)
+
+    def _check_autoscale(self, a: AutoscaleConfig) -> None:
+        if self.colocated is not None:
+            raise ValueError("the autoscaler resizes prefill and decode pools, not a "
+                             "colocated one")
+        for role, pool, bounds, tp in (("prefill", self.prefill, a.prefill, a.prefill_tp),
+                                       ("decode", self.decode, a.decode, a.decode_tp)):
+            if bounds.min < 1:
+                raise ValueError(f"{role} pool bounds: min must be >= 1 on a cluster (the "
+                                 f"router needs a worker in each pool), got {bounds.min}")
+            if not bounds.min <= pool.count <= bounds.max:
+                raise ValueError(f"the {role} pool starts with {pool.count} workers, outside "
+                                 f"the autoscaler's bounds {bounds.min}..{bounds.max}")
+            if tp != pool.tp:
+                raise ValueError(f"the autoscaler sizes {role} instances of tp {tp}, but the "
+                                 f"pool runs tp {pool.tp}")
 
     @property
     def num_workers(self) -> int:
@@ -168,6 +190,7 @@ class Cluster:
     metrics_address: str | None = None
     http_address: str | None = None  # the OpenAI-compatible endpoint, when it is on
     placement_groups: list = field(default_factory=list)
+    autoscaler: Any = None  # the AutoscalerActor, when the spec has one
     # Shared-memory KV segments of the decode workers: unlinked at shutdown even if a worker
     # was killed before it could unlink its own (a SIGKILL skips all cleanup).
     shm_segments: list[str] = field(default_factory=list)
@@ -187,6 +210,13 @@ class Cluster:
         self._closed = True
         import ray
 
+        if self.autoscaler is not None:  # first: it owns the workers it added
+            try:
+                pools = ray.get(self.autoscaler.stop.remote(), timeout=60)
+                self.prefills, self.decodes = pools["prefill"], pools["decode"]
+            except Exception:
+                log.warning("autoscaler did not stop cleanly", exc_info=True)
+            ray.kill(self.autoscaler)
         try:
             ray.get(self.router.stop.remote(), timeout=30)
         except Exception:  # the router may already be gone; workers still need stopping
@@ -272,7 +302,8 @@ def abandon(workers: list[tuple[str, Any]], started_ray: bool) -> None:
     import ray
 
     handles = [h for _, h in workers]
-    calls = [h.stop.remote() if wid == "router" else h.shutdown.remote() for wid, h in workers]
+    calls = [h.stop.remote() if wid in ("router", "autoscaler") else h.shutdown.remote()
+             for wid, h in workers]
     if calls:
         with contextlib.suppress(Exception):
             ray.wait(calls, num_returns=len(calls), timeout=5)
@@ -344,6 +375,16 @@ def launch(spec: ClusterSpec, address: str | None = None,
         router = RouterActor.options(num_cpus=0).remote(spec.router_config(), prefills, decodes)
         workers.append(("router", router))
         endpoints = start_router(router)
+        autoscaler = None
+        if spec.autoscale is not None:
+            import ray
+
+            from pdserve.cluster.autoscale.actor import AutoscalerActor
+
+            autoscaler = AutoscalerActor.remote(spec.autoscale, spec, router, prefills, decodes,
+                                                threads)
+            workers.append(("autoscaler", autoscaler))
+            ray.get(autoscaler.start.remote())
     except BaseException:
         abandon(workers, started)
         raise
@@ -351,4 +392,4 @@ def launch(spec: ClusterSpec, address: str | None = None,
              endpoints["address"], n_workers, endpoints["http_address"],
              endpoints["metrics_address"])
     return Cluster(spec, router=router, prefills=prefills, decodes=decodes, started_ray=started,
-                   shm_segments=shm_segments_of(decodes), **endpoints)
+                   shm_segments=shm_segments_of(decodes), autoscaler=autoscaler, **endpoints)

@@ -141,11 +141,33 @@ def kv_transfer_row() -> list[dict]:
     ]
 
 
+def autoscaler_row() -> list[dict]:
+    """Pool sizes (in service, leaving, asked for) and the autoscaler's decisions."""
+    return [
+        row("Pool sizes (autoscaler)"),
+        timeseries("Workers per pool", [
+            (f"sum by (pool, state) (pdserve_router_pool_workers{{{M}}})", "{{pool}} {{state}}"),
+            (f"sum by (pool) (pdserve_autoscaler_target_workers{{{M}}})", "{{pool}} target"),
+        ], "short", "Workers in service (active) and draining (taking no new request, leaving "
+            "once they hold nothing) in each pool, and the size the autoscaler last asked "
+            "for (docs/placement.md, SLO autoscaling); a target above active is workers "
+            "still loading.", w=12),
+        timeseries("Autoscaler decisions", [
+            (f"sum by (pool, direction, reason) "
+             f"(increase(pdserve_autoscaler_decisions_total{{{M}}}[{RI}]))",
+             "{{pool}} {{direction}}: {{reason}}"),
+        ], "short", "Pool resizes by reason: rate_up / rate_down (the arrival rate against "
+            "the profile's per-instance capacity), ttft_miss / tpot_miss (attainment under "
+            "target), prefill_queue / kv_load (leading signals), bounds.", w=12),
+    ]
+
+
 def cluster_dashboard() -> dict:
     return dashboard(
         "pdserve-cluster", "pdserve / Cluster",
         "Per-pool and per-worker state of a pdserve deployment: load, queues, model steps, "
         "KV cache, KV transfer, worker health.",
         [MODEL_VAR, POOL_VAR, WORKER_VAR],
-        [*workers_row(), *load_row(), *steps_row(), *kv_cache_row(), *kv_transfer_row()],
+        [*workers_row(), *autoscaler_row(), *load_row(), *steps_row(), *kv_cache_row(),
+         *kv_transfer_row()],
         [link("pdserve / SLO", "pdserve-slo")])
