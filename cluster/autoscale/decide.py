@@ -143,7 +143,9 @@ class _Pool:
             else:
                 self.peak = max(self.peak, target)
             if now - self.below_since < cfg.downscale_window_s:
-                return size, None, f"target {target} below size since {self.below_since:g} s"
+                return size, None, (f"target {target} below size for "
+                                    f"{now - self.below_since:.0f} of "
+                                    f"{cfg.downscale_window_s:g} s")
             new = b.clamp(max(self.peak, floor))
             self.below_since = None
             if new >= size:
