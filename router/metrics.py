@@ -17,6 +17,11 @@ from pdserve.router.load_window import LoadWindow
 from pdserve.router.prefill_placement import OUTCOMES as PREFILL_OUTCOMES
 from pdserve.router.slo import SloConfig, tpot
 
+# The SLO autoscaler's decision reasons (cluster/autoscale/decide.py), most urgent first:
+# the label values of pdserve_autoscaler_decisions_total, created at zero with the router.
+AUTOSCALER_REASONS = ("bounds", "ttft_miss", "tpot_miss", "prefill_queue", "kv_load",
+                      "rate_up", "rate_down")
+
 
 class RouterMetrics:
     def __init__(self, model: str, slo: SloConfig, registry: CollectorRegistry | None = None):
@@ -65,6 +70,7 @@ class RouterMetrics:
         self.scaling_target = Gauge("pdserve_autoscaler_target_workers", "Workers the "
                                     "autoscaler last asked each pool for", ("model", "pool"),
                                     registry=r)
+        self._targets_set: set[str] = set()  # pools the autoscaler has decided for
         for name, value in (("pdserve_slo_ttft_target_seconds", slo.ttft_s),
                             ("pdserve_slo_tpot_target_seconds", slo.tpot_s),
                             ("pdserve_slo_attainment_target", slo.attainment)):
@@ -81,14 +87,24 @@ class RouterMetrics:
             self.retries.labels(model, cause)
         for decision, reason in PREFILL_OUTCOMES:
             self.prefill_decisions.labels(model, decision, reason)
+        for pool in ("prefill", "decode"):
+            for reason in AUTOSCALER_REASONS:
+                direction = "down" if reason == "rate_down" else "up"
+                self.scaling.labels(model, pool, direction, reason)
+            self.scaling.labels(model, pool, "down", "bounds")
 
     def set_pool_sizes(self, sizes: dict[str, dict[str, int]]) -> None:
+        """Workers per pool and state; a pool no autoscaler has resized yet is asked for
+        the size it has (its target gauge starts there)."""
         for pool, states in sizes.items():
             for state, n in states.items():
                 self.pool_workers.labels(self.model, pool, state).set(n)
+            if pool not in self._targets_set:
+                self.scaling_target.labels(self.model, pool).set(states.get("active", 0))
 
     def record_scaling(self, pool: str, before: int, after: int, reason: str) -> None:
         """One pool's resize (``after`` workers asked for, ``before`` in service)."""
+        self._targets_set.add(pool)
         self.scaling_target.labels(self.model, pool).set(after)
         if after != before:
             self.scaling.labels(self.model, pool, "up" if after > before else "down",

@@ -36,9 +36,11 @@ from dataclasses import dataclass
 
 from pdserve.cluster.autoscale.capacity import CapacityModel, PoolRates
 from pdserve.cluster.autoscale.config import AutoscaleConfig, PoolBounds
+from pdserve.router.metrics import AUTOSCALER_REASONS
 
-# Decision reasons, most urgent first (the metric's ``reason`` label).
-REASONS = ("bounds", "ttft_miss", "tpot_miss", "prefill_queue", "kv_load", "rate_up", "rate_down")
+# Decision reasons, most urgent first (the metric's ``reason`` label, declared with the
+# metric so that the router creates each series at zero).
+REASONS = AUTOSCALER_REASONS
 
 
 def _fraction(name: str, v: float | None) -> None:

@@ -43,7 +43,8 @@ def _scaling(metrics_address: str) -> dict[tuple[str, str, str], float]:
     text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10).read().decode()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     return {(s.labels["pool"], s.labels["direction"], s.labels["reason"]): s.value
-            for s in fams["pdserve_autoscaler_decisions"].samples if s.name.endswith("_total")}
+            for s in fams["pdserve_autoscaler_decisions"].samples
+            if s.name.endswith("_total") and s.value > 0}  # (every series exists, at 0)
 
 
 def _send(address, prompts, max_tokens, got):
