@@ -32,23 +32,21 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
+from pdserve.benchmarks.sim_variants import Case, compare, gain
 from pdserve.cluster.planning.simulator import (
     DisaggPlanSpec,
-    GoodputSearch,
     InstanceSpec,
     SimConfig,
     representative_slice,
-    simulate,
 )
 from pdserve.engine.latency_profile import distserve_opt13b_a100
 from pdserve.router.local_prefill import LocalPrefillConfig
 from pdserve.router.slo import SloConfig
 from pdserve.workloads.formats import load_azure_csv
 from pdserve.workloads.synthetic import synthetic
-from pdserve.workloads.trace import Trace
 
 AZURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "azure_llm_2023_conv.csv"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,15 +64,6 @@ GRID = (0.4, 0.6, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4)  # x the best rule's goodput
 def plan(p: tuple[int, int], d: tuple[int, int]) -> DisaggPlanSpec:
     """``p``/``d``: (tp, count) of each pool."""
     return DisaggPlanSpec(InstanceSpec(p[0], 1, p[1]), InstanceSpec(d[0], 1, d[1]))
-
-
-@dataclass(frozen=True)
-class Case:
-    key: str
-    title: str
-    trace: Trace
-    plan: DisaggPlanSpec
-    about: str
 
 
 def synth_cases(requests: int) -> list[Case]:
@@ -124,58 +113,27 @@ def azure_cases(path: str, requests: int) -> list[Case]:
 
 
 def run_case(case: Case, profile) -> dict:
-    t0 = time.monotonic()
-    searches = {
-        k: GoodputSearch(
-            case.plan, profile, case.trace, SLO, SimConfig(dispatch=DISPATCH, local_prefill=rule)
-        )
-        for k, rule in RULES.items()
-    }
-    good = {k: s.run(tol=0.02) for k, s in searches.items()}
-    best = max(g.rate for g in good.values()) or 1.0
-    grid = sorted({round(best * k, 3) for k in GRID})
-    fixed = good["off"].rate or best / 2
-    rows = {}
-    for k, s in searches.items():
-        res = simulate(case.plan, profile, s.workload.at_rate(fixed), s.cfg)
+    def at_fixed(res) -> dict:
         pct = res.percentiles()
-        g = good[k]
-        rows[k] = {
-            "rule": asdict(RULES[k]),
-            "goodput_rps": g.rate,
-            "goodput_per_gpu": g.per_gpu_rate,
-            "interpolated_per_gpu": g.per_gpu_interpolated,
-            "curve": [(r, s.attainment(r)) for r in grid],
-            "searched": [list(x) for x in g.searched],
-            "at_fixed_rate": {
-                "attainment": res.attainment(SLO),
-                "ttft_attainment": res.ttft_attainment(SLO),
-                "tpot_attainment": res.tpot_attainment(SLO),
-                "local_share": res.num_local_prefills / len(res),
-                "decisions": dict(res.prefill_decisions),
-                "kv_transfers": res.num_kv_transfers,
-                "ttft_p50": pct.ttft_p50,
-                "ttft_p90": pct.ttft_p90,
-                "tpot_p50": pct.tpot_p50,
-                "tpot_p90": pct.tpot_p90,
-            },
+        return {
+            "attainment": res.attainment(SLO),
+            "ttft_attainment": res.ttft_attainment(SLO),
+            "tpot_attainment": res.tpot_attainment(SLO),
+            "local_share": res.num_local_prefills / len(res),
+            "decisions": dict(res.prefill_decisions),
+            "kv_transfers": res.num_kv_transfers,
+            "ttft_p50": pct.ttft_p50,
+            "ttft_p90": pct.ttft_p90,
+            "tpot_p50": pct.tpot_p50,
+            "tpot_p90": pct.tpot_p90,
         }
-    return {
-        "key": case.key,
-        "title": case.title,
-        "about": case.about,
-        "plan": case.plan.label(),
-        "gpus": case.plan.num_gpus,
-        "requests": len(case.trace),
-        "fixed_rate": fixed,
-        "rules": rows,
-        "runtime_s": round(time.monotonic() - t0, 1),
-    }
 
-
-def gain(rows: dict, a: str, b: str = "off") -> str:
-    x, y = rows[a]["goodput_per_gpu"], rows[b]["goodput_per_gpu"]
-    return f"{x / y - 1:+.0%}" if y > 0 else ("+inf" if x > 0 else "n/a")
+    out = compare(case, profile, SLO,
+                  {k: SimConfig(dispatch=DISPATCH, local_prefill=rule) for k, rule in RULES.items()},
+                  "off", GRID, "rules", at_fixed)
+    for k, row in out["rules"].items():
+        out["rules"][k] = {"rule": asdict(RULES[k]), **row}
+    return out
 
 
 def markdown(cases: list[dict], skipped: str | None) -> str:
@@ -204,12 +162,12 @@ def markdown(cases: list[dict], skipped: str | None) -> str:
         for k in RULES:
             r, f = rows[k], rows[k]["at_fixed_rate"]
             lines.append(
-                f"| {k} | {r['goodput_per_gpu']:.3f} | {gain(rows, k)} | "
+                f"| {k} | {r['goodput_per_gpu']:.3f} | {gain(rows, k, 'off')} | "
                 f"{f['attainment']:.1%} | {f['local_share']:.1%} | "
                 f"{f['ttft_p90']:.3f} | {f['tpot_p90']:.3f} |"
             )
         best = max(RULES, key=lambda k: rows[k]["goodput_per_gpu"])
-        lines += ["", f"Best rule: {best} ({gain(rows, best)} goodput per GPU vs off).", ""]
+        lines += ["", f"Best rule: {best} ({gain(rows, best, 'off')} goodput per GPU vs off).", ""]
     if skipped:
         lines += [f"Azure conversation trace: skipped ({skipped}).", ""]
     lines += ["![goodput per GPU by rule, attainment vs rate](cond_disagg_sim.png)", ""]

@@ -35,16 +35,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
+from pdserve.benchmarks.sim_variants import Case, compare, gain
 from pdserve.cluster.planning.simulator import (
     DisaggPlanSpec,
-    GoodputSearch,
     InstanceSpec,
     SimConfig,
     representative_slice,
-    simulate,
 )
 from pdserve.engine.latency_profile import distserve_opt13b_a100
 from pdserve.router.slo import SloConfig
@@ -54,7 +53,6 @@ from pdserve.workloads.prefix_sharing import (
     prefix_sharing_trace,
     reusable_share,
 )
-from pdserve.workloads.trace import Trace
 
 AZURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "azure_llm_2023_conv.csv"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,15 +61,6 @@ SLO = SloConfig(0.25, 0.1, 0.9)
 SYNTH_PLAN = DisaggPlanSpec(InstanceSpec(1, 1, 3), InstanceSpec(1, 1, 4))
 AZURE_PLAN = DisaggPlanSpec(InstanceSpec(4, 1, 2), InstanceSpec(2, 1, 3))  # planner_scale 2x8
 GRID = (0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4)  # x the best policy's goodput
-
-
-@dataclass(frozen=True)
-class Case:
-    key: str
-    title: str
-    trace: Trace
-    plan: DisaggPlanSpec
-    about: str
 
 
 def synth_cases(requests: int) -> list[Case]:
@@ -89,35 +78,14 @@ def synth_cases(requests: int) -> list[Case]:
 
 
 def run_case(case: Case, profile) -> dict:
-    t0 = time.monotonic()
-    searches = {d: GoodputSearch(case.plan, profile, case.trace, SLO,
-                                 SimConfig(dispatch=d, prefix_caching=True)) for d in POLICIES}
-    good = {d: s.run(tol=0.02) for d, s in searches.items()}
-    best = max(g.rate for g in good.values()) or 1.0
-    grid = sorted({round(best * k, 3) for k in GRID})
-    fixed = good["slo_aware"].rate or best / 2
-    rows = {}
-    for d, s in searches.items():
-        res = simulate(case.plan, profile, s.workload.at_rate(fixed), s.cfg)
+    def at_fixed(res) -> dict:
         pct = res.percentiles()
-        g = good[d]
-        rows[d] = {"goodput_rps": g.rate, "goodput_per_gpu": g.per_gpu_rate,
-                   "interpolated_per_gpu": g.per_gpu_interpolated,
-                   "curve": [(r, s.attainment(r)) for r in grid],
-                   "searched": [list(x) for x in g.searched],
-                   "at_fixed_rate": {"attainment": res.attainment(SLO),
-                                     "hit_rate": res.prefix_hit_rate,
-                                     "ttft_p50": pct.ttft_p50, "ttft_p90": pct.ttft_p90,
-                                     "tpot_p90": pct.tpot_p90}}
-    return {"key": case.key, "title": case.title, "about": case.about,
-            "plan": case.plan.label(), "gpus": case.plan.num_gpus,
-            "requests": len(case.trace), "fixed_rate": fixed, "policies": rows,
-            "runtime_s": round(time.monotonic() - t0, 1)}
+        return {"attainment": res.attainment(SLO), "hit_rate": res.prefix_hit_rate,
+                "ttft_p50": pct.ttft_p50, "ttft_p90": pct.ttft_p90, "tpot_p90": pct.tpot_p90}
 
-
-def gain(rows: dict, a: str, b: str) -> str:
-    x, y = rows[a]["goodput_per_gpu"], rows[b]["goodput_per_gpu"]
-    return f"{x / y - 1:+.0%}" if y > 0 else ("+inf" if x > 0 else "n/a")
+    return compare(case, profile, SLO,
+                   {d: SimConfig(dispatch=d, prefix_caching=True) for d in POLICIES},
+                   "slo_aware", GRID, "policies", at_fixed)
 
 
 def markdown(cases: list[dict], skipped: str | None) -> str:
