@@ -1,6 +1,6 @@
 """When a worker that is leaving its pool holds nothing more.
 
-A worker leaves (``Orchestrator.drain``) only once it is idle twice in a row, ``poll_s``
+A worker leaves (``Orchestrator.finish_drain``) only once it is idle twice in a row, ``poll_s``
 apart: the router has no request of its own on it (``WorkerLoad.in_flight``) and the
 worker's own stats show nothing held (``work_held``). The second look covers a request
 ranked onto the worker just before it was marked draining whose call had not reached it

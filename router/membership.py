@@ -47,7 +47,8 @@ class Membership:
 
     async def drain(self, worker_id: str, timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> None:
         """Stop sending ``worker_id`` requests and return once it has left its pool holding
-        nothing (``Orchestrator.drain``; ``DrainTimeout`` leaves it in service)."""
+        nothing (``Orchestrator.begin_drain`` / ``finish_drain``; ``DrainTimeout`` leaves it
+        in service)."""
         self.orch.begin_drain(worker_id)
         self._publish()
         try:

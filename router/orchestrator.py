@@ -15,9 +15,9 @@ and one token-stream consumer per decode worker for as long as it is in its pool
 prefill workers the decode workers are colocated (both phases): the baseline path.
 
 Pools change while the router runs (the autoscaler, ``router/membership.py``): ``attach``
-adds a worker, ``drain`` stops routing to one, waits until it holds nothing
-(``router/drain.py``) and then ``detach``es it; a drain that runs out of time puts the
-worker back in service instead, so leaving never loses a request.
+adds a worker, ``begin_drain`` stops routing to one, ``finish_drain`` waits until it
+holds nothing (``router/drain.py``) and then ``detach``es it; a drain that runs out of
+time puts the worker back in service instead, so leaving never loses a request.
 """
 
 from __future__ import annotations
@@ -147,16 +147,10 @@ class Orchestrator:
         if self._started:
             self._start_worker(client)
 
-    async def drain(self, wid: str, timeout_s: float, poll_s: float = 0.2) -> None:
-        """Stop routing to ``wid``, wait until it holds nothing (``router/drain.py``), then
-        ``detach`` it. Raises ``DrainTimeout`` (the worker back in service) if it still
-        holds work after ``timeout_s``; ``KeyError`` if it is in no pool, ``ValueError``
-        if it is the last of its pool in service."""
-        self.begin_drain(wid)
-        await self.finish_drain(wid, timeout_s, poll_s)
-
     def begin_drain(self, wid: str) -> None:
-        """The first half of ``drain``: no new request goes to ``wid`` from now on."""
+        """No new request goes to ``wid`` from now on (``finish_drain`` then waits for it
+        to hold nothing). ``KeyError`` if it is in no pool, ``ValueError`` if it is the
+        last of its pool in service."""
         loads = self.prefill_load if wid in self.prefill_load else self.decode_load
         load = loads[wid]
         if not load.draining and sum(not w.draining for w in loads.values()) <= 1:
@@ -164,7 +158,9 @@ class Orchestrator:
         load.draining = True
 
     async def finish_drain(self, wid: str, timeout_s: float, poll_s: float = 0.2) -> None:
-        """The second half of ``drain``: wait, then detach (or put it back in service)."""
+        """Wait until ``wid`` holds nothing (``router/drain.py``), then ``detach`` it. Raises
+        ``DrainTimeout``, the worker back in service, if it still holds work after
+        ``timeout_s``."""
         client = self.prefills.get(wid) or self.decodes[wid]
         load = self.prefill_load.get(wid) or self.decode_load[wid]
         loop = asyncio.get_running_loop()
@@ -189,7 +185,7 @@ class Orchestrator:
 
     async def detach(self, wid: str) -> None:
         """Remove ``wid`` from its pool at once: its stream and heartbeat stop and the
-        policy forgets it. Callers drain it first (``drain``)."""
+        policy forgets it. Callers drain it first (``begin_drain``, ``finish_drain``)."""
         tasks = self._tasks.pop(wid, [])
         for t in tasks:
             t.cancel()
